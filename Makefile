@@ -1,0 +1,33 @@
+# Plain runner for quantlab. `make test` is what CI runs.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test test-fast demo toys clean
+
+$(BIN)/quantlab: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: with no torch installed a plain requirement would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(BIN)/quantlab
+
+install: $(BIN)/quantlab
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: install
+	$(BIN)/quantlab eval toy-llava --tasks shapes-vqa --json runs/demo/eval.json
+
+# Rebuild the shipped toy models from scratch (deterministic; ~10-20 min each on 2 cores).
+toys: install
+	$(BIN)/python -m quantlab.toys.train toy-llava --out quantlab/assets/toy-llava
+	$(BIN)/python -m quantlab.toys.train toy-qwen2.5-vl --out quantlab/assets/toy-qwen2.5-vl
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

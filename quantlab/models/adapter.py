@@ -1,0 +1,155 @@
+"""Architecture facts as data: where each family keeps its vision tower, projector, decoder and head.
+
+One :class:`Adapter` per family lives in :data:`ADAPTERS`; nothing else in quantlab knows module paths.
+Paths are transformers 5.x module names. ``legacy_names`` maps them to the hub-legacy tensor names that
+exported checkpoints must carry (see ``shared/reference/formats.md`` §6): the first matching prefix wins.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from torch import nn
+
+
+class Component(str, Enum):
+    """Which part of a VLM a module belongs to."""
+
+    VISION = "vision"
+    PROJECTOR = "projector"
+    DECODER = "decoder"
+    EMBED = "embed"
+    NORM = "norm"
+    HEAD = "head"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Module paths of one VLM family (transformers 5.x names) and how to rename them on export."""
+
+    family: str
+    model_types: tuple[str, ...]
+    vision: str  # the whole vision tower (embeddings + blocks)
+    vision_blocks: str  # the ModuleList of vision transformer blocks
+    projector: str
+    decoder: str  # the text model (embeddings + blocks + final norm)
+    decoder_blocks: str  # the ModuleList of decoder blocks
+    embed_tokens: str
+    final_norm: str
+    lm_head: str = "lm_head"
+    image_token_attr: tuple[str, ...] = ("image_token_id", "image_token_index")
+    legacy_names: tuple[tuple[str, str], ...] = ()
+    # Linears that read the same input inside a block (one Hessian) and that vLLM fuses (one scheme).
+    fused_groups: tuple[tuple[str, ...], ...] = (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("mlp.gate_proj", "mlp.up_proj"),
+    )
+    guessed: tuple[str, ...] = field(default=())  # fields a generic fallback had to guess
+
+    def get(self, model: nn.Module, path: str) -> nn.Module:
+        """The submodule at ``path``, with an error naming the family and the missing path."""
+        try:
+            return model.get_submodule(path)
+        except AttributeError as err:
+            raise AttributeError(
+                f"{self.family} adapter: module {path!r} not found in {type(model).__name__}; "
+                "is this a transformers 5.x model of this family?"
+            ) from err
+
+    def blocks(self, model: nn.Module, component: Component = Component.DECODER) -> nn.ModuleList:
+        """Decoder blocks (default) or vision blocks as a ModuleList."""
+        path = {Component.DECODER: self.decoder_blocks, Component.VISION: self.vision_blocks}[component]
+        return self.get(model, path)
+
+    def image_token_id(self, config) -> int:
+        """The id of the image placeholder token, read from the model config."""
+        for attr in self.image_token_attr:
+            value = getattr(config, attr, None)
+            if value is not None:
+                return int(value)
+        raise ValueError(f"{self.family}: config has none of {self.image_token_attr}")
+
+    def image_mask(self, config, input_ids: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of image-token positions in ``input_ids``."""
+        return input_ids == self.image_token_id(config)
+
+    def component_of(self, name: str) -> Component:
+        """Which component a module or parameter name belongs to."""
+        def under(prefix: str) -> bool:
+            return name == prefix or name.startswith(prefix + ".")
+
+        if under(self.vision):
+            return Component.VISION
+        if under(self.projector):
+            return Component.PROJECTOR
+        if under(self.decoder_blocks):
+            return Component.DECODER
+        if under(self.embed_tokens):
+            return Component.EMBED
+        if under(self.final_norm):
+            return Component.NORM
+        if under(self.lm_head):
+            return Component.HEAD
+        return Component.OTHER
+
+    def block_index(self, name: str) -> int | None:
+        """Decoder block index of a module name, or None if it is not inside a decoder block."""
+        m = re.match(re.escape(self.decoder_blocks) + r"\.(\d+)(\.|$)", name)
+        return int(m.group(1)) if m else None
+
+    def legacy_name(self, name: str) -> str:
+        """The hub-legacy tensor name for a transformers 5.x parameter name."""
+        for new, old in self.legacy_names:
+            if name == new or name.startswith(new + "."):
+                return old + name[len(new):]
+        return name
+
+    def iter_linears(self, model: nn.Module, component: Component | None = None) -> Iterator[tuple[str, nn.Linear]]:
+        """All ``nn.Linear`` modules, optionally only those of one component, in module order."""
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and (component is None or self.component_of(name) == component):
+                yield name, module
+
+
+LLAVA = Adapter(
+    family="llava",
+    model_types=("llava",),
+    vision="model.vision_tower",
+    vision_blocks="model.vision_tower.encoder.layers",
+    projector="model.multi_modal_projector",
+    decoder="model.language_model",
+    decoder_blocks="model.language_model.layers",
+    embed_tokens="model.language_model.embed_tokens",
+    final_norm="model.language_model.norm",
+    legacy_names=(
+        ("model.language_model", "language_model.model"),
+        ("model.vision_tower", "vision_tower.vision_model"),
+        ("model.multi_modal_projector", "multi_modal_projector"),
+        ("lm_head", "language_model.lm_head"),
+    ),
+)
+
+_QWEN_COMMON = dict(
+    vision="model.visual",
+    vision_blocks="model.visual.blocks",
+    projector="model.visual.merger",
+    decoder="model.language_model",
+    decoder_blocks="model.language_model.layers",
+    embed_tokens="model.language_model.embed_tokens",
+    final_norm="model.language_model.norm",
+    legacy_names=(
+        ("model.language_model", "model"),
+        ("model.visual", "visual"),
+        ("lm_head", "lm_head"),
+    ),
+)
+
+QWEN2_VL = Adapter(family="qwen2_vl", model_types=("qwen2_vl",), **_QWEN_COMMON)
+QWEN2_5_VL = Adapter(family="qwen2_5_vl", model_types=("qwen2_5_vl",), **_QWEN_COMMON)
+
+ADAPTERS: dict[str, Adapter] = {t: a for a in (LLAVA, QWEN2_VL, QWEN2_5_VL) for t in a.model_types}

@@ -1,0 +1,164 @@
+"""Load a VLM, its processor and its adapter from an alias, a local checkpoint, a config, or the hub.
+
+| what you pass                         | what you get                                                 |
+|---------------------------------------|--------------------------------------------------------------|
+| ``toy-llava``, ``toy-qwen2.5-vl``     | the trained toy shipped with quantlab (fp16 on disk)         |
+| ``llava``, ``qwen2.5-vl``, ...        | the real hub model, through the normal transformers path     |
+| a checkpoint directory                | model + processor from that directory                        |
+| a ``config.json`` (file or dir)       | ``weights=False``: meta-device skeleton; ``"random"``: random |
+| a hub id                              | transformers/huggingface_hub loading; offline: a clear error |
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from quantlab.models.adapter import ADAPTERS, Adapter
+from quantlab.models.processors import load_processor
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+ALIASES: dict[str, str] = {
+    "toy-llava": str(ASSETS / "toy-llava"),
+    "toy-qwen2.5-vl": str(ASSETS / "toy-qwen2.5-vl"),
+    "llava": "llava-hf/llava-1.5-7b-hf",
+    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
+    "qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2-vl": "Qwen/Qwen2-VL-7B-Instruct",
+}
+
+Weights = bool | Literal["random"]
+
+
+@dataclass
+class LoadedModel:
+    """A model with what quantlab needs beside it: its processor (None for skeletons) and adapter."""
+
+    model: nn.Module
+    processor: Any
+    adapter: Adapter
+    source: str
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def get_adapter(config_or_model: Any) -> Adapter:
+    """The adapter for a config or model; unknown families get an error listing the supported ones."""
+    config = getattr(config_or_model, "config", config_or_model)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise ValueError(
+            f"unsupported architecture {model_type!r}; quantlab supports model_type in {sorted(ADAPTERS)}"
+        )
+    return ADAPTERS[model_type]
+
+
+def resolve(name_or_path: str | Path) -> str:
+    """Alias -> hub id or local path; anything else is returned unchanged."""
+    return ALIASES.get(str(name_or_path), str(name_or_path))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(hit, str)
+
+
+def _processor_class(path: Path) -> str | None:
+    for fname in ("processor_config.json", "preprocessor_config.json"):
+        f = path / fname
+        if f.is_file():
+            return json.loads(f.read_text()).get("processor_class")
+    return None
+
+
+def load_config(name_or_path: str | Path):
+    """A transformers config from an alias, a config file, a checkpoint directory or a (cached) hub id."""
+    src = resolve(name_or_path)
+    p = Path(src)
+    if p.is_file():
+        return AutoConfig.from_pretrained(str(p))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{p}: no config.json in this directory")
+        return AutoConfig.from_pretrained(str(p))
+    _check_hub(src)
+    return AutoConfig.from_pretrained(src)
+
+
+def _check_hub(repo_id: str) -> None:
+    if str(repo_id).startswith(("/", ".", "~")) or str(repo_id).count("/") != 1:
+        raise FileNotFoundError(f"{repo_id}: no such file or directory (and not a hub id of the form org/name)")
+    if not _hub_cached(repo_id) and not _hub_reachable():
+        raise ConnectionError(
+            f"cannot load {repo_id!r}: the Hugging Face Hub is not reachable and the model is not in the local "
+            "cache. Download it on a connected machine and pass its local directory instead "
+            "(e.g. `huggingface-cli download {0} --local-dir DIR`, then `quantlab ... DIR`).".format(repo_id)
+        )
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    weights: Weights = True,
+    dtype: torch.dtype | None = None,
+    with_processor: bool = True,
+) -> LoadedModel:
+    """Load model + processor + adapter.
+
+    Args:
+        name_or_path: built-in alias, local checkpoint dir, config.json path, or hub id.
+        weights: True loads the checkpoint; False builds a meta-device skeleton from the config;
+            ``"random"`` builds the architecture with random weights.
+        dtype: compute dtype; defaults to float32 for toys and skeletons, the checkpoint's dtype otherwise.
+        with_processor: also load the processor (ignored for skeletons).
+    """
+    src = resolve(name_or_path)
+    config = load_config(src)
+    adapter = get_adapter(config)
+    if weights is not True:
+        if weights is False:
+            with torch.device("meta"):
+                model = AutoModelForImageTextToText.from_config(config)
+        else:
+            model = AutoModelForImageTextToText.from_config(config, dtype=dtype or torch.float32)
+        return LoadedModel(model.eval(), None, adapter, src)
+
+    is_local = Path(src).is_dir()
+    if not is_local:
+        _check_hub(src)
+    if dtype is None and str(name_or_path).startswith("toy-"):
+        dtype = torch.float32  # toys ship in fp16 but are evaluated in fp32
+    model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype if dtype is not None else "auto")
+    processor = None
+    if with_processor:
+        cls = _processor_class(Path(src)) if is_local else None
+        processor = load_processor(src, cls)
+    return LoadedModel(model.eval(), processor, adapter, src)

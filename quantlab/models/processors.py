@@ -1,0 +1,59 @@
+"""Processor loading that works without torchvision.
+
+transformers' Qwen2-VL / Qwen2.5-VL processors declare a video processor, and video processors need
+torchvision, which this project cannot install (its CPU wheel breaks transformers). The image-only
+subclasses below drop that attribute; they save and load like the originals, so a checkpoint written
+with them opens with ``AutoProcessor`` on a machine that has torchvision.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL processor without the video processor (no torchvision needed)."""
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        return [a for a in super().get_attributes() if a != "video_processor"]
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        kwargs.pop("video_processor", None)
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
+        self.video_processor = None
+
+
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor without the video processor (no torchvision needed)."""
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        return [a for a in super().get_attributes() if a != "video_processor"]
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        kwargs.pop("video_processor", None)
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
+        self.video_processor = None
+
+
+IMAGE_ONLY_PROCESSORS: dict[str, type] = {
+    "Qwen2VLProcessor": ImageOnlyQwen2VLProcessor,
+    "Qwen2_5_VLProcessor": ImageOnlyQwen2_5_VLProcessor,
+}
+
+
+def load_processor(path: str | Path, processor_class: str | None = None, **kwargs: Any):
+    """Load a processor with ``AutoProcessor``; fall back to the image-only Qwen classes without torchvision."""
+    try:
+        return AutoProcessor.from_pretrained(path, **kwargs)
+    except (AttributeError, ImportError, ModuleNotFoundError, ValueError) as err:
+        cls = IMAGE_ONLY_PROCESSORS.get(processor_class or "")
+        if cls is None:
+            raise
+        # Only the torchvision-dependent video processor failed; the image path is unaffected.
+        del err
+        return cls.from_pretrained(path, **kwargs)

@@ -1,0 +1,207 @@
+"""Train a toy VLM on shapes-VQA, deterministically, on CPU.
+
+    python -m quantlab.toys.train toy-llava --out quantlab/assets/toy-llava
+
+The answer tokens (and the end-of-turn token) carry the language-model loss. An auxiliary loss on the
+projector output supervises each image token with the colour and shape in its board cell; it speeds up
+learning a lot and is dropped after training (the saved model is a plain transformers checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantlab.data import shapes
+from quantlab.models.adapter import ADAPTERS
+from quantlab.models.inputs import answer_suffix, prompt_text
+from quantlab.toys.build import TOYS, build_toy
+
+COLOR_IDS = {c: i + 1 for i, c in enumerate(shapes.COLORS)}  # 0 = empty cell
+SHAPE_IDS = {s: i + 1 for i, s in enumerate(shapes.SHAPES)}
+
+
+@dataclass
+class Batchable:
+    """Pre-tokenised training set: prompt+answer ids, loss masks, pixels and cell targets."""
+
+    ids: list[torch.Tensor]
+    answer_start: list[int]
+    pixel_values: torch.Tensor  # LLaVA: (N, 3, H, W); Qwen: (N, patches, dim)
+    extra: dict[str, torch.Tensor]  # per-sample tensors such as image_grid_thw
+    cell_color: torch.Tensor  # (N, cells)
+    cell_shape: torch.Tensor
+    qtypes: list[str]
+
+
+def prepare(processor, split: str, n: int, chunk: int = 512) -> Batchable:
+    """Tokenise ``n`` samples of ``split`` with the real processor (in chunks, for speed)."""
+    ids, starts, pixels, grids, colors, shp = [], [], [], [], [], []
+    samples = list(shapes.iter_samples(split, n))
+    for lo in range(0, n, chunk):
+        part = samples[lo:lo + chunk]
+        texts = [prompt_text(processor, s.question, True) + answer_suffix(processor, s.question, True, s.answer)
+                 for s in part]
+        heads = [prompt_text(processor, s.question, True) for s in part]
+        enc = processor(images=[s.render() for s in part], text=texts, return_tensors="pt", padding=True)
+        head_enc = processor(images=[s.render() for s in part], text=heads, return_tensors="pt", padding=True)
+        for i in range(len(part)):
+            full = enc["input_ids"][i][enc["attention_mask"][i].bool()]
+            head_len = int(head_enc["attention_mask"][i].sum())
+            ids.append(full)
+            starts.append(head_len)
+        pv = enc["pixel_values"]
+        if "image_grid_thw" in enc:
+            per = int(enc["image_grid_thw"][0].prod())
+            pixels.append(pv.reshape(len(part), per, -1))
+            grids.append(enc["image_grid_thw"])
+        else:
+            pixels.append(pv)
+        for s in part:
+            c = torch.zeros(s.grid * s.grid, dtype=torch.long)
+            k = torch.zeros_like(c)
+            for o in s.objects:
+                c[o.row * s.grid + o.col] = COLOR_IDS[o.color]
+                k[o.row * s.grid + o.col] = SHAPE_IDS[o.shape]
+            colors.append(c)
+            shp.append(k)
+    extra = {"image_grid_thw": torch.cat(grids)} if grids else {}
+    return Batchable(ids, starts, torch.cat(pixels), extra, torch.stack(colors), torch.stack(shp),
+                     [s.question_type for s in samples])
+
+
+def collate(data: Batchable, idx: torch.Tensor, pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels on the answer tokens only."""
+    seqs = [data.ids[i] for i in idx.tolist()]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, -100)
+    mask = torch.zeros_like(input_ids)
+    for row, (i, s) in enumerate(zip(idx.tolist(), seqs)):
+        input_ids[row, : len(s)] = s
+        mask[row, : len(s)] = 1
+        labels[row, data.answer_start[i]: len(s)] = s[data.answer_start[i]:]
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    pv = data.pixel_values[idx]
+    if "image_grid_thw" in data.extra:
+        batch["pixel_values"] = pv.reshape(-1, pv.shape[-1])
+        batch["image_grid_thw"] = data.extra["image_grid_thw"][idx]
+        batch["mm_token_type_ids"] = (input_ids == image_token_id).long()
+    else:
+        batch["pixel_values"] = pv
+    return batch
+
+
+@torch.no_grad()
+def first_token_accuracy(model, data: Batchable, pad_id: int, image_token_id: int, bs: int = 256) -> dict[str, float]:
+    """Share of samples whose first answer token is the greedy argmax (a cheap proxy for exact match)."""
+    model.eval()
+    correct: list[bool] = []
+    for lo in range(0, len(data.ids), bs):
+        idx = torch.arange(lo, min(lo + bs, len(data.ids)))
+        batch = collate(data, idx, pad_id, image_token_id)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        for row, i in enumerate(idx.tolist()):
+            p = data.answer_start[i]
+            correct.append(bool(logits[row, p - 1].argmax() == labels[row, p]))
+    model.train()
+    per_type = {t: round(sum(c for c, q in zip(correct, data.qtypes) if q == t) / max(1, data.qtypes.count(t)), 3)
+                for t in sorted(set(data.qtypes))}
+    return {"first_token_acc": round(sum(correct) / len(correct), 4), "per_type": per_type}
+
+
+def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_train: int, seed: int,
+          aux_weight: float, threads: int, eval_every: int) -> dict:
+    """Train toy ``name`` and save it (fp16 safetensors + processor) to ``out``; returns the training log."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    t0 = time.time()
+    model, processor = build_toy(name, seed=seed)
+    adapter = ADAPTERS[TOYS[name].model_type]
+    image_token_id = adapter.image_token_id(model.config)
+    pad_id = processor.tokenizer.pad_token_id
+    data = prepare(processor, "train", n_train)
+    held = prepare(processor, "calibration", 500)
+    print(f"data ready in {time.time() - t0:.0f}s: {n_train} train samples", flush=True)
+
+    width = model.config.text_config.hidden_size
+    grid = int(data.cell_color.shape[1] ** 0.5)
+    heads = nn.ModuleDict({"color": nn.Linear(width, len(COLOR_IDS) + 1), "shape": nn.Linear(width, len(SHAPE_IDS) + 1),
+                           "row": nn.Linear(width, grid), "col": nn.Linear(width, grid)})
+    # Cell c of every image sits at (c // grid, c % grid): supervising it keeps position in the image tokens,
+    # which rotary-position decoders cannot recover from token content otherwise.
+    cell_row = torch.arange(grid * grid) // grid
+    cell_col = torch.arange(grid * grid) % grid
+    captured: dict[str, torch.Tensor] = {}
+    projector = adapter.get(model, adapter.projector)
+    hook = projector.register_forward_hook(lambda m, i, o: captured.__setitem__("features", o))
+
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    log = []
+    for step in range(steps):
+        idx = torch.randint(0, n_train, (batch_size,), generator=gen)
+        batch = collate(data, idx, pad_id, image_token_id)
+        out_ = model(**batch)
+        feats = captured["features"].reshape(batch_size, -1, width)
+        aux = (F.cross_entropy(heads["color"](feats).flatten(0, 1), data.cell_color[idx].flatten())
+               + F.cross_entropy(heads["shape"](feats).flatten(0, 1), data.cell_shape[idx].flatten())
+               + F.cross_entropy(heads["row"](feats).flatten(0, 1), cell_row.repeat(batch_size))
+               + F.cross_entropy(heads["col"](feats).flatten(0, 1), cell_col.repeat(batch_size)))
+        loss = out_.loss + aux_weight * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            acc = first_token_accuracy(model, held, pad_id, image_token_id)
+            entry = {"step": step + 1, "lm_loss": round(out_.loss.item(), 4), "aux_loss": round(aux.item(), 4),
+                     "seconds": round(time.time() - t0, 1), **acc}
+            log.append(entry)
+            print(json.dumps(entry), flush=True)
+    hook.remove()
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(out)
+    processor.save_pretrained(out)
+    info = {"toy": name, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "n_train": n_train,
+            "aux_weight": aux_weight, "threads": threads, "train_seconds": round(time.time() - t0, 1),
+            "torch": torch.__version__, "log": log}
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("toy", choices=sorted(TOYS))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--n-train", type=int, default=20000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--aux-weight", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=250)
+    a = ap.parse_args(argv)
+    train(a.toy, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_train=a.n_train, seed=a.seed,
+          aux_weight=a.aux_weight, threads=a.threads, eval_every=a.eval_every)
+
+
+if __name__ == "__main__":
+    main()
