@@ -1,0 +1,111 @@
+"""The streaming executor: run a VLM's decoder one block at a time over calibration samples.
+
+This is the engine both calibration and quantization use. For every decoder block, in order:
+
+1. its weights are materialised (a no-op for in-memory models);
+2. the ``stage`` callback receives ``(index, block, run)``; ``run()`` executes the block on every sample's
+   current input and returns the outputs. A stage may register hooks and call ``run()`` to observe
+   activations, replace the block's weights (quantize) and call ``run()`` again, any number of times;
+3. the block's outputs (what the stage returned, or a final ``run()``) become the next block's inputs;
+4. the block's weights are released.
+
+Inputs are captured once per sample by :func:`quantlab.calib.capture.capture_calls`, so every kwarg
+the model's own forward computes (attention masks, position embeddings, Qwen's mrope) is reused as is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from quantlab.calib.capture import BlockCall, block_output, capture_calls
+from quantlab.calib.weights import InMemory, WeightSource
+from quantlab.models.adapter import Component
+from quantlab.models.load import LoadedModel
+
+
+@dataclass
+class CalibSample:
+    """One calibration sample: model inputs (batch of one) and which of its tokens are image tokens."""
+
+    id: str
+    inputs: dict[str, torch.Tensor]
+    image_mask: torch.Tensor  # (seq,) bool
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def has_image(self) -> bool:
+        return bool(self.image_mask.any())
+
+
+Run = Callable[[], list[torch.Tensor]]
+
+
+class BlockStage(Protocol):
+    """A per-block hook: observe and/or modify ``block``; may return the outputs it computed."""
+
+    def __call__(self, index: int, block: nn.Module, run: Run) -> list[torch.Tensor] | None: ...
+
+
+def _forward(model: nn.Module, sample: CalibSample) -> Callable[[], object]:
+    def call() -> object:
+        if hasattr(getattr(model, "model", None), "rope_deltas"):
+            model.model.rope_deltas = None  # Qwen caches mrope offsets between calls
+        return model(**sample.inputs, use_cache=False)
+
+    return call
+
+
+@torch.no_grad()
+def capture_decoder_inputs(loaded: LoadedModel, samples: Sequence[CalibSample]) -> list[list[BlockCall]]:
+    """Per sample, the call every decoder block would receive (``[sample][block]``)."""
+    blocks = loaded.adapter.blocks(loaded.model, Component.DECODER)
+    return [capture_calls(blocks, _forward(loaded.model, s)) for s in samples]
+
+
+@torch.no_grad()
+def stream_decoder(
+    loaded: LoadedModel,
+    samples: Sequence[CalibSample],
+    stage: BlockStage | None = None,
+    *,
+    weights: WeightSource | None = None,
+    on_block_done: Callable[[int], None] | None = None,
+) -> list[torch.Tensor]:
+    """Stream all decoder blocks over ``samples``; returns the last block's outputs (one per sample)."""
+    if not samples:
+        raise ValueError("stream_decoder: no calibration samples")
+    weights = weights or InMemory()
+    adapter = loaded.adapter
+    blocks = adapter.blocks(loaded.model, Component.DECODER)
+    calls = capture_decoder_inputs(loaded, samples)
+    hidden = [c[0].hidden for c in calls]
+    for i, block in enumerate(blocks):
+        prefix = f"{adapter.decoder_blocks}.{i}"
+        weights.load(block, prefix)
+
+        def run(block: nn.Module = block, i: int = i) -> list[torch.Tensor]:
+            outs = []
+            for s, h in enumerate(hidden):
+                call = calls[s][i].with_hidden(h)
+                outs.append(block_output(block(*call.args, **call.kwargs)))
+            return outs
+
+        outs = stage(i, block, run) if stage is not None else None
+        hidden = outs if outs is not None else run()
+        weights.release(block, prefix)
+        if on_block_done is not None:
+            on_block_done(i)
+    return hidden
+
+
+@torch.no_grad()
+def decoder_logits(loaded: LoadedModel, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Final norm + lm_head over the last block's outputs (for logit-level quality proxies)."""
+    norm = loaded.adapter.get(loaded.model, loaded.adapter.final_norm)
+    head = loaded.adapter.get(loaded.model, loaded.adapter.lm_head)
+    return [head(norm(h)) for h in hidden]

@@ -1,0 +1,122 @@
+"""Where a streamed block's weights come from.
+
+:class:`InMemory` is for models already loaded. :class:`SafetensorsWeights` reads one module's tensors
+from a checkpoint's safetensors files on demand and drops them afterwards, so a model built on the meta
+device can be run block by block with only one block materialised. Checkpoints carry hub-legacy names;
+the adapter maps the in-memory (transformers 5.x) names to them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from torch import nn
+
+from quantlab.models.adapter import Adapter
+
+
+class WeightSource(Protocol):
+    """Materialises and releases the parameters of one submodule (named by its full path)."""
+
+    def load(self, module: nn.Module, prefix: str) -> None: ...
+
+    def release(self, module: nn.Module, prefix: str) -> None: ...
+
+
+class InMemory:
+    """Weights already live in the model: nothing to do."""
+
+    def load(self, module: nn.Module, prefix: str) -> None:
+        return None
+
+    def release(self, module: nn.Module, prefix: str) -> None:
+        return None
+
+
+class SafetensorsWeights:
+    """Reads parameters of one submodule at a time from a checkpoint directory's safetensors files."""
+
+    def __init__(self, directory: str | Path, adapter: Adapter, dtype: torch.dtype = torch.float32,
+                 tied: dict[str, str] | None = None):
+        self.directory = Path(directory)
+        self.adapter = adapter
+        self.dtype = dtype
+        self.tied = tied or {}
+        self.key_file = self._index()
+        self._handles: dict[str, object] = {}
+
+    def _index(self) -> dict[str, str]:
+        index = self.directory / "model.safetensors.index.json"
+        if index.is_file():
+            return dict(json.loads(index.read_text())["weight_map"])
+        single = self.directory / "model.safetensors"
+        if not single.is_file():
+            raise FileNotFoundError(f"{self.directory}: no model.safetensors or model.safetensors.index.json")
+        with safe_open(str(single), framework="pt") as f:
+            return {k: single.name for k in f.keys()}
+
+    def key_for(self, name: str) -> str:
+        """The checkpoint key holding in-memory parameter ``name``."""
+        name = self.tied.get(name, name)
+        legacy = self.adapter.legacy_name(name)
+        for cand in (name, legacy, legacy.replace("vision_tower.vision_model.", "vision_tower.")):
+            if cand in self.key_file:
+                return cand
+        raise KeyError(f"{self.directory}: no tensor for parameter {name!r} (tried {name!r}, {legacy!r})")
+
+    def tensor(self, name: str) -> torch.Tensor:
+        key = self.key_for(name)
+        fname = self.key_file[key]
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(str(self.directory / fname), framework="pt")
+        return self._handles[fname].get_tensor(key).to(self.dtype)  # type: ignore[attr-defined]
+
+    def load(self, module: nn.Module, prefix: str) -> None:
+        for pname, _ in list(module.named_parameters()):
+            set_module_tensor_to_device(module, pname, "cpu", value=self.tensor(f"{prefix}.{pname}"))
+
+    def release(self, module: nn.Module, prefix: str) -> None:
+        for pname, _ in list(module.named_parameters()):
+            set_module_tensor_to_device(module, pname, "meta")
+
+
+def load_streaming(directory: str | Path, *, dtype: torch.dtype = torch.float32, with_processor: bool = True):
+    """A model whose decoder and vision blocks stay on the meta device until streamed.
+
+    Everything else (embeddings, norms, projector; the head when untied) is read now. Vision blocks are
+    loaded by forward hooks just before they run and dropped right after, so the vision tower also holds
+    one block at a time; decoder blocks are left to :func:`quantlab.calib.executor.stream_decoder`.
+    Returns ``(LoadedModel, SafetensorsWeights)``.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForImageTextToText
+
+    from quantlab.models.adapter import Component
+    from quantlab.models.load import LoadedModel, _processor_class, get_adapter, load_config
+    from quantlab.models.processors import load_processor
+
+    directory = Path(directory)
+    config = load_config(directory)
+    adapter = get_adapter(config)
+    with init_empty_weights(include_buffers=False):  # buffers (rotary inv_freq) must stay real
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    tied = {}
+    if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "text_config", None),
+                                                                   "tie_word_embeddings", False):
+        tied[f"{adapter.lm_head}.weight"] = f"{adapter.embed_tokens}.weight"
+    weights = SafetensorsWeights(directory, adapter, dtype, tied)
+    streamed = (adapter.decoder_blocks + ".", adapter.vision_blocks + ".")
+    for name, _ in list(model.named_parameters()):
+        if not name.startswith(streamed):
+            set_module_tensor_to_device(model, name, "cpu", value=weights.tensor(name))
+    for i, block in enumerate(adapter.blocks(model, Component.VISION)):
+        prefix = f"{adapter.vision_blocks}.{i}"
+        block.register_forward_pre_hook(lambda m, a, p=prefix: weights.load(m, p))
+        block.register_forward_hook(lambda m, a, o, p=prefix: weights.release(m, p))
+    processor = load_processor(directory, _processor_class(directory)) if with_processor else None
+    return LoadedModel(model.eval(), processor, adapter, str(directory)), weights

@@ -1,0 +1,99 @@
+"""The streaming executor reproduces a full forward, block by block, on every family."""
+
+from __future__ import annotations
+
+import torch
+
+from quantlab.calib.executor import CalibSample, decoder_logits, stream_decoder
+from quantlab.models import get_adapter
+from quantlab.models.load import LoadedModel
+from tests.conftest import IMG, tiny_inputs
+
+
+def _samples(family: str) -> list[CalibSample]:
+    torch.manual_seed(1)
+    full = tiny_inputs(family, batch=1)
+    text_ids = torch.tensor([[1, 30, 31, 32, 33, 34]])
+    text = {"input_ids": text_ids, "attention_mask": torch.ones_like(text_ids)}
+    return [CalibSample("img", full, full["input_ids"][0] == IMG), CalibSample("txt", text, text_ids[0] == IMG)]
+
+
+def test_stream_matches_full_forward_hidden_states(tiny_family):
+    family, model = tiny_family
+    loaded = LoadedModel(model, None, get_adapter(model), family)
+    samples = _samples(family)
+    seen: list[int] = []
+
+    def stage(i, block, run):
+        seen.append(i)
+        return None
+
+    with torch.no_grad():
+        refs = []
+        for s in samples:
+            if hasattr(model.model, "rope_deltas"):
+                model.model.rope_deltas = None
+            refs.append(model(**s.inputs, output_hidden_states=True, use_cache=False))
+    per_block: list[list[torch.Tensor]] = []
+
+    def observe(i, block, run):
+        outs = run()
+        per_block.append(outs)
+        return outs
+
+    final = stream_decoder(loaded, samples, observe)
+    n = model.config.text_config.num_hidden_layers
+    assert len(per_block) == n
+    for s, ref in enumerate(refs):
+        # hidden_states[i + 1] is block i's output, except the last entry, which has the final norm applied
+        for i in range(n - 1):
+            torch.testing.assert_close(per_block[i][s], ref.hidden_states[i + 1], rtol=1e-5, atol=1e-5)
+        logits = decoder_logits(loaded, [final[s]])[0]
+        torch.testing.assert_close(logits, ref.logits, rtol=1e-5, atol=1e-5)
+    stream_decoder(loaded, samples, stage)
+    assert seen == list(range(n))
+
+
+def test_stage_can_replace_weights_and_outputs_propagate(tiny_family):
+    family, model = tiny_family
+    loaded = LoadedModel(model, None, get_adapter(model), family)
+    samples = _samples(family)
+    base = stream_decoder(loaded, samples)
+
+    def zero_mlp_of_block0(i, block, run):
+        if i == 0:
+            block.mlp.down_proj.weight.zero_()
+        return None
+
+    changed = stream_decoder(loaded, samples, zero_mlp_of_block0)
+    assert not torch.allclose(base[0], changed[0])
+    with torch.no_grad():
+        if hasattr(model.model, "rope_deltas"):
+            model.model.rope_deltas = None
+        ref = model(**samples[0].inputs, use_cache=False).logits  # the model now holds the zeroed weight
+    torch.testing.assert_close(decoder_logits(loaded, changed[:1])[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_streaming_from_disk_matches_in_memory(tiny_family, tmp_path):
+    from quantlab.calib.weights import load_streaming
+
+    family, model = tiny_family
+    model.save_pretrained(tmp_path)
+    loaded = LoadedModel(model, None, get_adapter(model), family)
+    samples = _samples(family)
+    ref = stream_decoder(loaded, samples)
+    lazy, weights = load_streaming(tmp_path, with_processor=False)
+    blocks = lazy.adapter.blocks(lazy.model)
+    assert all(p.device.type == "meta" for p in blocks.parameters())
+    materialised = []
+
+    def check(i, block, run):
+        materialised.append(sum(p.device.type != "meta" for p in blocks.parameters()))
+        return None
+
+    out = stream_decoder(lazy, samples, check, weights=weights)
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    per_block = sum(1 for _ in blocks[0].parameters())
+    assert materialised == [per_block] * len(blocks)  # exactly one block's parameters at a time
+    assert all(p.device.type == "meta" for p in blocks.parameters())
