@@ -1,0 +1,139 @@
+"""Recipes: YAML files validated by pydantic. Unknown keys are errors that name the key and the valid ones.
+
+The same recipe serves toys and real models; only the MODEL argument of the command differs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from quantlab.calib.data import CalibDataOptions
+from quantlab.quant.scheme import QuantScheme
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StatsSpec(_Strict):
+    """Which activation statistics calibration collects."""
+
+    entropy_k: int = Field(default=100, ge=2, description="k-means clusters for LUQ entropy")
+    entropy_max_tokens: int = Field(default=4096, ge=16, description="token subsample cap for k-means")
+    hook: Literal["block_input_norm", "block_output"] = "block_input_norm"
+    hessians: bool = False
+
+
+class RuleSpec(_Strict):
+    """Pin a scheme (or keep, with ``scheme: null``) for modules matching ``match``.
+
+    ``match`` is ``component:<vision|projector|decoder|embed|head>``, ``re:<regex>`` or an exact name.
+    """
+
+    match: str
+    scheme: QuantScheme | None
+
+
+class PlanSpec(_Strict):
+    """How schemes are chosen per layer."""
+
+    planner: Literal["luq", "budget", "uniform"] = "luq"
+    scheme: QuantScheme | None = Field(default=None, description="uniform planner: the one scheme")
+    low: QuantScheme | None = Field(default=None, description="luq: the ultra-low scheme")
+    high: QuantScheme | None = Field(default=None, description="luq: the default scheme")
+    candidates: list[QuantScheme] = Field(default_factory=list, description="budget: allowed schemes")
+    k: int | None = Field(default=None, description="luq: number of low-entropy blocks to quantize low")
+    target_avg_bits: float | None = None
+    budget_gb: float | None = None
+    entropy_modality: Literal["all", "image", "text"] = "all"
+    rules: list[RuleSpec] = Field(default_factory=list)
+
+
+class ExportSpec(_Strict):
+    format: Literal["compressed-tensors", "gptq", "native", "auto"] = "auto"
+
+
+class EvalSpec(_Strict):
+    tasks: list[str] = Field(default_factory=lambda: ["shapes-vqa"])
+    limit: int = 500
+    batch_size: int = 32
+
+
+class Recipe(_Strict):
+    """A whole quantization run, stage by stage."""
+
+    name: str = "recipe"
+    calibration: CalibDataOptions = Field(default_factory=CalibDataOptions)
+    stats: StatsSpec = Field(default_factory=StatsSpec)
+    plan: PlanSpec = Field(default_factory=PlanSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+        """Load and validate a recipe file; ``overrides`` maps dotted keys to values (CLI ``--set``)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a recipe must be a mapping at the top level")
+        for dotted, value in (overrides or {}).items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+        return cls.validate_data(data, source=str(path))
+
+    @classmethod
+    def validate_data(cls, data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ValueError(_explain(err, source)) from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at ``loc`` (for listing valid keys)."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        for cand in (ann, *getattr(ann, "__args__", ())):
+            inner = getattr(cand, "__args__", None)
+            for c in (cand, *(inner or ())):
+                if isinstance(c, type) and issubclass(c, BaseModel):
+                    model = c
+                    break
+            else:
+                continue
+            break
+        else:
+            return None
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid recipe"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            owner = _model_at(loc)
+            valid = sorted(owner.model_fields) if owner else []
+            lines.append(f"  unknown key '{where}'; valid keys here: {', '.join(valid)}")
+        else:
+            lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
