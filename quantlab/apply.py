@@ -1,0 +1,126 @@
+"""Apply a plan: quantize every planned Linear, block by block, on the outputs of the quantized prefix.
+
+For each decoder block the streaming executor hands over, Linears are processed in *true sequential*
+order: Linears that read the same input (q/k/v, gate/up: the adapter's fused groups) form one step;
+each step's Hessian ``H = mean(xᵀx)`` is gathered from a forward pass through the block whose earlier
+sublayers are already quantized. The dequantized (fake-quant) weight replaces the original in place, so
+the in-memory model evaluates as the quantized one; the packed :class:`QuantResult` is kept for export.
+The quantized block's outputs feed the next block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from quantlab.calib.executor import CalibSample, stream_decoder
+from quantlab.calib.weights import WeightSource
+from quantlab.models.adapter import Component
+from quantlab.models.load import LoadedModel
+from quantlab.progress import block_progress
+from quantlab.quant.scheme import QuantScheme
+
+DATA_FREE = {"rtn"}
+
+
+def check_shape(name: str, module: nn.Linear, scheme: QuantScheme) -> None:
+    """Refuse shapes a scheme cannot take, naming the module and the reason."""
+    cols = module.in_features
+    if scheme.group_size != -1 and cols % scheme.group_size:
+        raise ValueError(f"{name}: in_features={cols} is not divisible by group_size={scheme.group_size} "
+                         f"({scheme.label()}); keep this module or choose a group size that divides it")
+
+
+def sequential_steps(names: Sequence[str], fused_groups: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Group Linear names (in module order) into steps; names sharing an input go together."""
+    steps: list[list[str]] = []
+    placed: set[str] = set()
+    for name in names:
+        if name in placed:
+            continue
+        step = [name]
+        for group in fused_groups:
+            if any(name.endswith("." + g) for g in group):
+                prefix = name.rsplit(".", len(group[0].split(".")))[0]
+                step = [n for n in names if n.startswith(prefix + ".") and any(n.endswith("." + g) for g in group)]
+                break
+        steps.append(step)
+        placed.update(step)
+    return steps
+
+
+class _HessianHook:
+    """Accumulates ``mean(xᵀx)`` over all tokens of all samples for one Linear input."""
+
+    def __init__(self, module: nn.Linear):
+        self.h = torch.zeros(module.in_features, module.in_features, dtype=torch.float32)
+        self.n = 0
+        self.handle = module.register_forward_pre_hook(self)
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        k = x.shape[0]
+        self.h.mul_(self.n / (self.n + k)).add_(x.T @ x, alpha=1.0 / (self.n + k))
+        self.n += k
+
+
+def _quantize_module(name: str, module: nn.Linear, scheme: QuantScheme, hessian: torch.Tensor | None):
+    from quantlab.quant import quantize_weight
+
+    check_shape(name, module, scheme)
+    result = quantize_weight(module.weight.data, scheme, hessian=hessian)
+    module.weight.data.copy_(result.dequantized)
+    return result
+
+
+@torch.no_grad()
+def quantize(
+    loaded: LoadedModel,
+    plan: Mapping[str, QuantScheme | None],
+    samples: Sequence[CalibSample],
+    *,
+    weights: WeightSource | None = None,
+    progress: bool = True,
+) -> dict[str, object]:
+    """Quantize ``loaded.model`` in place by ``plan`` (module name -> scheme, None = keep).
+
+    Decoder Linears are calibrated block by block on the outputs of the already-quantized blocks.
+    Planned Linears outside the decoder (vision tower, projector, head) accept data-free backends only.
+
+    Returns:
+        module name -> QuantResult (codes, scales, zeros, g_idx, bits per weight, relative output error).
+    """
+    adapter, model = loaded.adapter, loaded.model
+    modules = dict(model.named_modules())
+    planned = {n: s for n, s in plan.items() if s is not None}
+    unknown = [n for n in planned if not isinstance(modules.get(n), nn.Linear)]
+    if unknown:
+        raise KeyError(f"plan names modules that are not Linear layers of this model: {unknown[:5]}")
+    results: dict[str, object] = {}
+    outside = {n: s for n, s in planned.items() if adapter.component_of(n) != Component.DECODER}
+    for name, scheme in outside.items():
+        if scheme.backend not in DATA_FREE:
+            raise ValueError(f"{name}: backend {scheme.backend!r} needs calibration data, which quantlab streams "
+                             f"only through decoder blocks; use one of {sorted(DATA_FREE)} outside the decoder")
+        results[name] = _quantize_module(name, modules[name], scheme, None)
+
+    def stage(index: int, block: nn.Module, run) -> list[torch.Tensor]:
+        prefix = f"{adapter.decoder_blocks}.{index}."
+        names = [prefix + n for n, m in block.named_modules() if isinstance(m, nn.Linear) and prefix + n in planned]
+        for step in sequential_steps(names, adapter.fused_groups):
+            hooks = {n: _HessianHook(modules[n]) for n in step}
+            try:
+                run()
+            finally:
+                for h in hooks.values():
+                    h.handle.remove()
+            for n in step:
+                results[n] = _quantize_module(n, modules[n], planned[n], hooks[n].h)
+        return run()
+
+    n_blocks = len(adapter.blocks(model))
+    with block_progress("quantize: decoder blocks", n_blocks, progress) as advance:
+        stream_decoder(loaded, samples, stage, weights=weights, on_block_done=advance)
+    return results
