@@ -83,10 +83,10 @@ class Adapter:
         def under(prefix: str) -> bool:
             return name == prefix or name.startswith(prefix + ".")
 
+        if under(self.projector):  # first: Qwen's merger sits inside the vision tower's module
+            return Component.PROJECTOR
         if under(self.vision):
             return Component.VISION
-        if under(self.projector):
-            return Component.PROJECTOR
         if under(self.decoder_blocks):
             return Component.DECODER
         if under(self.embed_tokens):

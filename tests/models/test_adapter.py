@@ -64,3 +64,9 @@ def test_unknown_architecture_lists_supported():
 
     with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2'.*llava.*qwen2_5_vl.*qwen2_vl"):
         get_adapter(Cfg())
+
+
+def test_qwen_merger_is_the_projector_not_vision():
+    a = ADAPTERS["qwen2_5_vl"]
+    assert a.component_of("model.visual.merger.mlp.0") == Component.PROJECTOR
+    assert a.component_of("model.visual.blocks.0.attn.qkv") == Component.VISION

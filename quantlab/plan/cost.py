@@ -1,0 +1,279 @@
+"""Exact storage cost of a quantization mapping, and memory estimates for a multimodal context.
+
+Every byte count here is derived from a declared per-Linear tensor layout (:func:`linear_layout`), the
+tensors an exporter writes for one Linear in each format (``shared/reference/formats.md`` §2.1, §3.4):
+
+| fmt                  | tensors per quantized Linear (``in``/``out`` features, ``g`` groups, ``b`` bits)         |
+|----------------------|------------------------------------------------------------------------------------------|
+| ``compressed-tensors``| weight_packed i32 [out, ceil(in·b/32)], weight_scale <dtype> [out, g],                  |
+|                      | weight_zero_point i32 [ceil(out·b/32), g] (asym only), weight_shape i64 [2], bias <dtype> |
+| ``gptq`` (v1)        | qweight i32 [in·b/32, out], qzeros i32 [g, out·b/32] (always), scales f16 [g, out],      |
+|                      | g_idx i32 [in], bias f16                                                                 |
+| ``native``           | billm: :func:`billm_layout`; every other backend as ``compressed-tensors``                |
+| ``fp``               | weight <dtype> [out, in], bias <dtype> (fake-quantized / dequantized checkpoint)          |
+
+``g = in / group_size`` (``group_size=-1``: ``g = 1``). compressed-tensors 0.20 never writes
+``weight_g_idx``: its only act-order mode is ``actorder="weight"`` (static groups, no index), the
+``"group"`` mode that stored ``g_idx`` was removed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from quantlab.models.adapter import Adapter, Component
+from quantlab.quant.scheme import QuantScheme
+
+INT32, INT64, FP16, UINT8 = 4, 8, 2, 1
+BILLM_NOMINAL_BITS = 1.08  # LUQ's nominal width of a BiLLM layer (luq.md §1.5-1.6)
+GPTQ_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and element size of one stored tensor."""
+
+    shape: tuple[int, ...]
+    itemsize: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.itemsize
+
+
+Layout = dict[str, TensorSpec]
+
+
+def _groups(in_features: int, scheme: QuantScheme, fmt: str, out_features: int) -> int:
+    g = scheme.group_size
+    if g == -1:
+        return 1
+    if in_features % g:
+        raise ValueError(f"{fmt}: Linear {out_features}x{in_features} (out x in): group_size {g} does not divide "
+                         f"in_features {in_features}")
+    return in_features // g
+
+
+def _fp_layout(out_f: int, in_f: int, scheme: QuantScheme | None, *, bias: bool, dtype_bytes: int) -> Layout:
+    lay = {"weight": TensorSpec((out_f, in_f), dtype_bytes)}
+    if bias:
+        lay["bias"] = TensorSpec((out_f,), dtype_bytes)
+    return lay
+
+
+def _ct_layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtype_bytes: int) -> Layout:
+    if scheme.backend == "billm":
+        raise ValueError(f"compressed-tensors: Linear {out_f}x{in_f}: billm codes are not a uniform grid and "
+                         "cannot be stored pack-quantized; use fmt='native'")
+    g = _groups(in_f, scheme, "compressed-tensors", out_f)
+    b = scheme.bits
+    lay = {"weight_packed": TensorSpec((out_f, math.ceil(in_f * b / 32)), INT32),
+           "weight_scale": TensorSpec((out_f, g), dtype_bytes)}
+    if not scheme.sym:
+        lay["weight_zero_point"] = TensorSpec((math.ceil(out_f * b / 32), g), INT32)
+    lay["weight_shape"] = TensorSpec((2,), INT64)
+    if bias:
+        lay["bias"] = TensorSpec((out_f,), dtype_bytes)
+    return lay
+
+
+def _gptq_layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtype_bytes: int) -> Layout:
+    shape = f"gptq: Linear {out_f}x{in_f} (out x in)"
+    if scheme.backend == "billm":
+        raise ValueError(f"{shape}: billm codes cannot be stored in GPTQ tensors; use fmt='native'")
+    if scheme.bits not in GPTQ_BITS:
+        raise ValueError(f"{shape}: {scheme.bits}-bit is not a GPTQ width; GPTQ stores bits in {GPTQ_BITS}")
+    if in_f % 32 or out_f % 32:
+        raise ValueError(f"{shape}: GPTQ packing needs in_features % 32 == 0 (qweight) and "
+                         "out_features % 32 == 0 (qzeros); keep this Linear in fp or use compressed-tensors")
+    g = _groups(in_f, scheme, "gptq", out_f)
+    b = scheme.bits
+    lay = {"qweight": TensorSpec((in_f * b // 32, out_f), INT32),
+           "qzeros": TensorSpec((g, out_f * b // 32), INT32),
+           "scales": TensorSpec((g, out_f), FP16),
+           "g_idx": TensorSpec((in_f,), INT32)}
+    if bias:
+        lay["bias"] = TensorSpec((out_f,), FP16)
+    return lay
+
+
+def billm_layout(out_features: int, in_features: int, *, block_size: int = 128, bias: bool,
+                 dtype_bytes: int = 2) -> Layout:
+    """Storage of one BiLLM-binarized Linear (quantlab's own layout; align with the billm backend).
+
+    BiLLM ("braq", luq.md §1.5, §3.7) works on blocks of ``block_size`` input columns. Per block it picks
+    salient *columns* (shared by all rows) and binarizes them twice (residual order 2); the other weights
+    are split at a break point into two groups, each binarized once. Stored per weight: 1 sign bit plus
+    1 second bit (the order-2 residual sign for salient weights, the group-membership bit for the others),
+    so 2 bits whatever the salient count. Per block: a salient-column bitmap (1 bit per column). Per row and
+    block: 4 binarizations (2 salient orders, 2 groups), each with an fp16 scale ``alpha`` and an fp16
+    mean ``mu`` (the reference code subtracts a row mean before each sign(), ``binary.py``), i.e. 8 fp16.
+
+    | tensor        | dtype | shape                           |
+    |---------------|-------|---------------------------------|
+    | sign_packed   | u8    | [out, ceil(in/8)]               |
+    | second_packed | u8    | [out, ceil(in/8)]               |
+    | salient_mask  | u8    | [ceil(in/8)]                    |
+    | scales        | f16   | [out, ceil(in/block_size), 4]   |
+    | means         | f16   | [out, ceil(in/block_size), 4]   |
+    | bias          | dtype | [out]                           |
+
+    About 2 + 8·16/128 = 3.0 bits per weight at block 128, against LUQ's nominal 1.08.
+    """
+    n_blocks = math.ceil(in_features / block_size)
+    row = math.ceil(in_features / 8)
+    lay = {"sign_packed": TensorSpec((out_features, row), UINT8),
+           "second_packed": TensorSpec((out_features, row), UINT8),
+           "salient_mask": TensorSpec((row,), UINT8),
+           "scales": TensorSpec((out_features, n_blocks, 4), FP16),
+           "means": TensorSpec((out_features, n_blocks, 4), FP16)}
+    if bias:
+        lay["bias"] = TensorSpec((out_features,), dtype_bytes)
+    return lay
+
+
+def _native_layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtype_bytes: int) -> Layout:
+    if scheme.backend == "billm":
+        block = in_f if scheme.group_size == -1 else scheme.group_size
+        return billm_layout(out_f, in_f, block_size=block, bias=bias, dtype_bytes=dtype_bytes)
+    return _ct_layout(out_f, in_f, scheme, bias=bias, dtype_bytes=dtype_bytes)
+
+
+_LAYOUTS: dict[str, Callable[..., Layout]] = {
+    "compressed-tensors": _ct_layout,
+    "gptq": _gptq_layout,
+    "native": _native_layout,
+    "fp": _fp_layout,
+}
+FORMATS = tuple(_LAYOUTS)
+
+
+def linear_layout(out_features: int, in_features: int, scheme: QuantScheme | None, fmt: str, *, bias: bool,
+                  dtype_bytes: int = 2) -> Layout:
+    """Tensors stored for one Linear: ``{suffix: TensorSpec}`` (see the module table).
+
+    Args:
+        out_features: rows of the weight.
+        in_features: columns of the weight.
+        scheme: the Linear's scheme; None keeps it in full precision (weight + bias at ``dtype_bytes``).
+        fmt: one of :data:`FORMATS`.
+        bias: whether the Linear has a bias.
+        dtype_bytes: element size of the model dtype (scales in compressed-tensors, fp tensors).
+
+    Raises:
+        ValueError: unknown format, or a shape/scheme the format cannot store (the message names both).
+    """
+    if fmt not in _LAYOUTS:
+        raise ValueError(f"unknown format {fmt!r}; valid formats: {sorted(_LAYOUTS)}")
+    if scheme is None or fmt == "fp":
+        return _fp_layout(out_features, in_features, None, bias=bias, dtype_bytes=dtype_bytes)
+    return _LAYOUTS[fmt](out_features, in_features, scheme, bias=bias, dtype_bytes=dtype_bytes)
+
+
+def linear_bytes(out_features: int, in_features: int, scheme: QuantScheme | None, fmt: str, *, bias: bool,
+                 dtype_bytes: int = 2) -> int:
+    """Exact stored bytes of one Linear; the sum of :func:`linear_layout`. Same arguments and errors."""
+    lay = linear_layout(out_features, in_features, scheme, fmt, bias=bias, dtype_bytes=dtype_bytes)
+    return sum(t.nbytes for t in lay.values())
+
+
+def nominal_bits(scheme: QuantScheme | None, dtype_bytes: int = 2) -> float:
+    """LUQ-style nominal width of a weight: ``bits`` (billm: 1.08), or the dtype width if kept."""
+    if scheme is None:
+        return 8.0 * dtype_bytes
+    return BILLM_NOMINAL_BITS if scheme.backend == "billm" else float(scheme.bits)
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    """Stored size of a model under a mapping and format."""
+
+    fmt: str
+    total_bytes: int
+    by_component: dict[str, int] = field(default_factory=dict)
+    decoder_linear_numel: int = 0  # weights of the Linears inside decoder blocks
+    decoder_linear_bytes: int = 0  # their stored bytes, bias excluded
+    avg_bits: float = 0.0  # exact: 8 * decoder_linear_bytes / decoder_linear_numel
+    nominal_bits: float = 0.0  # LUQ style: sum(bits * numel) / numel over decoder Linears
+
+    @property
+    def decoder_block_bytes(self) -> int:
+        return self.by_component.get(Component.DECODER.value, 0)
+
+    @property
+    def gib(self) -> float:
+        return self.total_bytes / 2**30
+
+
+def _mapping(plan_or_mapping: Any) -> Mapping[str, QuantScheme | None]:
+    return getattr(plan_or_mapping, "layers", plan_or_mapping)
+
+
+def _linears(model: nn.Module, mapping: Mapping[str, Any]) -> dict[str, nn.Linear]:
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    unknown = sorted(set(mapping) - set(linears))
+    if unknown:
+        raise ValueError(f"{len(unknown)} mapped names are not Linear modules of {type(model).__name__}: "
+                         f"{unknown[:5]}")
+    return linears
+
+
+def _dtype_bytes(module: nn.Linear, dtype_bytes: int | None) -> int:
+    return dtype_bytes or module.weight.element_size()
+
+
+def module_bytes(model: nn.Module, plan_or_mapping: Any, fmt: str, *, dtype_bytes: int | None = None
+                 ) -> dict[str, int]:
+    """Stored bytes of every Linear named in a plan (``.layers``) or a ``{name: scheme | None}`` mapping.
+
+    ``dtype_bytes=None`` uses each Linear's own parameter dtype (works on meta-device models).
+    """
+    mapping = _mapping(plan_or_mapping)
+    linears = _linears(model, mapping)
+    return {n: linear_bytes(linears[n].out_features, linears[n].in_features, s, fmt,
+                            bias=linears[n].bias is not None, dtype_bytes=_dtype_bytes(linears[n], dtype_bytes))
+            for n, s in mapping.items()}
+
+
+def model_size(model: nn.Module, adapter: Adapter, mapping: Any, fmt: str, *,
+               dtype_bytes: int | None = None) -> SizeReport:
+    """Exact stored bytes of a model (meta-device models work): quantized Linears by their layout, every
+    other parameter (embeddings, norms, vision tower, projector, lm_head) at its dtype size.
+
+    Args:
+        model: the model; tied parameters are counted once (``named_parameters`` de-duplicates them).
+        adapter: its adapter, for the per-component split.
+        mapping: ``{linear name: scheme | None}`` or a Plan; unnamed Linears and None stay in full precision.
+        fmt: one of :data:`FORMATS`.
+        dtype_bytes: force one element size for unquantized tensors and scales; None = each tensor's dtype.
+    """
+    mapping = _mapping(mapping)
+    linears = _linears(model, mapping)
+    quantized = {n: s for n, s in mapping.items() if s is not None}
+    by_comp: dict[str, int] = defaultdict(int)
+    for name, p in model.named_parameters():
+        if name.rpartition(".")[0] not in quantized:
+            by_comp[adapter.component_of(name).value] += p.numel() * (dtype_bytes or p.element_size())
+    numel = qbytes = 0
+    nominal = 0.0
+    for name, lin in linears.items():
+        scheme, db = quantized.get(name), _dtype_bytes(lin, dtype_bytes)
+        lay = linear_layout(lin.out_features, lin.in_features, scheme, fmt, bias=lin.bias is not None,
+                            dtype_bytes=db)
+        comp = adapter.component_of(name).value
+        if scheme is not None:
+            by_comp[comp] += sum(t.nbytes for t in lay.values())
+        if comp == Component.DECODER.value:
+            n = lin.out_features * lin.in_features
+            numel += n
+            qbytes += sum(t.nbytes for k, t in lay.items() if k != "bias")
+            nominal += nominal_bits(scheme, db) * n
+    return SizeReport(fmt=fmt, total_bytes=sum(by_comp.values()), by_component=dict(by_comp),
+                      decoder_linear_numel=numel, decoder_linear_bytes=qbytes,
+                      avg_bits=8 * qbytes / numel if numel else 0.0, nominal_bits=nominal / numel if numel else 0.0)
