@@ -1,0 +1,131 @@
+"""Export to compressed-tensors ``pack-quantized`` (mixed precision through one config group per scheme).
+
+Layout per quantized Linear (``shared/reference/formats.md`` §3.4): ``weight_packed`` int32
+``[out, ceil(in*b/32)]`` (dense packing, compressed-tensors >= 0.18), ``weight_scale`` in the model dtype
+``[out, groups]``, ``weight_zero_point`` int32 ``[ceil(out*b/32), groups]`` only when asymmetric,
+``weight_shape`` int64 ``[2]``. Tensor names are the hub-legacy names of the family (adapter data).
+
+Targets and ignores are ``re:`` patterns anchored on the component marker (``language_model``,
+``vision_tower``, ``visual``, ...) so that both transformers' names and vLLM's internal names match and
+the vision tower's ``layers.N.self_attn.q_proj`` never collides with the decoder's.
+
+Asymmetric schemes are refused: with transformers 5.24 and compressed-tensors 0.20, transformers builds
+``weight_zero_point`` unpacked (``[out, groups]``) while the checkpoint stores it packed, so even
+compressed-tensors' own asymmetric checkpoints fail to load (size mismatch). Use symmetric schemes, or the
+native format.
+
+Loading: plain ``AutoModelForImageTextToText.from_pretrained(dir)`` with the default settings. Do not pass
+``dequantize=True`` (``run_compressed=False``) for mixed-precision checkpoints: transformers 5.x then
+dequantizes every module with the first config group's scheme (formats.md §3.7).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from safetensors.torch import save_file
+from torch import nn
+
+from quantlab.models.adapter import Adapter
+from quantlab.models.load import LoadedModel
+
+FORMAT = "compressed-tensors"
+
+
+def target_pattern(adapter: Adapter, name: str) -> str:
+    """A layout-agnostic ``re:`` target for module ``name`` (transformers 5.x name)."""
+    for prefix in (adapter.decoder, adapter.projector, adapter.vision, adapter.lm_head):
+        if name == prefix or name.startswith(prefix + "."):
+            marker = prefix.rsplit(".", 1)[-1]
+            rest = name[len(prefix):]
+            return f"re:.*{re.escape(marker)}{'.*' + re.escape(rest) if rest else ''}$"
+    return f"re:.*{re.escape(name)}$"
+
+
+def quant_args(bits: int, group_size: int, sym: bool) -> QuantizationArgs:
+    """compressed-tensors weight args for one scheme (group or channel strategy, no act-order index)."""
+    if group_size == -1:
+        return QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="channel")
+    return QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=group_size)
+
+
+def packed_tensors(result, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors one quantized Linear stores (names under ``prefix``)."""
+    bits = result.bits
+    if result.g_idx is not None and result.group_size != -1:
+        trivial = torch.arange(result.codes.shape[1]) // result.group_size
+        if not torch.equal(result.g_idx.long(), trivial):
+            raise ValueError(f"{prefix}: act-order without static groups needs a group index, which "
+                             "compressed-tensors no longer stores; use static_groups=True or the gptq format")
+    offset = 1 << (bits - 1)
+    out = {
+        f"{prefix}.weight_packed": pack_to_int32((result.codes.to(torch.int32) - offset).to(torch.int8), bits),
+        f"{prefix}.weight_scale": result.scales.to(dtype).contiguous(),
+        f"{prefix}.weight_shape": torch.tensor(list(result.codes.shape), dtype=torch.int64),
+    }
+    if not result.sym:
+        zp = (result.zeros.round().to(torch.int32) - offset).to(torch.int8)
+        out[f"{prefix}.weight_zero_point"] = pack_to_int32(zp, bits, packed_dim=0)
+    return out
+
+
+def quantization_config(adapter: Adapter, results: Mapping[str, object], linears: list[str]) -> dict:
+    """``config.json["quantization_config"]``: one group per distinct (bits, group, sym), explicit ignores."""
+    asym = sorted(n for n, r in results.items() if not r.sym)
+    if asym:
+        raise ValueError(f"compressed-tensors export: asymmetric schemes do not load in transformers 5.x with "
+                         f"compressed-tensors 0.20 (packed zero points); modules {asym[:4]}{'...' if len(asym) > 4 else ''} "
+                         "use sym=False. Re-plan them with symmetric schemes or export with format 'native'")
+    groups: dict[tuple[int, int, bool], list[str]] = defaultdict(list)
+    for name, r in results.items():
+        groups[(r.bits, r.group_size, r.sym)].append(target_pattern(adapter, name))
+    config_groups = {
+        f"group_{i}": QuantizationScheme(targets=sorted(targets), weights=quant_args(*key))
+        for i, (key, targets) in enumerate(sorted(groups.items()))
+    }
+    ignore = [target_pattern(adapter, n) for n in linears if n not in results]
+    cfg = QuantizationConfig(config_groups=config_groups, ignore=ignore, format="pack-quantized",
+                             quantization_status="compressed")
+    return {"quant_method": "compressed-tensors", **cfg.model_dump(mode="json", exclude_none=False)}
+
+
+def state_dict_for_export(loaded: LoadedModel, results: Mapping[str, object], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, hub-legacy names, quantized Linears packed."""
+    model, adapter = loaded.model, loaded.adapter
+    tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        if module_name in results and leaf == "weight":
+            continue
+        if tied and name == f"{adapter.lm_head}.weight":
+            continue
+        tensors[adapter.legacy_name(name)] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    for name, r in results.items():
+        tensors.update(packed_tensors(r, adapter.legacy_name(name), dtype))
+    return tensors
+
+
+def write_compressed_tensors(loaded: LoadedModel, results: Mapping[str, object], out: Path,
+                             dtype: torch.dtype = torch.float16) -> None:
+    """Write model tensors, ``config.json`` with ``quantization_config``, processor and generation config."""
+    model, adapter = loaded.model, loaded.adapter
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    save_file(state_dict_for_export(loaded, results, dtype), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["quantization_config"] = quantization_config(adapter, results, linears)
+    from quantlab.export.io import write_json
+
+    write_json(out / "config.json", config)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    if loaded.processor is not None:
+        loaded.processor.save_pretrained(out)

@@ -1,0 +1,128 @@
+"""compressed-tensors export: transformers (in a process that never imports quantlab) loads it and
+reproduces the in-memory fake-quant logits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from quantlab.export.compressed_tensors import target_pattern, write_compressed_tensors
+from quantlab.export.io import write_dir_atomic
+from quantlab.models import Component, get_adapter
+from quantlab.models.load import LoadedModel
+from tests.conftest import tiny_inputs
+
+LOADER = textwrap.dedent("""
+    import sys, torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageTextToText
+    assert not any(m.startswith("quantlab") for m in sys.modules)
+    model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+    inputs = load_file(sys.argv[2])
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert not any(m.startswith("quantlab") for m in sys.modules)
+    save_file({"logits": logits.contiguous()}, sys.argv[3])
+""")
+
+
+def rtn_result(w: torch.Tensor, bits: int, group: int, sym: bool):
+    """Plain round-to-nearest with fp16-representable scales (a reference independent of quantlab.quant)."""
+    out, cols = w.shape
+    g = cols if group == -1 else group
+    wg = w.reshape(out, cols // g, g)
+    maxq = 2**bits - 1
+    if sym:
+        scale = (2 * wg.abs().amax(-1) / maxq).clamp_min(1e-8).half().float()
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+        scale = ((hi - lo) / maxq).clamp_min(1e-8).half().float()
+        zero = torch.round(-lo / scale)
+    codes = torch.clamp(torch.round(wg / scale[..., None]) + zero[..., None], 0, maxq)
+    deq = ((codes - zero[..., None]) * scale[..., None]).reshape(out, cols)
+    return SimpleNamespace(bits=bits, group_size=group, sym=sym, codes=codes.reshape(out, cols).to(torch.uint8),
+                           scales=scale, zeros=None if sym else zero, g_idx=None, dequantized=deq)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_mixed_precision_checkpoint_loads_in_transformers(family, tmp_path):
+    from tests.conftest import TINY_BUILDERS
+
+    model = TINY_BUILDERS[family]()
+    adapter = get_adapter(model)
+    schemes = [(4, 32, True), (2, 64, True), (3, 32, True), (8, -1, True), (4, 64, True)]
+    results = {}
+    for k, (name, mod) in enumerate(adapter.iter_linears(model, Component.DECODER)):
+        if "o_proj" in name:
+            continue  # left in full precision: must appear in `ignore`
+        r = rtn_result(mod.weight.data, *schemes[k % len(schemes)])
+        mod.weight.data.copy_(r.dequantized)
+        results[name] = r
+    quantized = {f"{n}.weight" for n in results}
+    with torch.no_grad():  # the in-memory fake-quant model, every other tensor rounded as stored (fp16)
+        for n, p in model.named_parameters():
+            if n not in quantized:
+                p.copy_(p.half().float())
+    loaded = LoadedModel(model, None, adapter, family)
+    out = write_dir_atomic(tmp_path / "ckpt", lambda d: write_compressed_tensors(loaded, results, d))
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and len(cfg["config_groups"]) == len(schemes)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert not any(k.startswith("model.language_model") for k in keys)  # hub-legacy names only
+    torch.manual_seed(0)
+    inputs = tiny_inputs(family, batch=1)
+    from safetensors.torch import save_file
+
+    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    script = tmp_path / "load.py"
+    script.write_text(LOADER)
+    subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "inputs.safetensors"),
+                    str(tmp_path / "logits.safetensors")], check=True, capture_output=True, cwd=tmp_path)
+    from safetensors.torch import load_file
+
+    theirs = load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    with torch.no_grad():
+        ours = model(**inputs).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+
+def test_targets_never_cross_components():
+    a = get_adapter(SimpleNamespace(model_type="llava"))
+    pat = target_pattern(a, "model.language_model.layers.0.self_attn.q_proj")
+    import re
+
+    rx = pat.removeprefix("re:")
+    assert re.match(rx, "model.language_model.layers.0.self_attn.q_proj")  # transformers 5.x
+    assert re.match(rx, "language_model.model.layers.0.self_attn.q_proj")  # vLLM / hub legacy
+    assert not re.match(rx, "model.vision_tower.encoder.layers.0.self_attn.q_proj")
+    assert not re.match(rx, "model.language_model.layers.10.self_attn.q_proj")
+
+
+def test_refuses_to_overwrite(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_dir_atomic(tmp_path / "x", lambda d: None)
+    assert (tmp_path / "x").is_dir()
+
+
+def test_asymmetric_is_refused_with_module_names(tmp_path):
+    from tests.conftest import tiny_llava
+
+    model = tiny_llava()
+    adapter = get_adapter(model)
+    name, mod = next(adapter.iter_linears(model, Component.DECODER))
+    results = {name: rtn_result(mod.weight.data, 4, 32, False)}
+    loaded = LoadedModel(model, None, adapter, "llava")
+    with pytest.raises(ValueError, match=r"asymmetric.*q_proj"):
+        write_dir_atomic(tmp_path / "ckpt", lambda d: write_compressed_tensors(loaded, results, d))
+    assert not (tmp_path / "ckpt").exists()
