@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-from safetensors.torch import save_file
 from torch import nn
 
+from quantlab.export.io import dense_tensors, write_model_dir
 from quantlab.models.adapter import Adapter
 from quantlab.models.load import LoadedModel
 
@@ -95,37 +95,12 @@ def quantization_config(adapter: Adapter, results: Mapping[str, object], linears
     return {"quant_method": "compressed-tensors", **cfg.model_dump(mode="json", exclude_none=False)}
 
 
-def state_dict_for_export(loaded: LoadedModel, results: Mapping[str, object], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, hub-legacy names, quantized Linears packed."""
-    model, adapter = loaded.model, loaded.adapter
-    tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        module_name, _, leaf = name.rpartition(".")
-        if module_name in results and leaf == "weight":
-            continue
-        if tied and name == f"{adapter.lm_head}.weight":
-            continue
-        tensors[adapter.legacy_name(name)] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
-    for name, r in results.items():
-        tensors.update(packed_tensors(r, adapter.legacy_name(name), dtype))
-    return tensors
-
-
 def write_compressed_tensors(loaded: LoadedModel, results: Mapping[str, object], out: Path,
                              dtype: torch.dtype = torch.float16) -> None:
     """Write model tensors, ``config.json`` with ``quantization_config``, processor and generation config."""
-    model, adapter = loaded.model, loaded.adapter
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    save_file(state_dict_for_export(loaded, results, dtype), str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    config = model.config.to_dict()
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config["quantization_config"] = quantization_config(adapter, results, linears)
-    from quantlab.export.io import write_json
-
-    write_json(out / "config.json", config)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(out)
-    if loaded.processor is not None:
-        loaded.processor.save_pretrained(out)
+    linears = [n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)]
+    qcfg = quantization_config(loaded.adapter, results, linears)  # validates before anything is written
+    tensors = dense_tensors(loaded, set(results), dtype)
+    for name, r in results.items():
+        tensors.update(packed_tensors(r, loaded.adapter.legacy_name(name), dtype))
+    write_model_dir(loaded, tensors, qcfg, out, dtype)

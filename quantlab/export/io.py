@@ -39,3 +39,34 @@ def write_dir_atomic(out_dir: str | Path, build: Callable[[Path], None], *, over
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def dense_tensors(loaded, quantized: set[str], dtype) -> dict:
+    """Every checkpoint tensor except the weights of ``quantized`` Linears, under hub-legacy names.
+
+    Floating tensors are cast to ``dtype``; a head tied to the embeddings is written once (as the embedding).
+    """
+    model, adapter = loaded.model, loaded.adapter
+    tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+    tensors = {}
+    for name, t in model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        if (module_name in quantized and leaf == "weight") or (tied and name == f"{adapter.lm_head}.weight"):
+            continue
+        tensors[adapter.legacy_name(name)] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    return tensors
+
+
+def write_model_dir(loaded, tensors: dict, quantization_config: dict, out: Path, dtype) -> None:
+    """model.safetensors + config.json (with ``quantization_config``) + generation config + processor."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = loaded.model.config.to_dict()
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["quantization_config"] = quantization_config
+    write_json(out / "config.json", config)
+    if getattr(loaded.model, "generation_config", None) is not None:
+        loaded.model.generation_config.save_pretrained(out)
+    if loaded.processor is not None:
+        loaded.processor.save_pretrained(out)

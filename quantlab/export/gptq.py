@@ -1,0 +1,104 @@
+"""Export to the GPTQ v1 checkpoint format (``sym=True``, ``desc_act=False``).
+
+Per quantized Linear (``shared/reference/formats.md`` §2.1): ``qweight`` int32 ``[in*b/32, out]``,
+``qzeros`` int32 ``[groups, out*b/32]`` holding ``z - 1`` (v1), ``scales`` fp16 ``[groups, out]``,
+``g_idx`` int32 ``[in]``. Packing is the dense little-endian bitstream (the "10-1-10-1-10" 3-bit layout
+is the same stream), i.e. compressed-tensors' packing transposed.
+
+A uniform plan loads through transformers + optimum + gptqmodel. A mixed plan writes GPTQModel's
+``dynamic`` rules with explicit ``+:``/``-:`` prefixes (GPTQModel and vLLM honour them; optimum, hence
+transformers, applies one global scheme and cannot load mixed-bit GPTQ).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from torch import nn
+
+from quantlab.export.io import dense_tensors, write_json, write_model_dir
+from quantlab.models.load import LoadedModel
+
+FORMAT = "gptq"
+GPTQ_BITS = (2, 3, 4, 8)
+
+
+def _pack_unsigned(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Dense bitstream along dim 1 of unsigned ``values`` in ``[0, 2^bits)``."""
+    return pack_to_int32((values.to(torch.int32) - (1 << (bits - 1))).to(torch.int8), bits)
+
+
+def check_result(name: str, r) -> None:
+    """Refuse what GPTQ v1 cannot hold, naming the module and the reason."""
+    out, cols = r.codes.shape
+    reasons = []
+    if r.bits not in GPTQ_BITS:
+        reasons.append(f"bits={r.bits} (GPTQ takes {GPTQ_BITS})")
+    if not r.sym:
+        reasons.append("asymmetric (v1 cannot store zero point 0; use sym=True)")
+    if cols % 32 or out % 32:
+        reasons.append(f"shape {out}x{cols} (packing needs in % 32 == 0 and out % 32 == 0)")
+    if reasons:
+        raise ValueError(f"gptq export: {name}: " + "; ".join(reasons))
+
+
+def gptq_tensors(r, prefix: str) -> dict[str, torch.Tensor]:
+    """qweight / qzeros / scales / g_idx for one quantized Linear."""
+    out, cols = r.codes.shape
+    groups = r.scales.shape[1]
+    g = cols if r.group_size == -1 else r.group_size
+    g_idx = r.g_idx.to(torch.int32) if r.g_idx is not None else (torch.arange(cols) // g).to(torch.int32)
+    zeros = torch.full((groups, out), 1 << (r.bits - 1), dtype=torch.int32)  # symmetric: z = 2^(b-1)
+    return {
+        f"{prefix}.qweight": _pack_unsigned(r.codes, r.bits).T.contiguous(),
+        f"{prefix}.qzeros": _pack_unsigned(zeros - 1, r.bits),  # v1 stores z - 1
+        f"{prefix}.scales": r.scales.T.to(torch.float16).contiguous(),
+        f"{prefix}.g_idx": g_idx.contiguous(),
+    }
+
+
+def _module_regex(name: str) -> str:
+    """A pattern matching a decoder module in transformers', GPTQModel's and vLLM's naming."""
+    m = re.search(r"layers\.(\d+)\.(.+)$", name)
+    if not m:
+        return ".*" + re.escape(name) + ".*"
+    return rf".*layers\.{m.group(1)}\.{re.escape(m.group(2))}.*"
+
+
+def gptq_config(results: Mapping[str, object], linears: list[str], component_of) -> dict:
+    """``quantization_config``: the most common scheme globally, ``dynamic`` overrides for the others."""
+    schemes = Counter((r.bits, r.group_size) for r in results.values())
+    (bits, group), _ = schemes.most_common(1)[0]
+    dynamic: dict[str, dict] = {"-:.*(visual|vision_tower|multi_modal_projector).*": {}, "-:.*lm_head.*": {}}
+    for name in linears:
+        if name not in results and component_of(name).value == "decoder":
+            dynamic[f"-:{_module_regex(name)}"] = {}
+    for name, r in results.items():
+        if (r.bits, r.group_size) != (bits, group):
+            dynamic[f"+:{_module_regex(name)}"] = {"bits": r.bits, "group_size": r.group_size}
+    cfg = {"bits": bits, "group_size": group, "desc_act": False, "sym": True, "lm_head": False,
+           "quant_method": "gptq", "method": "gptq", "format": "gptq", "checkpoint_format": "gptq",
+           "pack_dtype": "int32", "true_sequential": True,
+           "meta": {"quantizer": ["quantlab"], "static_groups": False, "true_sequential": True}}
+    if len(dynamic) > 2 or any(k.startswith("+:") for k in dynamic):
+        cfg["dynamic"] = dynamic
+    return cfg
+
+
+def write_gptq(loaded: LoadedModel, results: Mapping[str, object], out: Path,
+               dtype: torch.dtype = torch.float16) -> None:
+    """Write a GPTQ v1 checkpoint (tensors, config.json + quantize_config.json, processor)."""
+    for name, r in results.items():
+        check_result(name, r)
+    linears = [n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)]
+    qcfg = gptq_config(results, linears, loaded.adapter.component_of)
+    tensors = dense_tensors(loaded, set(results), dtype)
+    for name, r in results.items():
+        tensors.update(gptq_tensors(r, loaded.adapter.legacy_name(name)))
+    write_model_dir(loaded, tensors, qcfg, out, dtype)
+    write_json(out / "quantize_config.json", qcfg)
