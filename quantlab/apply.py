@@ -10,7 +10,8 @@ The quantized block's outputs feed the next block.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -66,11 +67,25 @@ class _HessianHook:
         self.n += k
 
 
+def as_stored(result, dtype: torch.dtype = torch.float16):
+    """The result with its scales (and BiLLM means) rounded to the dtype checkpoints store them in.
+
+    The fake-quant weight is recomputed from the rounded values, so the in-memory model equals what a
+    loader rebuilds from the exported checkpoint.
+    """
+    changes = {"scales": result.scales.to(dtype).to(result.scales.dtype)}
+    if "means" in result.extra:
+        means = result.extra["means"]
+        changes["extra"] = {**result.extra, "means": means.to(dtype).to(means.dtype)}
+    rounded = dataclasses.replace(result, **changes)
+    return dataclasses.replace(rounded, dequantized=rounded.dequantize())
+
+
 def _quantize_module(name: str, module: nn.Linear, scheme: QuantScheme, hessian: torch.Tensor | None):
     from quantlab.quant import quantize_weight
 
     check_shape(name, module, scheme)
-    result = quantize_weight(module.weight.data, scheme, hessian=hessian)
+    result = as_stored(quantize_weight(module.weight.data, scheme, hessian=hessian))
     module.weight.data.copy_(result.dequantized)
     return result
 
@@ -83,11 +98,16 @@ def quantize(
     *,
     weights: WeightSource | None = None,
     progress: bool = True,
+    load_block: Callable[[int], Mapping[str, object] | None] | None = None,
+    save_block: Callable[[int, Mapping[str, object]], None] | None = None,
 ) -> dict[str, object]:
     """Quantize ``loaded.model`` in place by ``plan`` (module name -> scheme, None = keep).
 
     Decoder Linears are calibrated block by block on the outputs of the already-quantized blocks.
     Planned Linears outside the decoder (vision tower, projector, head) accept data-free backends only.
+
+    ``load_block(i)`` may return the saved results of block ``i`` (resume): they are written into the
+    block instead of quantizing it again; ``save_block(i, results)`` is called after each block.
 
     Returns:
         module name -> QuantResult (codes, scales, zeros, g_idx, bits per weight, relative output error).
@@ -109,6 +129,12 @@ def quantize(
     def stage(index: int, block: nn.Module, run) -> list[torch.Tensor]:
         prefix = f"{adapter.decoder_blocks}.{index}."
         names = [prefix + n for n, m in block.named_modules() if isinstance(m, nn.Linear) and prefix + n in planned]
+        saved = load_block(index) if load_block is not None else None
+        if saved is not None:
+            for n in names:
+                modules[n].weight.data.copy_(saved[n].dequantized)
+                results[n] = saved[n]
+            return run()
         for step in sequential_steps(names, adapter.fused_groups):
             hooks = {n: _HessianHook(modules[n]) for n in step}
             try:
@@ -118,6 +144,8 @@ def quantize(
                     h.handle.remove()
             for n in step:
                 results[n] = _quantize_module(n, modules[n], planned[n], hooks[n].h)
+        if save_block is not None:
+            save_block(index, {n: results[n] for n in names})
         return run()
 
     n_blocks = len(adapter.blocks(model))

@@ -1,0 +1,147 @@
+"""From calibration statistics and a recipe's ``plan`` section to a :class:`Plan` (the plan.yaml artifact).
+
+| planner | needs                                      | k / budget from                                       |
+|---------|--------------------------------------------|-------------------------------------------------------|
+| uniform | ``scheme``                                 | -                                                     |
+| luq     | block entropies, ``low``, ``high``         | ``k``, or the smallest k meeting ``target_avg_bits`` (nominal) / ``budget_gb`` |
+| budget  | Hessians, ``candidates``, calibration data | ``budget_gb`` (whole model) or ``budget_bytes``, or ``target_avg_bits`` (exact stored bits of the decoder Linears) |
+
+Pin rules from the recipe are applied first and never overridden. Only decoder Linears are planned by
+luq and budget; everything else is kept unless a rule says otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from quantlab.calib.executor import CalibSample
+from quantlab.models.adapter import Component
+from quantlab.models.load import LoadedModel
+from quantlab.plan import planners
+from quantlab.plan.cost import linear_bytes, model_size, nominal_bits
+from quantlab.plan.plan import Plan, apply_rules
+from quantlab.plan.sensitivity import measure_damage, units_of
+from quantlab.quant.scheme import QuantScheme
+from quantlab.recipe import PlanSpec
+
+
+def plan_format(schemes: Sequence[QuantScheme | None], requested: str) -> str:
+    """The export format a plan's byte counts assume: ``auto`` picks native only when BiLLM is present."""
+    if requested != "auto":
+        return requested
+    return "native" if any(s is not None and s.backend == "billm" for s in schemes) else "compressed-tensors"
+
+
+def _linears(loaded: LoadedModel) -> dict[str, nn.Linear]:
+    return {n: m for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _bytes(mod: nn.Linear, scheme: QuantScheme | None, fmt: str) -> int:
+    return linear_bytes(mod.out_features, mod.in_features, scheme, fmt, bias=mod.bias is not None,
+                        dtype_bytes=2)
+
+
+def make_plan(loaded: LoadedModel, stats, spec: PlanSpec, *, export_format: str = "auto",
+              samples: Sequence[CalibSample] = (), budget_bytes: int | None = None, progress: bool = True) -> Plan:
+    """Run the recipe's planner. ``budget_bytes`` (whole model) overrides the recipe's budget."""
+    adapter = loaded.adapter
+    linears = _linears(loaded)
+    rules = [r.model_dump() for r in spec.rules]
+    pinned = apply_rules(list(linears), rules, adapter)
+    decoder = [n for n in linears if adapter.component_of(n) == Component.DECODER and n not in pinned]
+    blocks: dict[int, list[str]] = {}
+    for n in decoder:
+        blocks.setdefault(adapter.block_index(n), []).append(n)
+    info: dict[str, dict] = {}
+
+    if spec.planner == "uniform":
+        if spec.scheme is None:
+            raise ValueError("plan.planner 'uniform' needs plan.scheme")
+        layers = {n: spec.scheme for n in decoder}
+    elif spec.planner == "luq":
+        layers, info = _luq(loaded, stats, spec, blocks, linears, export_format, budget_bytes)
+    elif spec.planner == "budget":
+        layers, info = _budget(loaded, stats, spec, blocks, linears, export_format, samples, budget_bytes, progress)
+    else:  # pragma: no cover - PlanSpec validates the name
+        raise ValueError(f"unknown planner {spec.planner!r}")
+
+    full = {n: pinned.get(n, layers.get(n)) for n in linears}
+    fmt = plan_format(list(full.values()), export_format)
+    size = model_size(loaded.model, adapter, full, fmt, dtype_bytes=2)
+    return Plan(model=loaded.source, format=fmt, planner=spec.planner, layers=full,
+                predicted_bytes=size.total_bytes, info=info, budget_bytes=budget_bytes)
+
+
+def _fixed_bytes(loaded: LoadedModel, linears: dict[str, nn.Linear], planned: set[str], fmt: str) -> int:
+    """Bytes of everything the planner does not decide (non-Linear params + unplanned Linears), fp16."""
+    total = model_size(loaded.model, loaded.adapter, {}, fmt, dtype_bytes=2).total_bytes
+    return total - sum(_bytes(linears[n], None, fmt) for n in planned)
+
+
+def _luq(loaded, stats, spec: PlanSpec, blocks, linears, export_format, budget_bytes):
+    if spec.low is None or spec.high is None:
+        raise ValueError("plan.planner 'luq' needs plan.low and plan.high schemes")
+    entropy = stats.block_entropy(spec.entropy_modality, "kmeans")
+    entropy = {b: entropy[b] for b in blocks}
+    order = planners.luq_order(entropy)
+    fmt = plan_format([spec.low, spec.high], export_format)
+    if spec.k is not None:
+        k = spec.k
+    else:
+        budget = budget_bytes if budget_bytes is not None else (
+            int(spec.budget_gb * 1e9) if spec.budget_gb is not None else None)
+        planned = {n for ns in blocks.values() for n in ns}
+        k = planners.k_for_budget(
+            order,
+            {b: sum(_bytes(linears[n], spec.low, fmt) for n in ns) for b, ns in blocks.items()},
+            {b: sum(_bytes(linears[n], spec.high, fmt) for n in ns) for b, ns in blocks.items()},
+            fixed_bytes=_fixed_bytes(loaded, linears, planned, fmt), budget_bytes=budget,
+            block_numel={b: sum(linears[n].weight.numel() for n in ns) for b, ns in blocks.items()},
+            low=spec.low, high=spec.high, target_bits=spec.target_avg_bits)
+    layers = planners.luq(entropy, k, spec.low, spec.high, blocks)
+    lows = set(order[:k])
+    info = {f"block.{b}": {"entropy_bits": round(entropy[b], 6), "rank": order.index(b),
+                           "scheme": (spec.low if b in lows else spec.high).label()} for b in sorted(blocks)}
+    info["luq"] = {"k": k, "order": order, "modality": spec.entropy_modality,
+                   "nominal_avg_bits": round(_nominal(layers, linears), 4)}
+    return layers, info
+
+
+def _nominal(layers: dict[str, QuantScheme], linears) -> float:
+    num = sum(nominal_bits(s) * linears[n].weight.numel() for n, s in layers.items())
+    return num / max(1, sum(linears[n].weight.numel() for n in layers))
+
+
+def _budget(loaded, stats, spec: PlanSpec, blocks, linears, export_format, samples, budget_bytes, progress):
+    if not spec.candidates:
+        raise ValueError("plan.planner 'budget' needs plan.candidates")
+    if not samples:
+        raise ValueError("plan.planner 'budget' measures sensitivity on calibration samples; none given")
+    needs_h = [c.label() for c in spec.candidates if c.backend in ("gptq", "billm")]
+    if needs_h and not stats.hessians:
+        raise ValueError(f"candidates {needs_h} need Hessians: calibrate with stats.hessians: true")
+    fmt = plan_format(spec.candidates, export_format)
+    names = [n for ns in blocks.values() for n in ns]
+    units = units_of(blocks, planners.fused_groups(names, loaded.adapter))
+    cost = {(u, c.label()): sum(_bytes(linears[n], c, fmt) for n in u) for u in units for c in spec.candidates}
+    fixed = _fixed_bytes(loaded, linears, set(names), fmt)
+    if budget_bytes is not None:
+        unit_budget = budget_bytes - fixed
+    elif spec.budget_gb is not None:
+        unit_budget = int(spec.budget_gb * 1e9) - fixed
+    elif spec.target_avg_bits is not None:
+        unit_budget = int(spec.target_avg_bits * sum(linears[n].weight.numel() for n in names) / 8)
+    else:
+        raise ValueError("plan.planner 'budget' needs plan.budget_gb or plan.target_avg_bits")
+    damage = measure_damage(loaded, samples, units, spec.candidates, stats.hessians, progress=progress)
+    by_label = {c.label(): c for c in spec.candidates}
+    sol = planners.budget(units, list(by_label), damage, cost, unit_budget)
+    layers = {n: by_label[sol.choice[u]] for u in units for n in u}
+    info = {u[0]: {
+        "unit": list(u), "choice": sol.choice[u],
+        "damage": {lab: round(damage[u, lab], 8) for lab in by_label},
+        "bytes": {lab: cost[u, lab] for lab in by_label}} for u in units}
+    info["budget"] = {"unit_budget_bytes": unit_budget, "objective": sol.objective, "unit_bytes": sol.total_bytes}
+    return layers, info

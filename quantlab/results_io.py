@@ -1,0 +1,71 @@
+"""Save and load quantization results (``{module: QuantResult}``) as safetensors + JSON metadata.
+
+Used for per-block checkpoints during quantization (resume after a kill) and by the native format.
+Tensors are stored as ``<module>|<field>`` and ``<module>|extra|<key>``; scalars go to the safetensors
+metadata as JSON. No pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from quantlab.quant.result import QuantResult
+
+_TENSOR_FIELDS = ("codes", "scales", "zeros", "g_idx", "dequantized")
+
+
+def results_to_tensors(results: Mapping[str, QuantResult], *, with_dequantized: bool = True
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Flatten results into a tensor dict and a per-module scalar dict."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for name, r in results.items():
+        for f in _TENSOR_FIELDS:
+            t = getattr(r, f)
+            if t is not None and (with_dequantized or f != "dequantized"):
+                tensors[f"{name}|{f}"] = t.contiguous()
+        for k, t in r.extra.items():
+            tensors[f"{name}|extra|{k}"] = t.contiguous()
+        scalars[name] = {f.name: getattr(r, f.name) for f in fields(r)
+                         if f.name not in _TENSOR_FIELDS and f.name != "extra"}
+        scalars[name]["dequantized_dtype"] = str(r.dequantized.dtype).removeprefix("torch.")
+    return tensors, scalars
+
+
+def save_results(path: str | Path, results: Mapping[str, QuantResult]) -> Path:
+    """Write results atomically (temp file + rename)."""
+    path = Path(path)
+    tensors, scalars = results_to_tensors(results)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"quantlab_results": json.dumps(scalars)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_results(path: str | Path) -> dict[str, QuantResult]:
+    """Read results written by :func:`save_results`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no quantization results here")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if "quantlab_results" not in meta:
+            raise ValueError(f"{path}: not a quantlab results file (no 'quantlab_results' metadata)")
+        scalars = json.loads(meta["quantlab_results"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    out = {}
+    for name, sc in scalars.items():
+        sc = dict(sc)
+        sc.pop("dequantized_dtype", None)
+        extra = {k.split("|", 2)[2]: t for k, t in tensors.items() if k.startswith(f"{name}|extra|")}
+        kw = {f: tensors.get(f"{name}|{f}") for f in _TENSOR_FIELDS}
+        out[name] = QuantResult(**sc, **kw, extra=extra)
+    return out

@@ -1,0 +1,83 @@
+"""Applying a plan block by block: fake-quant weights, stored-scale fidelity, resume, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantlab.apply import quantize, sequential_steps
+from quantlab.calib.executor import CalibSample
+from quantlab.models import Component, get_adapter
+from quantlab.models.load import LoadedModel
+from quantlab.quant.scheme import QuantScheme
+from quantlab.results_io import load_results, save_results
+from tests.conftest import IMG, TINY_BUILDERS, tiny_inputs
+
+
+def _setup(family="llava"):
+    model = TINY_BUILDERS[family]()
+    loaded = LoadedModel(model, None, get_adapter(model), family)
+    torch.manual_seed(3)
+    samples = []
+    for i in range(3):
+        x = tiny_inputs(family, batch=1)
+        samples.append(CalibSample(f"s{i}", x, x["input_ids"][0] == IMG))
+    return loaded, samples
+
+
+def _plan(loaded, scheme):
+    return {n: scheme for n, _ in loaded.adapter.iter_linears(loaded.model, Component.DECODER)}
+
+
+def test_sequential_steps_follow_fused_groups():
+    a = get_adapter(TINY_BUILDERS["llava"]())
+    p = "model.language_model.layers.0."
+    names = [p + s for s in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert sequential_steps(names, a.fused_groups) == [names[:3], [names[3]], names[4:6], [names[6]]]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_uniform_gptq_writes_fake_quant_weights(family):
+    loaded, samples = _setup(family)
+    before = {n: m.weight.detach().clone() for n, m in loaded.adapter.iter_linears(loaded.model)}
+    results = quantize(loaded, _plan(loaded, QuantScheme(backend="gptq", bits=4, group_size=32)), samples,
+                       progress=False)
+    assert set(results) == {n for n, _ in loaded.adapter.iter_linears(loaded.model, Component.DECODER)}
+    for n, m in loaded.adapter.iter_linears(loaded.model):
+        if n in results:
+            r = results[n]
+            assert torch.equal(m.weight, r.dequantized)
+            assert torch.equal(r.scales, r.scales.half().float())  # as stored in fp16 checkpoints
+            assert torch.equal(r.dequantize(), r.dequantized)
+            assert 0 <= r.error < 0.1
+        else:
+            assert torch.equal(m.weight, before[n])  # vision, projector, head untouched
+
+
+def test_resume_from_saved_blocks_is_bit_identical(tmp_path):
+    scheme = QuantScheme(backend="gptq", bits=3, group_size=32)
+    loaded, samples = _setup()
+    full = quantize(loaded, _plan(loaded, scheme), samples, progress=False,
+                    save_block=lambda i, r: save_results(tmp_path / f"block{i}.safetensors", r))
+    loaded2, _ = _setup()
+    # resume with block 0 done: its results are loaded, block 1 is quantized again
+    resumed = quantize(loaded2, _plan(loaded2, scheme), samples, progress=False,
+                       load_block=lambda i: load_results(tmp_path / f"block{i}.safetensors") if i == 0 else None)
+    for n in full:
+        assert torch.equal(full[n].codes, resumed[n].codes), n
+        assert torch.equal(full[n].dequantized, resumed[n].dequantized), n
+
+
+def test_refuses_group_size_that_does_not_divide():
+    loaded, samples = _setup()
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.down_proj.*in_features=128.*group_size=48"):
+        quantize(loaded, {"model.language_model.layers.0.mlp.down_proj": QuantScheme(backend="rtn", bits=4, group_size=48)},
+                 samples, progress=False)
+
+
+def test_gptq_outside_decoder_is_refused():
+    loaded, samples = _setup()
+    with pytest.raises(ValueError, match="multi_modal_projector.linear_1.*needs calibration data"):
+        quantize(loaded, {"model.multi_modal_projector.linear_1": QuantScheme(backend="gptq", bits=4, group_size=32)},
+                 samples, progress=False)
