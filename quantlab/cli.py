@@ -82,39 +82,107 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-@app.command()
-def calibrate(model: str, recipe: Optional[Path] = typer.Option(None), out: Optional[Path] = typer.Option(None)) -> None:
-    """Stream calibration samples block by block and write activation statistics."""
-    _not_built("calibrate", "Calibration")
+def _overrides(sets: list[str]) -> dict:
+    out = {}
+    for item in sets or []:
+        if "=" not in item:
+            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        import yaml
+
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 @app.command()
-def plan(stats: Path, recipe: Optional[Path] = typer.Option(None), out: Optional[Path] = typer.Option(None)) -> None:
-    """Choose a quantization scheme per layer under a memory budget."""
-    _not_built("plan", "Planner")
+def calibrate(
+    model: Annotated[str, typer.Argument(help="alias, checkpoint directory or hub id")],
+    recipe: Annotated[Path, typer.Option(help="recipe YAML (calibration + stats sections)")],
+    out: Annotated[Path, typer.Option(help="directory for the statistics artifact")],
+    overwrite: bool = typer.Option(False, help="replace an existing --out"),
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: a.b=value")] = None,
+) -> None:
+    """Stream calibration samples block by block and write activation statistics (+ entropy plot)."""
+    from quantlab.calib.data import build_calibration_set
+    from quantlab.calib.plot import plot_entropy
+    from quantlab.models import load_model
+    from quantlab.recipe import Recipe
+    from quantlab.stages import stats_options
+
+    r = Recipe.from_yaml(recipe, _overrides(set_))
+    if out.exists() and not overwrite:
+        console.print(f"[red]{out} exists; pass --overwrite to replace it[/]")
+        raise typer.Exit(code=1)
+    loaded = load_model(model)
+    cs = build_calibration_set(loaded, r.calibration)
+    from quantlab.calib.collect import calibrate as run_calibrate
+
+    stats = run_calibrate(loaded, cs, options=stats_options(r))
+    stats.save(out, overwrite=overwrite)
+    plot_entropy(stats, out / "entropy.png")
+    table = Table(title=f"{model}: per-block statistics ({cs.n_image} image+text, {cs.n_text} text-only samples)")
+    for col in ("block", "H image", "H text", "H all", "variance", "kurtosis", "outliers"):
+        table.add_column(col, justify="right")
+    for row in stats.table():
+        f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        table.add_row(str(row["block"]), f(row["H_image"]), f(row["H_text"]), f(row["H_all"]),
+                      f(row.get("variance")), f(row.get("kurtosis")), f(row.get("outliers")))
+    console.print(table)
+    console.print(f"wrote {out} (stats.safetensors, summary.json, entropy.png)")
 
 
 @app.command()
 def quantize(
-    model: str,
-    recipe: Optional[Path] = typer.Option(None),
-    out: Optional[Path] = typer.Option(None),
-    overwrite: bool = typer.Option(False),
+    model: Annotated[str, typer.Argument(help="alias, checkpoint directory or hub id")],
+    recipe: Annotated[Path, typer.Option(help="recipe YAML")],
+    out: Annotated[Path, typer.Option(help="run directory (created, or resumed if it holds this run)")],
+    overwrite: bool = typer.Option(False, help="start over in --out instead of resuming"),
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: a.b=value")] = None,
+    push_to_hub: Annotated[Optional[str], typer.Option(help="ORG/NAME to upload the exported model to")] = None,
 ) -> None:
-    """Run calibrate -> plan -> quantize -> export -> evaluate -> report."""
-    _not_built("quantize", "End to end")
+    """Run calibrate -> plan -> quantize -> export -> eval -> report in a run directory."""
+    from quantlab.pipeline import run_all
+
+    summary = run_all(model, recipe, out, overwrite=overwrite, overrides=_overrides(set_),
+                      say=lambda m: console.print(f"[bold cyan]{m}[/]"))
+    console.print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+    if "eval" in summary:
+        e = summary["eval"]
+        console.print(f"accuracy: baseline {e['baseline']['accuracy']:.3f}  quantized {e['quantized']['accuracy']:.3f}")
+    if push_to_hub:
+        _not_built("quantize --push-to-hub", "Export")
+
+
+def _stage_on_run(run_dir: Path, stop_after: str) -> None:
+    from quantlab.pipeline import run_all
+
+    state = run_dir / "state.json"
+    if not state.is_file():
+        console.print(f"[red]{run_dir} is not a quantlab run directory (no state.json); "
+                      "start one with `quantlab quantize MODEL --recipe R --out DIR`[/]")
+        raise typer.Exit(code=1)
+    model = json.loads(state.read_text())["_model"]
+    summary = run_all(model, run_dir / "recipe.yaml", run_dir, stop_after=stop_after,
+                      say=lambda m: console.print(f"[bold cyan]{m}[/]"))
+    console.print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
 
 
 @app.command()
-def export(run_dir: Path, format: str = typer.Option("compressed-tensors")) -> None:
-    """Write a quantized model in a format third-party loaders open."""
-    _not_built("export", "Export")
+def plan(run_dir: Annotated[Path, typer.Argument(help="run directory")]) -> None:
+    """(Re)make RUN/plan.yaml, running calibration first if it is missing or stale."""
+    _stage_on_run(run_dir, "plan")
 
 
 @app.command()
-def report(run_dir: Path) -> None:
-    """Summarise a run: memory, accuracy, baseline vs quantized."""
-    _not_built("report", "Evaluation")
+def export(run_dir: Annotated[Path, typer.Argument(help="run directory")]) -> None:
+    """Quantize (resuming) and export RUN/model in the recipe's format."""
+    _stage_on_run(run_dir, "export")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="run directory")]) -> None:
+    """Evaluate baseline vs quantized and write RUN/report.{md,json}."""
+    _stage_on_run(run_dir, None)
 
 
 def main() -> None:

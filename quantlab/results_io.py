@@ -7,6 +7,7 @@ metadata as JSON. No pickle.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -55,17 +56,31 @@ def load_results(path: str | Path) -> dict[str, QuantResult]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no quantization results here")
+    tensors, scalars = read_results_file(path)
+    return results_from_tensors(tensors, scalars)
+
+
+def read_results_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Tensors and scalars of a results file (safetensors with ``quantlab_results`` metadata)."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if "quantlab_results" not in meta:
             raise ValueError(f"{path}: not a quantlab results file (no 'quantlab_results' metadata)")
-        scalars = json.loads(meta["quantlab_results"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta["quantlab_results"])
+
+
+def results_from_tensors(tensors: Mapping[str, torch.Tensor], scalars: Mapping[str, dict]) -> dict[str, QuantResult]:
+    """Rebuild results; when ``dequantized`` was not stored it is recomputed from the codes."""
     out = {}
     for name, sc in scalars.items():
         sc = dict(sc)
-        sc.pop("dequantized_dtype", None)
+        dtype = getattr(torch, sc.pop("dequantized_dtype", "float32"))
         extra = {k.split("|", 2)[2]: t for k, t in tensors.items() if k.startswith(f"{name}|extra|")}
         kw = {f: tensors.get(f"{name}|{f}") for f in _TENSOR_FIELDS}
-        out[name] = QuantResult(**sc, **kw, extra=extra)
+        if kw["dequantized"] is None:
+            kw["dequantized"] = torch.empty(tuple(kw["codes"].shape), dtype=dtype)
+            r = QuantResult(**sc, **kw, extra=extra)
+            out[name] = dataclasses.replace(r, dequantized=r.dequantize())
+        else:
+            out[name] = QuantResult(**sc, **kw, extra=extra)
     return out

@@ -40,6 +40,7 @@ class Batchable:
     cell_color: torch.Tensor  # (N, cells)
     cell_shape: torch.Tensor
     qtypes: list[str]
+    n_objects: torch.Tensor  # (N,) objects in each scene (for the curriculum)
 
 
 def prepare(processor, split: str, n: int, chunk: int = 512) -> Batchable:
@@ -75,7 +76,7 @@ def prepare(processor, split: str, n: int, chunk: int = 512) -> Batchable:
             shp.append(k)
     extra = {"image_grid_thw": torch.cat(grids)} if grids else {}
     return Batchable(ids, starts, torch.cat(pixels), extra, torch.stack(colors), torch.stack(shp),
-                     [s.question_type for s in samples])
+                     [s.question_type for s in samples], torch.tensor([len(s.objects) for s in samples]))
 
 
 class WordAlignedHead(nn.Module):
@@ -143,7 +144,7 @@ def first_token_accuracy(model, data: Batchable, pad_id: int, image_token_id: in
 
 
 def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_train: int, seed: int,
-          aux_weight: float, threads: int, eval_every: int) -> dict:
+          aux_weight: float, threads: int, eval_every: int, curriculum: float = 0.3) -> dict:
     """Train toy ``name`` and save it (fp16 safetensors + processor) to ``out``; returns the training log."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -176,8 +177,13 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     gen = torch.Generator().manual_seed(seed)
     model.train()
     log = []
+    # Curriculum: scenes with few objects first. With one object the decoder learns to read an object's
+    # colour/shape without having to find it; selecting among several objects is learnt on top of that.
+    pools = {m: (data.n_objects <= m).nonzero().flatten() for m in range(1, 5)}
+    ramp = max(1, int(curriculum * steps))
     for step in range(steps):
-        idx = torch.randint(0, n_train, (batch_size,), generator=gen)
+        pool = pools[min(4, 1 + (3 * step) // ramp)]
+        idx = pool[torch.randint(0, len(pool), (batch_size,), generator=gen)]
         batch = collate(data, idx, pad_id, image_token_id)
         out_ = model(**batch)
         feats = captured["features"].reshape(batch_size, -1, width)
@@ -204,7 +210,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     model.to(torch.float16).save_pretrained(out)
     processor.save_pretrained(out)
     info = {"toy": name, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "n_train": n_train,
-            "aux_weight": aux_weight, "threads": threads, "train_seconds": round(time.time() - t0, 1),
+            "aux_weight": aux_weight, "curriculum": curriculum, "threads": threads, "train_seconds": round(time.time() - t0, 1),
             "torch": torch.__version__, "log": log}
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -222,9 +228,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--aux-weight", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--curriculum", type=float, default=0.3, help="share of steps spent ramping 1 -> 4 objects")
     a = ap.parse_args(argv)
     train(a.toy, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_train=a.n_train, seed=a.seed,
-          aux_weight=a.aux_weight, threads=a.threads, eval_every=a.eval_every)
+          aux_weight=a.aux_weight, threads=a.threads, eval_every=a.eval_every,
+          curriculum=a.curriculum)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,196 @@
+"""The calibration artifact: per-block and per-Linear statistics by modality, saved as safetensors + JSON.
+
+On disk (a directory, written atomically: into a temporary sibling, then renamed):
+
+| file                | content                                                                                 |
+|---------------------|-----------------------------------------------------------------------------------------|
+| ``stats.safetensors`` | ``block/{i}/{modality}/{field}`` and ``linear/{name}/{modality}/{field}`` for the       |
+|                     | per-channel fields (``mean_sq``, ``mean_abs``, ``chan_absmax``, float32 ``(c,)``);        |
+|                     | ``hessian/{name}`` (float32 ``(in, in)``, plain sum ``Σ w_t x_t x_tᵀ``) when collected    |
+| ``summary.json``    | ``meta`` (model source, sample and token counts incl. image/text and skipped samples,    |
+|                     | options), ``blocks`` / ``linears`` scalars (``tokens``, entropies, variance, kurtosis,   |
+|                     | absmax, outlier share; NaN written as null), ``hessian_weight`` (``Σ w_t`` per Linear)   |
+
+``block/{i}`` is the LUQ tensor of decoder block ``i`` (``meta.luq_tensor`` says which one). Loading reads
+only these two files (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantlab.calib.stats import MODALITIES, TensorStats
+
+STATS_FILE = "stats.safetensors"
+SUMMARY_FILE = "summary.json"
+ENTROPY_KINDS = ("kmeans", "hist")
+
+
+def _json_float(v: Any) -> Any:
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def _scalars_to_json(st: TensorStats) -> dict[str, Any]:
+    return {k: _json_float(v) for k, v in st.scalars().items()}
+
+
+def _stats_from(scalars: dict[str, Any], tensors: dict[str, torch.Tensor]) -> TensorStats:
+    vals = {k: (float("nan") if v is None and k not in ("kmeans_entropy",) else v) for k, v in scalars.items()}
+    return TensorStats(**vals, **tensors)
+
+
+@dataclass
+class CalibrationStats:
+    """Statistics of one calibration pass.
+
+    Attributes:
+        blocks: ``{block index: {modality: TensorStats}}`` of each block's LUQ tensor.
+        linears: ``{Linear full name: {modality: TensorStats}}`` of each decoder Linear's input.
+        hessians: ``{Linear full name: Σ w_t x_t x_tᵀ}`` (float32) when collected.
+        hessian_weight: ``{Linear full name: Σ w_t}``.
+        meta: source, sample/token counts, options (see :func:`quantlab.calib.collect.calibrate`).
+    """
+
+    blocks: dict[int, dict[str, TensorStats]]
+    linears: dict[str, dict[str, TensorStats]] = field(default_factory=dict)
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)
+    hessian_weight: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_blocks(cls, blocks: dict, meta: dict[str, Any]) -> CalibrationStats:
+        """Gather :class:`~quantlab.calib.collect.BlockStats` (by index) into one artifact."""
+        out = cls({}, meta=dict(meta))
+        for i in sorted(blocks):
+            b = blocks[i]
+            out.blocks[i] = dict(b.luq)
+            out.linears.update(b.linears)
+            out.hessians.update(b.hessians)
+            out.hessian_weight.update(b.hessian_weight)
+        return out
+
+    # --- queries -------------------------------------------------------------------------------------
+
+    def block_entropy(self, modality: str = "all", kind: str = "kmeans") -> dict[int, float]:
+        """``{block: entropy in bits}`` of the LUQ tensor; ``kind`` is ``kmeans`` (LUQ) or ``hist``."""
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+        if kind not in ENTROPY_KINDS:
+            raise ValueError(f"unknown entropy kind {kind!r}; expected one of {ENTROPY_KINDS}")
+        attr = "kmeans_entropy" if kind == "kmeans" else "hist_entropy"
+        out = {i: getattr(per[modality], attr) for i, per in self.blocks.items() if modality in per}
+        out = {i: float(v) for i, v in out.items() if v is not None}
+        if not out:
+            raise ValueError(f"no {kind} entropy for modality {modality!r} (no such tokens, or entropy was off)")
+        return out
+
+    def block_linears(self) -> dict[int, list[str]]:
+        """Linear full names of each decoder block (for the planners)."""
+        prefix = self.meta.get("decoder_blocks", "")
+        out: dict[int, list[str]] = {i: [] for i in self.blocks}
+        for name in self.linears or self.hessians:
+            rest = name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
+            out.setdefault(int(rest.split(".")[0]), []).append(name)
+        return out
+
+    def mean_sq(self, name: str, modality: str = "all") -> torch.Tensor:
+        """Per input channel ``E[x²]`` of Linear ``name``."""
+        try:
+            return self.linears[name][modality].mean_sq
+        except KeyError as err:
+            raise KeyError(f"no statistics for {name!r} / {modality!r}") from err
+
+    def table(self, kind: str = "kmeans") -> list[dict[str, Any]]:
+        """One row per block: entropies by modality, then the "all" scalars of the LUQ tensor."""
+        attr = "kmeans_entropy" if kind == "kmeans" else "hist_entropy"
+        rows = []
+        for i in sorted(self.blocks):
+            per = self.blocks[i]
+            row: dict[str, Any] = {"block": i}
+            for m in MODALITIES:
+                row[f"H_{m}"] = getattr(per[m], attr) if m in per else None
+            a = per.get("all")
+            if a is not None:
+                row.update(hist_all=a.hist_entropy, variance=a.variance, kurtosis=a.kurtosis, absmax=a.absmax,
+                           outliers=a.outlier_share, tokens=a.tokens)
+            rows.append(row)
+        return rows
+
+    # --- persistence ---------------------------------------------------------------------------------
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, per in self.blocks.items():
+            for m, st in per.items():
+                out.update({f"block/{i}/{m}/{k}": t.contiguous() for k, t in st.tensors().items()})
+        for name, per in self.linears.items():
+            for m, st in per.items():
+                out.update({f"linear/{name}/{m}/{k}": t.contiguous() for k, t in st.tensors().items()})
+        for name, h in self.hessians.items():
+            out[f"hessian/{name}"] = h.contiguous()
+        return out
+
+    def _summary(self) -> dict[str, Any]:
+        return {
+            "meta": self.meta,
+            "blocks": {str(i): {m: _scalars_to_json(st) for m, st in per.items()} for i, per in self.blocks.items()},
+            "linears": {n: {m: _scalars_to_json(st) for m, st in per.items()} for n, per in self.linears.items()},
+            "hessian_weight": self.hessian_weight,
+        }
+
+    def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``stats.safetensors`` + ``summary.json`` into ``directory`` atomically.
+
+        Raises:
+            FileExistsError: ``directory`` exists and ``overwrite`` is False.
+        """
+        directory = Path(directory)
+        if directory.exists() and not overwrite:
+            raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            save_file(self._tensors(), str(tmp / STATS_FILE))
+            (tmp / SUMMARY_FILE).write_text(json.dumps(self._summary(), indent=1, allow_nan=False) + "\n")
+            if directory.exists():
+                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+                directory.rename(old)
+                tmp.rename(directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CalibrationStats:
+        """Read an artifact written by :meth:`save` (safetensors + JSON only)."""
+        directory = Path(directory)
+        for f in (STATS_FILE, SUMMARY_FILE):
+            if not (directory / f).is_file():
+                raise FileNotFoundError(f"{directory}: missing {f} (not a calibration artifact)")
+        tensors = load_file(str(directory / STATS_FILE))
+        summary = json.loads((directory / SUMMARY_FILE).read_text())
+
+        def fields(prefix: str) -> dict[str, torch.Tensor]:
+            return {k: tensors[f"{prefix}/{k}"] for k in TensorStats.TENSORS}
+
+        blocks = {int(i): {m: _stats_from(sc, fields(f"block/{i}/{m}")) for m, sc in per.items()}
+                  for i, per in summary["blocks"].items()}
+        linears = {n: {m: _stats_from(sc, fields(f"linear/{n}/{m}")) for m, sc in per.items()}
+                   for n, per in summary["linears"].items()}
+        hweight = dict(summary.get("hessian_weight", {}))
+        hessians = {n: tensors[f"hessian/{n}"] for n in hweight}  # in the order they were collected
+        return cls(blocks, linears, hessians, hweight, summary["meta"])

@@ -1,0 +1,417 @@
+"""The calibration pass: per decoder block, activation statistics split by modality, and LUQ's entropy.
+
+:class:`StatsCollector` is a :func:`~quantlab.calib.executor.stream_decoder` stage. For each block it
+
+1. hooks every ``nn.Linear`` inside the block (its **input** activations) and the LUQ tensor;
+2. calls ``run()`` once (every sample through the block) and returns the outputs unchanged;
+3. splits every sample's tokens by its ``image_mask`` (padding dropped with ``attention_mask``):
+   image / text / all; text-only samples contribute to text and all;
+4. accumulates :class:`~quantlab.calib.stats.Moments` (exact sums), a bounded token reservoir, and
+   optionally the Hessian ``Σ w_t x_t x_tᵀ`` of each Linear;
+5. at the end of the block, once, runs k-means on the LUQ reservoir of each modality and stores a
+   :class:`BlockStats` in ``collector.blocks[index]``.
+
+The LUQ tensor (``CollectOptions.entropy_on``):
+
+| value                | tensor                                                  | note                                |
+|----------------------|---------------------------------------------------------|-------------------------------------|
+| ``block_input_norm`` | output of ``block.input_layernorm`` (default)           | the [CODE-D] reference hook: the    |
+|                      |                                                         | RMS-normalised residual stream      |
+|                      |                                                         | entering block i (= block i−1's     |
+|                      |                                                         | output, normalised)                 |
+| ``block_output``     | the block's output hidden state (what ``run()`` returns) | the paper's "output activation"    |
+
+Linears reading the same tensor (q/k/v, gate/up) share one computation per sample; each still gets its
+own entry. :func:`calibrate` runs the whole pass and returns a :class:`~quantlab.calib.artifact.CalibrationStats`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from quantlab.calib.executor import CalibSample, stream_decoder
+from quantlab.calib.kmeans import kmeans_entropy
+from quantlab.calib.stats import MODALITIES, Moments, TensorStats, TokenReservoir, hessian_update, summarize
+from quantlab.calib.weights import WeightSource
+from quantlab.models.load import LoadedModel
+
+log = logging.getLogger(__name__)
+
+EntropyOn = Literal["block_input_norm", "block_output"]
+ENTROPY_ON: tuple[str, ...] = ("block_input_norm", "block_output")
+NORM_NAME = "input_layernorm"  # the pre-attention norm of every supported decoder block
+
+
+@dataclass(frozen=True)
+class CollectOptions:
+    """What the calibration pass collects (all fields are written to ``summary.json``).
+
+    Attributes:
+        entropy: run LUQ's k-means entropy per block and modality.
+        entropy_on: which tensor is the LUQ tensor (module table).
+        entropy_k: k-means clusters (LUQ: 100).
+        max_tokens: reservoir size per modality for the LUQ tensor (k-means and histogram entropy).
+        kmeans_n_init, kmeans_max_iter, kmeans_tol: see :func:`quantlab.calib.kmeans.kmeans`.
+        linears: collect the statistics of every Linear's input.
+        linear_max_tokens: reservoir size per modality for a Linear input's histogram entropy.
+        hist_bins: histogram entropy bins.
+        outlier_ratio: a channel is massive when its max|x| exceeds this × the median channel max|x|.
+        entropy_modalities: which modalities get a k-means entropy (each costs one k-means per block).
+        flush_tokens: pending tokens per tensor before their sums are computed (bounds the extra memory:
+            about ``flush_tokens`` × the block's distinct Linear input widths, in the model dtype).
+        hessians: accumulate ``H = Σ w_t x_t x_tᵀ`` (float32, plain sum) for every Linear.
+        modality_weights: ``(image, text)`` token weights ``w_t`` of the Hessians.
+        seed: seeds the reservoirs and k-means.
+    """
+
+    entropy: bool = True
+    entropy_on: EntropyOn = "block_input_norm"
+    entropy_k: int = 100
+    max_tokens: int = 4096
+    kmeans_n_init: int = 1
+    kmeans_max_iter: int = 300
+    kmeans_tol: float = 1e-4
+    linears: bool = True
+    linear_max_tokens: int = 512
+    entropy_modalities: tuple[str, ...] = MODALITIES
+    flush_tokens: int = 2048
+    hist_bins: int = 256
+    outlier_ratio: float = 20.0
+    hessians: bool = False
+    modality_weights: tuple[float, float] = (1.0, 1.0)
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.entropy_on not in ENTROPY_ON:
+            raise ValueError(f"entropy_on={self.entropy_on!r}; expected one of {ENTROPY_ON}")
+        if isinstance(self.modality_weights, Mapping):
+            extra = set(self.modality_weights) - {"image", "text"}
+            if extra:
+                raise ValueError(f"modality_weights: unknown keys {sorted(extra)}; expected 'image', 'text'")
+            w = (self.modality_weights.get("image", 1.0), self.modality_weights.get("text", 1.0))
+            object.__setattr__(self, "modality_weights", w)
+        w = tuple(float(v) for v in self.modality_weights)
+        if len(w) != 2 or min(w) < 0:
+            raise ValueError(f"modality_weights must be two non-negative numbers (image, text), got {w}")
+        object.__setattr__(self, "modality_weights", w)
+        mods = tuple(self.entropy_modalities)
+        if not set(mods) <= set(MODALITIES):
+            raise ValueError(f"entropy_modalities={mods}; expected a subset of {MODALITIES}")
+        object.__setattr__(self, "entropy_modalities", mods)
+        if self.linear_max_tokens > self.max_tokens:
+            raise ValueError(f"linear_max_tokens ({self.linear_max_tokens}) must be <= max_tokens ({self.max_tokens})")
+        for name in ("flush_tokens", "entropy_k", "max_tokens", "kmeans_n_init", "kmeans_max_iter", "linear_max_tokens", "hist_bins"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["modality_weights"] = {"image": self.modality_weights[0], "text": self.modality_weights[1]}
+        d["entropy_modalities"] = list(self.entropy_modalities)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CollectOptions:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown calibration options {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class BlockStats:
+    """What one decoder block yielded: LUQ tensor and Linear inputs per modality, optional Hessians."""
+
+    index: int
+    luq: dict[str, TensorStats]  # modality -> stats (modalities without tokens are absent)
+    linears: dict[str, dict[str, TensorStats]] = field(default_factory=dict)  # full name -> modality -> stats
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)  # full name -> (in, in) float32 sum
+    hessian_weight: dict[str, float] = field(default_factory=dict)  # full name -> Σ w_t
+
+
+@dataclass
+class _Acc:
+    """Per-tensor accumulation inside one block: pending token rows, then exact sums and reservoir rows."""
+
+    pending: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (sample, (tokens, c)) not yet summed
+    pending_tokens: int = 0
+    moments: Moments | None = None
+    rows: list[torch.Tensor] = field(default_factory=list)  # reservoir rows, in (sample, position) order
+    hessian: torch.Tensor | None = None
+    weight_sum: float = 0.0
+
+
+def _valid_mask(sample: CalibSample) -> torch.Tensor:
+    seq = sample.image_mask.shape[-1]
+    am = sample.inputs.get("attention_mask")
+    if am is not None and am.shape[-1] == seq:
+        return am.reshape(-1, seq)[0].bool()
+    return torch.ones(seq, dtype=torch.bool)
+
+
+LUQ = "<luq>"  # source key of the LUQ tensor inside a block
+
+
+class StatsCollector:
+    """A ``stream_decoder`` stage collecting statistics; results land in ``self.blocks``.
+
+    Hooks only stash each sample's token rows (references, no copies); the sums are computed over
+    about ``options.flush_tokens`` tokens at a time, so the per-sample cost is a few Python calls.
+    """
+
+    def __init__(self, samples: Sequence[CalibSample], options: CollectOptions = CollectOptions(), *,
+                 prefix: str = ""):
+        self.options = options
+        self.prefix = prefix
+        self.valid = [_valid_mask(s) for s in samples]
+        self.all_valid = [bool(v.all()) for v in self.valid]
+        self.image = [s.image_mask.reshape(-1)[v].bool() for s, v in zip(samples, self.valid)]
+        self.luq_res = TokenReservoir(self.image, options.max_tokens, options.seed)
+        self.lin_res = TokenReservoir(self.image, options.linear_max_tokens, options.seed)
+        wi, wt = options.modality_weights
+        self.weight = [torch.where(m, wi, wt).float() for m in self.image]
+        self.blocks: dict[int, BlockStats] = {}
+
+    @property
+    def token_counts(self) -> dict[str, int]:
+        img = sum(int(m.sum()) for m in self.image)
+        total = sum(len(m) for m in self.image)
+        return {"image": img, "text": total - img, "all": total}
+
+    def tokens(self, s: int, x: torch.Tensor, where: str) -> torch.Tensor:
+        """Sample ``s``'s valid token rows ``(tokens, c)`` of a hooked ``(1, seq, c)`` tensor."""
+        h = x.detach().reshape(-1, x.shape[-1])  # (seq, c): batch of one
+        if h.shape[0] != len(self.valid[s]):
+            raise ValueError(f"{where}: {h.shape[0]} tokens but sample {s} has {len(self.valid[s])} positions")
+        return h if self.all_valid[s] else h[self.valid[s]]
+
+    def flush(self, acc: _Acc, res: TokenReservoir, hessian: bool) -> None:
+        """Sum the pending rows into ``acc`` (one set of tensor ops for many samples)."""
+        if not acc.pending:
+            return
+        ss = [s for s, _ in acc.pending]
+        x = torch.cat([h for _, h in acc.pending])  # (N, c)
+        offsets = torch.tensor([0] + [h.shape[0] for _, h in acc.pending]).cumsum(0)
+        pos = torch.cat([res.positions(s) + offsets[j] for j, s in enumerate(ss)])
+        acc.pending, acc.pending_tokens = [], 0
+        acc.rows.append(x[pos].float())
+        m = Moments.of(x, torch.cat([self.image[s] for s in ss]))
+        acc.moments = m if acc.moments is None else acc.moments.merge(m)
+        if hessian:
+            w = torch.cat([self.weight[s] for s in ss])
+            h = hessian_update(x, w)
+            acc.hessian = h if acc.hessian is None else acc.hessian.add_(h)
+            acc.weight_sum += float(w.double().sum())
+
+    def __call__(self, index: int, block: nn.Module, run: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        state = _BlockRun(self, index)
+        with state.hooks(block):
+            outs = run()
+        if self.options.entropy_on == "block_output":
+            for s, out in enumerate(outs):
+                state.push(LUQ, s, self.tokens(s, out, "block output"))
+                state.flush_full()
+        self.blocks[index] = state.finalize()
+        return outs
+
+
+class _BlockRun:
+    """Hook state of one block: current sample, per-source accumulators, Linears sharing an input.
+
+    A *source* is a distinct tensor: the LUQ tensor or a Linear's input. Linears whose input is the
+    same object as an earlier source in the same sample (q/k/v read the ``input_layernorm`` output, which
+    is also the default LUQ tensor; gate/up share theirs) are aliases and cost nothing extra.
+    """
+
+    def __init__(self, owner: StatsCollector, index: int):
+        self.owner, self.index = owner, index
+        self.sample = -1
+        self.sources: dict[str, _Acc] = {LUQ: _Acc()}
+        self.linears: list[str] = []
+        self.alias: dict[str, str] = {}  # Linear -> source key whose (identical) input it reads
+        self._last: tuple[torch.Tensor, str] | None = None
+
+    def reservoir(self, key: str) -> TokenReservoir:
+        return self.owner.luq_res if key == LUQ else self.owner.lin_res
+
+    def wants_hessian(self, key: str) -> bool:
+        if not self.owner.options.hessians:
+            return False
+        return key != LUQ or LUQ in self.alias.values()
+
+    def push(self, key: str, s: int, h: torch.Tensor) -> None:
+        acc = self.sources[key]
+        acc.pending.append((s, h))
+        acc.pending_tokens += h.shape[0]
+
+    def flush_full(self) -> None:
+        for key, acc in self.sources.items():
+            if acc.pending_tokens >= self.owner.options.flush_tokens:
+                self.owner.flush(acc, self.reservoir(key), self.wants_hessian(key))
+
+    @contextmanager
+    def hooks(self, block: nn.Module) -> Iterator[None]:
+        opts = self.owner.options
+        handles = [block.register_forward_pre_hook(self._next_sample)]
+        try:
+            if opts.entropy_on == "block_input_norm":
+                if not hasattr(block, NORM_NAME):
+                    raise ValueError(f"block {self.index} ({type(block).__name__}) has no {NORM_NAME!r}; "
+                                     "use entropy_on='block_output'")
+                handles.append(getattr(block, NORM_NAME).register_forward_hook(self._norm_hook))
+            if opts.linears or opts.hessians:
+                for name, mod in block.named_modules():
+                    if isinstance(mod, nn.Linear):
+                        full = f"{self.owner.prefix}.{self.index}.{name}" if self.owner.prefix else name
+                        self.linears.append(full)
+                        handles.append(mod.register_forward_hook(self._linear_hook(full)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._last = None
+
+    def _next_sample(self, module: nn.Module, args: Any) -> None:
+        self.flush_full()  # the previous sample is complete: its aliases are known
+        self.sample += 1
+        self._last = None
+
+    def _norm_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        self.push(LUQ, self.sample, self.owner.tokens(self.sample, out, NORM_NAME))
+        self._last = (out, LUQ)
+
+    def _linear_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0]
+            src = self._last[1] if self._last is not None and self._last[0] is x else None
+            if self.sample == 0 and src is not None:
+                self.alias[name] = src
+            if self.alias.get(name) != src:  # internal invariant: the same Linears share inputs in every sample
+                raise RuntimeError(f"{name}: input sharing differs between calibration samples")
+            if src is not None:
+                return
+            self.sources.setdefault(name, _Acc())
+            self.push(name, self.sample, self.owner.tokens(self.sample, x, name))
+            self._last = (x, name)
+        return hook
+
+    def _luq_stats(self) -> dict[str, TensorStats]:
+        opts, acc = self.owner.options, self.sources[LUQ]
+        out: dict[str, TensorStats] = {}
+        if acc.moments is None:
+            return out
+        for mod in MODALITIES:
+            rows = self.owner.luq_res.assemble(acc.rows, mod)
+            ent = None
+            if opts.entropy and len(rows) and mod in opts.entropy_modalities:
+                ent = kmeans_entropy(rows, opts.entropy_k, opts.seed, n_init=opts.kmeans_n_init,
+                                     max_tokens=len(rows), max_iter=opts.kmeans_max_iter, tol=opts.kmeans_tol)
+            st = summarize(acc.moments, mod, rows, bins=opts.hist_bins, outlier_ratio=opts.outlier_ratio,
+                           kmeans_entropy=ent)
+            if st is not None:
+                out[mod] = st
+        return out
+
+    def _linear_stats(self, key: str) -> dict[str, TensorStats]:
+        opts, acc = self.owner.options, self.sources[key]
+        per = {m: summarize(acc.moments, m, self.reservoir(key).assemble(acc.rows, m, opts.linear_max_tokens),
+                            bins=opts.hist_bins, outlier_ratio=opts.outlier_ratio) for m in MODALITIES}
+        return {m: st for m, st in per.items() if st is not None}
+
+    def finalize(self) -> BlockStats:
+        opts = self.owner.options
+        for key, acc in self.sources.items():
+            self.owner.flush(acc, self.reservoir(key), self.wants_hessian(key))
+        out = BlockStats(self.index, self._luq_stats())
+        done: dict[str, dict[str, TensorStats]] = {}
+        for name in self.linears:  # module order; a source's tensors go to its first Linear, copies to aliases
+            key = self.alias.get(name, name)
+            acc = self.sources.get(key)
+            if acc is None or acc.moments is None:
+                continue  # a Linear the block never called
+            first = key not in done
+            if first:
+                done[key] = self._linear_stats(key) if opts.linears else {}
+            if opts.linears:
+                out.linears[name] = done[key] if first else {m: _clone(st) for m, st in done[key].items()}
+            if acc.hessian is not None:
+                out.hessians[name] = acc.hessian if first else acc.hessian.clone()
+                out.hessian_weight[name] = acc.weight_sum
+        return out
+
+
+def _clone(st: TensorStats) -> TensorStats:
+    return dataclasses.replace(st, **{k: t.clone() for k, t in st.tensors().items()})
+
+
+@contextmanager
+def _progress_bar(enabled: bool, total: int, label: str) -> Iterator[Callable[[int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("ETA"), TimeRemainingColumn()) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda i: bar.update(task, advance=1, description=f"{label} (block {i + 1}/{total} done)")
+
+
+def calibrate(loaded: LoadedModel, samples: Sequence[CalibSample] | Any, *, options: CollectOptions | None = None,
+              weights: WeightSource | None = None, progress: bool = True,
+              skipped: Mapping[str, int] | None = None, **overrides: Any):
+    """Stream the decoder over ``samples`` and collect per-block statistics (one forward per block).
+
+    Args:
+        loaded: the model (in memory, or a meta skeleton from ``load_streaming`` with ``weights``).
+        samples: calibration samples, or a calibration set with ``.samples`` and ``.skipped``.
+        options: what to collect; keyword ``overrides`` replace single fields (e.g. ``hessians=True``).
+        weights: where block weights come from (``load_streaming``'s second value) or None (in memory).
+        progress: show a rich progress bar with ETA, one step per decoder block.
+        skipped: samples the data stage skipped, by reason (taken from ``samples.skipped`` if present).
+
+    Returns:
+        :class:`~quantlab.calib.artifact.CalibrationStats`.
+    """
+    from quantlab.calib.artifact import CalibrationStats
+
+    if hasattr(samples, "samples"):
+        skipped = dict(skipped or getattr(samples, "skipped", {}) or {})
+        samples = samples.samples
+    samples = list(samples)
+    opts = options or CollectOptions()
+    if overrides:
+        known = {f.name for f in dataclasses.fields(CollectOptions)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"calibrate: unknown options {sorted(unknown)}; valid: {sorted(known)}")
+        opts = dataclasses.replace(opts, **overrides)
+    adapter = loaded.adapter
+    collector = StatsCollector(samples, opts, prefix=adapter.decoder_blocks)
+    n_blocks = len(adapter.blocks(loaded.model))
+    with _progress_bar(progress, n_blocks, "calibrating") as advance:
+        stream_decoder(loaded, samples, collector, weights=weights, on_block_done=advance)
+    n_image = sum(s.has_image for s in samples)
+    meta = {
+        "source": loaded.source,
+        "model_type": getattr(loaded.config, "model_type", None),
+        "decoder_blocks": adapter.decoder_blocks,
+        "num_blocks": n_blocks,
+        "luq_tensor": opts.entropy_on,
+        "samples": {"total": len(samples), "image": n_image, "text": len(samples) - n_image,
+                    "skipped": int(sum((skipped or {}).values())), "skipped_by_reason": dict(skipped or {})},
+        "tokens": collector.token_counts,
+        "options": opts.to_dict(),
+    }
+    return CalibrationStats.from_blocks(collector.blocks, meta)

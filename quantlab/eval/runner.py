@@ -1,0 +1,354 @@
+"""Evaluate a loaded VLM on registered tasks: batched greedy generation, per-item scores, aggregates.
+
+Works the same for a base model, quantlab's in-memory quantized model and an exported checkpoint: all
+three are a :class:`~quantlab.models.load.LoadedModel`, and answers come from
+:func:`quantlab.eval.generate.generate_answers` (processor + chat template).
+
+Data layout under ``data_dir`` (one folder per task):
+
+| task        | files under ``data_dir``                                                              |
+|-------------|---------------------------------------------------------------------------------------|
+| shapes-vqa  | ``shapes-vqa/test/questions.jsonl`` + images; if absent, generated in memory (``limit`` |
+|             | items of the ``test`` split, default 500) so the toys evaluate with no files           |
+| pope        | ``pope/*.jsonl`` (or ``*.json``: POPE's files are JSON lines) + ``pope/images/``        |
+| mme         | ``mme/<subtask>/...`` (either released layout, see ``read_mme``)                        |
+| vqav2       | ``vqav2/questions.json``, ``vqav2/annotations.json``, ``vqav2/images/``                 |
+| textvqa     | ``textvqa/data.json``, ``textvqa/images/``                                              |
+| gqa         | ``gqa/questions.json``, ``gqa/images/``                                                 |
+| scienceqa   | ``scienceqa/problems.json`` (test split), ``scienceqa/images/``                         |
+
+All annotation files are read (and validated) before any generation, so a malformed file fails fast with
+its path and line. Images are opened lazily per batch and converted to RGB; a missing or undecodable image
+makes that item *failed* (recorded with its id and the error), never an exception. Scores are means over
+the items that were answered (``n - n_failed``); items without an image run in their own batches.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict
+
+from quantlab.data import shapes
+from quantlab.eval import metrics
+from quantlab.eval.generate import generate_answers
+from quantlab.eval.readers import (
+    EvalItem,
+    read_gqa,
+    read_mme,
+    read_pope,
+    read_scienceqa,
+    read_shapes_vqa,
+    read_textvqa,
+    read_vqav2,
+)
+from quantlab.eval.tasks import Task, format_prompt, get_task, score, seeded_subset
+from quantlab.models.load import LoadedModel
+from quantlab.progress import block_progress
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SHAPES_N = 500
+N_EXAMPLES = 8
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FailedItem(_Strict):
+    """An item that could not be run: its id, image path (if any) and the error text."""
+
+    id: str
+    image: str | None
+    error: str
+
+
+class TypeScore(_Strict):
+    """Mean score of the answered items of one question type."""
+
+    n: int
+    score: float
+
+
+class Example(_Strict):
+    """One prediction, for eyeballing."""
+
+    id: str
+    question_type: str | None
+    question: str
+    answers: list[str]
+    prediction: str
+    score: float
+
+
+class TaskResult(_Strict):
+    """One task's result. ``score`` is ``None`` when no item could be answered.
+
+    ``aggregates`` holds task-specific metrics: POPE ``accuracy/precision/recall/f1/yes_ratio`` (+
+    ``by_category``), MME ``perception/cognition/subtasks``, shapes-VQA ``exist`` (POPE metrics of the
+    yes/no existence questions).
+    """
+
+    task: str
+    source: str
+    n: int
+    n_failed: int
+    failed: list[FailedItem]
+    score: float | None
+    per_type: dict[str, TypeScore]
+    aggregates: dict[str, Any]
+    examples: list[Example]
+    seconds: float
+
+
+class EvalReport(_Strict):
+    """The result of :func:`evaluate`: settings and one :class:`TaskResult` per task."""
+
+    model: str
+    seed: int
+    limit: int | None
+    batch_size: int
+    max_new_tokens: int
+    tasks: dict[str, TaskResult]
+
+    def save_json(self, path: str | Path) -> Path:
+        """Write the report as JSON atomically (temporary sibling, then rename)."""
+        return atomic_write_bytes(path, (self.model_dump_json(indent=2) + "\n").encode())
+
+    @classmethod
+    def load_json(cls, path: str | Path) -> EvalReport:
+        """Read a report written by :meth:`save_json` (validated; unknown keys are an error)."""
+        return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --- data --------------------------------------------------------------------------------------------------
+
+
+def shapes_items(n: int, split: str = "test") -> list[EvalItem]:
+    """``n`` shapes-VQA items generated in memory; images are rendered lazily (``extra["render"]``)."""
+    return [EvalItem(s.id, None, s.question, (s.answer,), s.question_type, None,
+                     {"render": s.render, "caption": s.caption()})
+            for s in shapes.iter_samples(split, n)]
+
+
+def _pope_items(root: Path) -> Iterator[EvalItem]:
+    files = sorted(p for p in root.glob("*.json*") if p.suffix in (".json", ".jsonl"))
+    if not files:
+        raise FileNotFoundError(f"{root}: no POPE question files (*.jsonl / *.json)")
+    for f in files:
+        for item in read_pope(f, root / "images"):  # ids restart per file: prefix them when there are several
+            yield replace(item, id=f"{f.stem}/{item.id}" if len(files) > 1 else item.id,
+                          question_type=item.question_type or f.stem)
+
+
+_LAYOUTS: dict[str, Callable[[Path], Iterable[EvalItem]]] = {
+    "shapes-vqa": lambda d: read_shapes_vqa(d / "shapes-vqa" / "test"),
+    "pope": lambda d: _pope_items(d / "pope"),
+    "mme": lambda d: read_mme(d / "mme"),
+    "vqav2": lambda d: read_vqav2(d / "vqav2/questions.json", d / "vqav2/annotations.json", d / "vqav2/images"),
+    "textvqa": lambda d: read_textvqa(d / "textvqa/data.json", d / "textvqa/images"),
+    "gqa": lambda d: read_gqa(d / "gqa/questions.json", d / "gqa/images"),
+    "scienceqa": lambda d: read_scienceqa(d / "scienceqa/problems.json", d / "scienceqa/images", "test"),
+}
+
+
+def load_items(task: str, data_dir: Path | None, *, limit: int | None, seed: int = 0
+               ) -> tuple[list[EvalItem], str]:
+    """The (seeded-subset) items of ``task`` and a description of where they came from.
+
+    Raises:
+        KeyError: unknown task (naming the valid ones).
+        ValueError: no ``data_dir`` for a task that needs files; malformed annotations (file and line);
+            items without ground-truth answers.
+        FileNotFoundError: a missing annotation file or image folder.
+    """
+    get_task(task)
+    if task == "shapes-vqa" and (data_dir is None or not (Path(data_dir) / "shapes-vqa" / "test").is_dir()):
+        n = DEFAULT_SHAPES_N if limit is None else limit
+        return shapes_items(n), f"generated: shapes-vqa test split, items 0..{n - 1}"
+    if data_dir is None:
+        raise ValueError(f"task {task!r} reads files: pass data_dir (CLI: --data-dir)")
+    items = seeded_subset(_LAYOUTS[task](Path(data_dir)), limit, seed)
+    unanswered = [it.id for it in items if not it.answers]
+    if unanswered:
+        raise ValueError(f"task {task!r}: {len(unanswered)} item(s) have no ground-truth answers (a test split "
+                         f"without annotations?), e.g. {unanswered[:3]}")
+    return items, str(data_dir)
+
+
+def _has_image(item: EvalItem) -> bool:
+    return item.image is not None or "image_bytes" in item.extra or "render" in item.extra
+
+
+def open_image(item: EvalItem) -> Image.Image:
+    """The item's image, fully decoded and converted to RGB (raises on a missing or corrupt file)."""
+    if "render" in item.extra:
+        return item.extra["render"]().convert("RGB")
+    source = io.BytesIO(item.extra["image_bytes"]) if item.image is None else item.image
+    with Image.open(source) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def _try_open(item: EvalItem) -> tuple[Image.Image | None, FailedItem | None]:
+    try:
+        return open_image(item), None
+    except Exception as e:  # noqa: BLE001 - any unreadable image is a failed item, by contract
+        return None, FailedItem(id=item.id, image=None if item.image is None else str(item.image),
+                                error=f"{type(e).__name__}: {e}")
+
+
+# --- running -----------------------------------------------------------------------------------------------
+
+
+def _batches(items: Sequence[EvalItem], batch_size: int) -> Iterator[list[int]]:
+    """Index batches: items with an image first, then text-only items, never mixed."""
+    for group in ([i for i, it in enumerate(items) if _has_image(it)],
+                  [i for i, it in enumerate(items) if not _has_image(it)]):
+        for lo in range(0, len(group), batch_size):
+            yield group[lo:lo + batch_size]
+
+
+def predict(loaded: LoadedModel, task: Task, items: Sequence[EvalItem], *, batch_size: int,
+            max_new_tokens: int, advance: Callable[[int], None] = lambda _n: None
+            ) -> tuple[list[str | None], list[FailedItem]]:
+    """Greedy predictions (``None`` for failed items) and the failed items, in item order."""
+    preds: list[str | None] = [None] * len(items)
+    failed: dict[int, FailedItem] = {}
+    for batch in _batches(items, batch_size):
+        keep, images = [], []
+        for i in batch:
+            img, fail = _try_open(items[i]) if _has_image(items[i]) else (None, None)
+            if fail is not None:
+                failed[i] = fail
+                continue
+            keep.append(i)
+            images.append(img)
+        if keep:
+            answers = generate_answers(loaded, [format_prompt(task, items[i]) for i in keep], images,
+                                       batch_size=len(keep), max_new_tokens=max_new_tokens)
+            for i, a in zip(keep, answers):
+                preds[i] = a
+        for img in images:
+            if img is not None:
+                img.close()
+        advance(len(batch))
+    return preds, [failed[i] for i in sorted(failed)]
+
+
+def _pope_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = dict(metrics.pope_metrics(preds, [it.answers[0] for it in items]))
+    by_cat: dict[str, list[int]] = defaultdict(list)
+    for k, it in enumerate(items):
+        if it.question_type:
+            by_cat[it.question_type].append(k)
+    out["by_category"] = {c: metrics.pope_metrics([preds[k] for k in ks], [items[k].answers[0] for k in ks])
+                          for c, ks in sorted(by_cat.items())}
+    return out
+
+
+def _mme_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[str, Any]:
+    return metrics.mme_score({"subtask": it.extra["subtask"], "image_id": it.extra["image_id"], "prediction": p,
+                              "answer": it.answers[0]} for it, p in zip(items, preds))
+
+
+def _shapes_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[str, Any]:
+    exist = [(it.answers[0], p) for it, p in zip(items, preds) if it.question_type == "exist"]
+    return {"exist": metrics.pope_metrics([p for _, p in exist], [a for a, _ in exist])} if exist else {}
+
+
+AGGREGATES: dict[str, Callable[[Sequence[EvalItem], Sequence[str]], dict[str, Any]]] = {
+    "pope": _pope_aggregate,
+    "mme": _mme_aggregate,
+    "shapes-vqa": _shapes_aggregate,
+}
+
+
+def summarize(task: Task, items: Sequence[EvalItem], preds: Sequence[str | None], failed: list[FailedItem],
+              *, source: str, seconds: float = 0.0, n_examples: int = N_EXAMPLES) -> TaskResult:
+    """Score answered items and build the :class:`TaskResult` (pure: no model involved)."""
+    done = [(it, p) for it, p in zip(items, preds) if p is not None]
+    scores = [score(task, p, it) for it, p in done]
+    by_type: dict[str, list[float]] = defaultdict(list)
+    for (it, _), s in zip(done, scores):
+        if it.question_type is not None:
+            by_type[it.question_type].append(s)
+    aggregate = AGGREGATES.get(task.name)
+    aggregates = aggregate([it for it, _ in done], [p for _, p in done]) if aggregate and done else {}
+    examples = [Example(id=it.id, question_type=it.question_type, question=it.question, answers=list(it.answers),
+                        prediction=p, score=s) for (it, p), s in list(zip(done, scores))[:n_examples]]
+    return TaskResult(task=task.name, source=source, n=len(items), n_failed=len(failed), failed=failed,
+                      score=sum(scores) / len(scores) if scores else None,
+                      per_type={t: TypeScore(n=len(v), score=sum(v) / len(v)) for t, v in sorted(by_type.items())},
+                      aggregates=aggregates, examples=examples, seconds=round(seconds, 3))
+
+
+def _by_items(tick: Callable[[int], None]) -> Callable[[int], None]:
+    """Turn a one-step progress callback into one that advances by ``n`` items."""
+    def advance(n: int) -> None:
+        for _ in range(n):
+            tick(0)
+    return advance
+
+
+def evaluate(loaded: LoadedModel, tasks: list[str], *, data_dir: Path | None, limit: int | None, seed: int = 0,
+             batch_size: int = 32, max_new_tokens: int = 16, progress: bool = False) -> EvalReport:
+    """Evaluate ``loaded`` on ``tasks`` with batched greedy generation.
+
+    Args:
+        loaded: model + processor (base, in-memory quantized, or an exported checkpoint).
+        tasks: names from :data:`quantlab.eval.tasks.TASKS`.
+        data_dir: root of the per-task folders (see the module table); ``None`` only for shapes-vqa.
+        limit: evaluate a seeded subset of this many items per task (``None``: all).
+        seed: seed of the subset.
+        batch_size: generation batch size.
+        max_new_tokens: greedy decoding length.
+        progress: show a rich progress bar per task (items, elapsed, ETA).
+
+    Raises:
+        KeyError: unknown task. ValueError / FileNotFoundError: bad data (raised before any generation).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    specs = [get_task(t) for t in tasks]
+    data = {t.name: load_items(t.name, data_dir, limit=limit, seed=seed) for t in specs}
+    results: dict[str, TaskResult] = {}
+    for task in specs:
+        items, source = data[task.name]
+        start = time.perf_counter()
+        with block_progress(f"eval {task.name}", len(items), enabled=progress) as tick:
+            preds, failed = predict(loaded, task, items, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                    advance=_by_items(tick))
+        if failed:
+            logger.warning("%s: %d of %d items failed (unreadable images), e.g. %s: %s", task.name, len(failed),
+                           len(items), failed[0].id, failed[0].error)
+        results[task.name] = summarize(task, items, preds, failed, source=source,
+                                       seconds=time.perf_counter() - start)
+    return EvalReport(model=str(loaded.source), seed=seed, limit=limit, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, tasks=results)

@@ -1,0 +1,67 @@
+"""Model card (README.md with Hub metadata) for an exported checkpoint."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+LOAD_SNIPPETS = {
+    "compressed-tensors": (
+        "```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
+        "model = AutoModelForImageTextToText.from_pretrained(\"{repo}\")   # default settings; do not pass "
+        "dequantize=True for mixed precision\nprocessor = AutoProcessor.from_pretrained(\"{repo}\")\n```\n\n"
+        "vLLM: `vllm serve {repo}` (2/3-bit groups need vLLM's Humming kernels, CUDA)."
+    ),
+    "gptq": (
+        "```python\n# pip install optimum gptqmodel\nfrom transformers import AutoModelForImageTextToText\n"
+        "model = AutoModelForImageTextToText.from_pretrained(\"{repo}\", device_map=\"auto\")\n```\n\n"
+        "Mixed-bit GPTQ (a `dynamic` section in the config) loads in GPTQModel and vLLM, not through optimum."
+    ),
+    "native": (
+        "```python\nimport quantlab\nloaded = quantlab.load_quantized(\"{repo}\")   # BiLLM layers are dequantized "
+        "on load\n```"
+    ),
+}
+
+
+def model_card(base_model: str, recipe, plan, fmt: str, *, eval_results: dict | None = None,
+               repo: str = "THIS_DIR") -> str:
+    """The README.md text: metadata header, plan summary per component, memory, eval, how to load."""
+    per_comp: dict[str, Counter] = {}
+    for name, scheme in plan.layers.items():
+        comp = "decoder" if ".layers." in name and "language_model" in name else name.split(".")[1] if "." in name else name
+        per_comp.setdefault(comp, Counter())[scheme.label() if scheme else "kept (fp16)"] += 1
+    lines = [
+        "---",
+        f"base_model: {base_model}",
+        "library_name: transformers",
+        "license: # set the base model's license here",
+        "tags: [quantlab, quantized, vision-language, " + fmt + "]",
+        "---",
+        "",
+        f"# {Path(base_model).name} quantized with quantlab ({recipe.name})",
+        "",
+        f"Format: **{fmt}**. Planner: **{plan.planner}**. Predicted size: **{plan.predicted_bytes / 1e9:.4f} GB**"
+        + (f" (budget {plan.budget_bytes / 1e9:.4f} GB)" if plan.budget_bytes else "") + ".",
+        "",
+        "## Plan by component",
+        "",
+        "| component | scheme | Linear layers |",
+        "|---|---|---|",
+    ]
+    for comp, counts in sorted(per_comp.items()):
+        for label, n in sorted(counts.items()):
+            lines.append(f"| {comp} | {label} | {n} |")
+    if eval_results:
+        lines += ["", "## Evaluation", "", "| model | task | accuracy |", "|---|---|---|"]
+        for key, r in eval_results.items():
+            lines.append(f"| {key} | {r.get('task', '?')} | {r.get('accuracy', float('nan')):.4f} |")
+    lines += ["", "## How to load", "", LOAD_SNIPPETS[fmt].format(repo=repo), "",
+              "The recipe and the plan that produced this checkpoint are in `recipe.yaml` and `plan.yaml`.", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(out: Path, base_model: str, recipe, plan, fmt: str, eval_results: dict | None = None) -> Path:
+    path = Path(out) / "README.md"
+    path.write_text(model_card(base_model, recipe, plan, fmt, eval_results=eval_results))
+    return path

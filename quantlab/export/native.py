@@ -1,0 +1,142 @@
+"""quantlab's native format, for schemes no third-party format holds (BiLLM binarization).
+
+    DIR/config.json               the model config (no quantization_config: transformers would reject it)
+    DIR/model.safetensors         every tensor except quantized Linear weights (transformers 5.x names)
+    DIR/quantized.safetensors     per quantized Linear: codes, scales, zeros, g_idx, backend extras
+                                  (``<module>|<field>``), scalars as JSON metadata (see results_io)
+    DIR/quantlab.json             {"format": "quantlab-native", "modules": [...], "backends": {...}}
+    + processor and generation config
+
+Load with :func:`load_quantized`; the result is a regular transformers model holding the dequantized
+(fake-quant) weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantlab.export.io import write_json
+from quantlab.models.load import LoadedModel
+
+FORMAT = "native"
+MARKER = "quantlab.json"
+
+
+def encode(r) -> dict[str, torch.Tensor]:
+    """What one result stores on disk: bit-packed codes, fp16 scales (and means), packed zeros, g_idx."""
+    from quantlab.quant import grid
+    from quantlab.quant.pack import pack_int32
+
+    out = {"scales": r.scales.to(torch.float16)}
+    if r.backend == "billm":  # codes are the two bit planes BiLLM already packs
+        out.update({k: r.extra[k] for k in ("sign_packed", "second_packed", "salient_mask")})
+        out["means"] = r.extra["means"].to(torch.float16)
+        return out
+    out["codes_packed"] = pack_int32(r.codes, r.bits)
+    if r.zeros is not None:
+        out["zeros_packed"] = pack_int32(r.zeros.round().to(torch.int64), r.bits, dim=0)
+    if r.g_idx is not None and not torch.equal(r.g_idx.long(), grid.trivial_g_idx(r.codes.shape[1], r.group_size).long()):
+        out["g_idx"] = r.g_idx.to(torch.int32)
+    return out
+
+
+def decode(sc: dict, t: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype):
+    """Rebuild a QuantResult (with its dequantized weight) from :func:`encode`'s tensors."""
+    import dataclasses
+
+    from quantlab.quant import binary
+    from quantlab.quant.pack import unpack_int32
+    from quantlab.quant.result import QuantResult
+
+    out_f, in_f = shape
+    extra: dict[str, torch.Tensor] = {}
+    zeros = g_idx = None
+    if sc["backend"] == "billm":
+        sign = binary.unpack_bits(t["sign_packed"], in_f)
+        second = binary.unpack_bits(t["second_packed"], in_f)
+        codes = (sign.to(torch.uint8) | (second.to(torch.uint8) << 1))
+        extra = {k: t[k] for k in ("sign_packed", "second_packed", "salient_mask")}
+        extra["means"] = t["means"].float()
+    else:
+        codes = unpack_int32(t["codes_packed"], sc["bits"], in_f).to(torch.uint8)
+        if "zeros_packed" in t:
+            zeros = unpack_int32(t["zeros_packed"], sc["bits"], out_f, dim=0).float()
+        if "g_idx" in t:
+            g_idx = t["g_idx"]
+    fields = {k: v for k, v in sc.items() if k in {"backend", "args", "bits", "group_size", "sym",
+                                                   "bits_per_weight", "error"}}
+    r = QuantResult(**fields, codes=codes, scales=t["scales"].float(), zeros=zeros, g_idx=g_idx,
+                    dequantized=torch.empty(shape, dtype=dtype), extra=extra)
+    return dataclasses.replace(r, dequantized=r.dequantize())
+
+
+def write_native(loaded: LoadedModel, results: Mapping[str, object], out: Path,
+                 dtype: torch.dtype = torch.float16) -> None:
+    """Write a native checkpoint."""
+    model = loaded.model
+    dense = {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in model.state_dict().items()
+             if not (n.rpartition(".")[0] in results and n.endswith(".weight"))}
+    save_file(dense, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tensors, scalars = {}, {}
+    for name, r in results.items():
+        tensors.update({f"{name}|{k}": v.contiguous() for k, v in encode(r).items()})
+        scalars[name] = {"backend": r.backend, "args": r.args, "bits": r.bits, "group_size": r.group_size,
+                         "sym": r.sym, "bits_per_weight": r.bits_per_weight, "error": r.error,
+                         "shape": list(r.codes.shape)}
+    save_file(tensors, str(out / "quantized.safetensors"), metadata={"quantlab_native": json.dumps(scalars)})
+    config = model.config.to_dict()
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    write_json(out / "config.json", config)
+    write_json(out / MARKER, {"format": "quantlab-native", "version": 1, "modules": sorted(results),
+                              "backends": {n: r.backend for n, r in results.items()}})
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    if loaded.processor is not None:
+        loaded.processor.save_pretrained(out)
+
+
+def read_native_results(directory: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, object]:
+    """The quantization results stored in a native checkpoint."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(directory) / "quantized.safetensors"), framework="pt") as f:
+        scalars = json.loads(f.metadata()["quantlab_native"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    out = {}
+    for name, sc in scalars.items():
+        mine = {k.split("|", 1)[1]: v for k, v in tensors.items() if k.split("|", 1)[0] == name}
+        out[name] = decode(sc, mine, tuple(sc["shape"]), dtype)
+    return out
+
+
+def load_quantized(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Open a native checkpoint: the model with dequantized weights, its processor and adapter."""
+    from transformers import AutoModelForImageTextToText
+
+    from quantlab.models.load import _processor_class, get_adapter, load_config
+    from quantlab.models.processors import load_processor
+
+    directory = Path(directory)
+    if not (directory / MARKER).is_file():
+        raise FileNotFoundError(f"{directory}: no {MARKER}; not a quantlab native checkpoint")
+    config = load_config(directory)
+    model = AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
+    state = {k: v.to(dtype) if v.is_floating_point() else v
+             for k, v in load_file(str(directory / "model.safetensors")).items()}
+    for name, r in read_native_results(directory, dtype).items():
+        state[f"{name}.weight"] = r.dequantized.to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight") or not config.get_text_config().tie_word_embeddings]
+    if missing or unexpected:
+        raise ValueError(f"{directory}: checkpoint does not match the config (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    if getattr(config.get_text_config(), "tie_word_embeddings", False):
+        model.tie_weights()
+    has_processor = any((directory / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
+    processor = load_processor(directory, _processor_class(directory)) if has_processor else None
+    return LoadedModel(model, processor, get_adapter(config), str(directory))

@@ -1,0 +1,57 @@
+"""Layer Hessians ``H = XᵀX / n`` and the quantities derived from them (pure functions).
+
+``H`` is ``[in, in]`` for a Linear with inputs ``X [n, in]``. The reference GPTQ uses ``2/n · XᵀX``; the
+factor does not matter here: dampening is relative to ``mean(diag H)`` and the error is a ratio.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def hessian_from_inputs(x: Tensor) -> Tensor:
+    """``XᵀX / n`` in float32 from inputs ``x [..., in]`` (all leading dims are tokens)."""
+    x = x.reshape(-1, x.shape[-1]).float()  # [n, in]
+    if x.shape[0] == 0:
+        raise ValueError("hessian_from_inputs: no input rows")
+    return x.T @ x / x.shape[0]
+
+
+def relative_output_error(weight: Tensor, weight_hat: Tensor, hessian: Tensor) -> float:
+    """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` = ``||WX - ŴX||² / ||WX||²`` for ``H = XᵀX``.
+
+    Args:
+        weight: original ``[out, in]``.
+        weight_hat: quantized ``[out, in]``.
+        hessian: ``[in, in]`` undamped Hessian.
+    """
+    w = weight.float()
+    dw = w - weight_hat.float()
+    h = hessian.float()
+    num = ((dw @ h) * dw).sum(dtype=torch.float64).item()
+    den = ((w @ h) * w).sum(dtype=torch.float64).item()
+    if den <= 0:
+        return 0.0 if num == 0 else float("inf")
+    return num / den
+
+
+def inverse_hessian_cholesky(hessian: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, so ``H⁻¹ = UᵀU``.
+
+    ``hessian`` is modified in place (dampened); pass a copy. Raises ``ValueError`` when the dampened
+    Hessian is not positive definite.
+    """
+    n = hessian.shape[0]
+    diag = torch.arange(n, device=hessian.device)
+    hessian[diag, diag] += damp * torch.mean(torch.diag(hessian))
+    L, info = torch.linalg.cholesky_ex(hessian)
+    if info.item() != 0:
+        raise ValueError(f"Hessian [{n}, {n}] is not positive definite after dampening with damp={damp}; "
+                         "increase damp or collect more calibration tokens")
+    hinv = torch.cholesky_inverse(L)
+    U, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    if info.item() != 0:
+        raise ValueError(f"inverse Hessian [{n}, {n}] lost positive definiteness in float32 (damp={damp}); "
+                         "increase damp")
+    return U
