@@ -21,7 +21,7 @@ def stats_options(recipe):
     s = recipe.stats
     hessians = s.hessians or recipe.plan.planner == "budget"
     return CollectOptions(entropy_k=s.entropy_k, max_tokens=s.entropy_max_tokens, entropy_on=s.hook,
-                          hessians=hessians)
+                          linear_max_tokens=min(512, s.entropy_max_tokens), hessians=hessians)
 
 
 def calibrate_fp(ctx: StageContext) -> str:

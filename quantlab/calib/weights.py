@@ -74,7 +74,10 @@ class SafetensorsWeights:
         fname = self.key_file[key]
         if fname not in self._handles:
             self._handles[fname] = safe_open(str(self.directory / fname), framework="pt")
-        return self._handles[fname].get_tensor(key).to(self.dtype)  # type: ignore[attr-defined]
+        t = self._handles[fname].get_tensor(key)  # type: ignore[attr-defined]
+        # A copy, never a view of the memory map: mapped pages would stay resident (and counted) for as
+        # long as the tensor lives, defeating the one-block-at-a-time bound.
+        return t.to(self.dtype, copy=True)
 
     def load(self, module: nn.Module, prefix: str) -> None:
         for pname, _ in list(module.named_parameters()):
@@ -83,6 +86,7 @@ class SafetensorsWeights:
     def release(self, module: nn.Module, prefix: str) -> None:
         for pname, _ in list(module.named_parameters()):
             set_module_tensor_to_device(module, pname, "meta")
+        self._handles.clear()  # unmap the files; the next block reopens what it needs
 
 
 def load_streaming(directory: str | Path, *, dtype: torch.dtype = torch.float32, with_processor: bool = True):

@@ -53,15 +53,16 @@ def select_salient(Wb: Tensor, c: Tensor, max_salient: int) -> Tensor:
     """Salient-column map ``[k]`` of a block ``Wb [out, k]`` (see step 1 of the module docstring)."""
     k_cols = Wb.shape[1]
     order = torch.argsort((Wb.square() * c).sum(0), descending=True)  # columns by salience
-    best, best_mask = None, torch.zeros(k_cols, dtype=torch.bool)
+    best, best_k = None, 0
     for k in range(1, min(max_salient, k_cols - 1) + 1):
-        mask = torch.zeros(k_cols, dtype=torch.bool)
-        mask[order[:k]] = True
-        q = binary.residual_binarize(Wb, mask, 2) + binary.residual_binarize(Wb, ~mask, 2)
-        err = _weighted_error(Wb, q, c)
+        top, rest = order[:k], order[k:]
+        err = (_weighted_error(Wb[:, top], binary.residual_binarize(Wb[:, top], 2), c[top])
+               + _weighted_error(Wb[:, rest], binary.residual_binarize(Wb[:, rest], 2), c[rest]))
         if best is None or err < best:
-            best, best_mask = err, mask
-    return best_mask
+            best, best_k = err, k
+    mask = torch.zeros(k_cols, dtype=torch.bool)
+    mask[order[:best_k]] = True
+    return mask
 
 
 def search_break(Wb: Tensor, salient: Tensor, c: Tensor, steps: int) -> float:
@@ -74,9 +75,13 @@ def search_break(Wb: Tensor, salient: Tensor, c: Tensor, steps: int) -> float:
     candidates = torch.quantile(a.flatten()[: 1 << 24], torch.linspace(0.1, 0.9, steps))
     best, best_p = None, 0.0
     for p in candidates.tolist():
-        small = a < p
-        q = binary.residual_binarize(rest, small, 1) + binary.residual_binarize(rest, ~small, 1)
-        err = _weighted_error(rest, q, cr)
+        large = a >= p
+        mu_s, al_s = binary.binarize_params(rest, ~large)
+        mu_l, al_l = binary.binarize_params(rest, large)
+        lf = large.float()  # pick the group's (μ, α) arithmetically: cheaper than torch.where here
+        mu = mu_s.unsqueeze(-1) + lf * (mu_l - mu_s).unsqueeze(-1)  # [out, k_rest]
+        al = al_s.unsqueeze(-1) + lf * (al_l - al_s).unsqueeze(-1)
+        err = _weighted_error(rest, binary.binarize(rest, mu, al), cr)
         if best is None or err < best:
             best, best_p = err, p
     return best_p
@@ -86,29 +91,31 @@ def _block_params(Wb: Tensor, salient: Tensor, p: float) -> tuple[Tensor, Tensor
     """``(α, μ)``, each ``[out, 4]``, of the four binarizations of a block ``Wb [out, k]``."""
     out_f = Wb.shape[0]
     alpha, mu = torch.zeros(out_f, 4), torch.zeros(out_f, 4)
-    sal = salient.expand_as(Wb)
-    mu[:, SALIENT_O1], alpha[:, SALIENT_O1] = binary.binarize_params(Wb, sal)
-    r = Wb - binary.binarize(Wb, mu[:, SALIENT_O1, None], alpha[:, SALIENT_O1, None])
-    mu[:, SALIENT_O2], alpha[:, SALIENT_O2] = binary.binarize_params(r, sal)
-    large = Wb.abs() >= p
-    mu[:, SMALL], alpha[:, SMALL] = binary.binarize_params(Wb, ~sal & ~large)
-    mu[:, LARGE], alpha[:, LARGE] = binary.binarize_params(Wb, ~sal & large)
+    if salient.any():
+        ws = Wb[:, salient]
+        mu[:, SALIENT_O1], alpha[:, SALIENT_O1] = binary.binarize_params(ws)
+        r = ws - binary.binarize(ws, mu[:, SALIENT_O1, None], alpha[:, SALIENT_O1, None])
+        mu[:, SALIENT_O2], alpha[:, SALIENT_O2] = binary.binarize_params(r)
+    rest = Wb[:, ~salient]
+    large = rest.abs() >= p
+    mu[:, SMALL], alpha[:, SMALL] = binary.binarize_params(rest, ~large)
+    mu[:, LARGE], alpha[:, LARGE] = binary.binarize_params(rest, large)
     return alpha, mu
 
 
 def _binarize_column(w: Tensor, salient: bool, alpha: Tensor, mu: Tensor, p: float) -> tuple[Tensor, Tensor, Tensor]:
-    """One column ``w [out]`` with its block's ``(α, μ) [out, 4]`` -> ``(q, sign bit, second bit)``."""
+    """One column ``w [out]`` with its block's ``(α, μ) [out, 4]`` -> ``(q, sign bit, second bit)``.
+
+    The arithmetic is the one of :func:`quantlab.quant.binary.dequantize_binary` (bit-identical).
+    """
     if salient:
-        s = binary.signs(w, mu[:, SALIENT_O1])
-        q1 = s * alpha[:, SALIENT_O1] + mu[:, SALIENT_O1]
-        s2 = binary.signs(w - q1, mu[:, SALIENT_O2])
-        q = q1 + (s2 * alpha[:, SALIENT_O2] + mu[:, SALIENT_O2])
-        return q, s > 0, s2 > 0
+        q1 = binary.binarize(w, mu[:, SALIENT_O1], alpha[:, SALIENT_O1])
+        q2 = binary.binarize(w - q1, mu[:, SALIENT_O2], alpha[:, SALIENT_O2])
+        return q1 + q2, binary.positive(w, mu[:, SALIENT_O1]), binary.positive(w - q1, mu[:, SALIENT_O2])
     large = w.abs() >= p
     a = torch.where(large, alpha[:, LARGE], alpha[:, SMALL])
     m = torch.where(large, mu[:, LARGE], mu[:, SMALL])
-    s = binary.signs(w, m)
-    return s * a + m, s > 0, large
+    return binary.binarize(w, m, a), binary.positive(w, m), large
 
 
 def billm_solve(W: Tensor, H: Tensor, *, block_size: int = 128, damp: float = 0.01, max_salient: int = 50,

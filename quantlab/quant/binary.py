@@ -1,9 +1,9 @@
 """Binarization primitives for BiLLM-style backends (pure functions, rows = output channels).
 
-A binarization of the masked entries of each row is ``ŵ = s · α + μ`` with ``s = ±1`` (``+1`` where
-``w - μ >= 0``; a stored sign bit cannot hold BiLLM's ``sign(0) = 0``), the row mean ``μ`` and the mean
-absolute deviation ``α`` of the masked entries (``high_order_residual`` in BiLLM's ``binary.py``).
-Rows without masked entries get ``μ = α = 0``.
+A binarization of the masked entries of each row is ``ŵ = s · α + μ`` with the row mean ``μ`` and the
+mean absolute deviation ``α`` of the masked entries (``high_order_residual`` in BiLLM's ``binary.py``),
+and ``s = ±1``: ``+1`` where ``w - μ`` has a clear sign bit, i.e. ``w >= μ`` (a stored sign bit cannot
+hold BiLLM's ``sign(0) = 0``). Rows without masked entries get ``μ = α = 0``.
 
 Dequantization of a billm result, per output row and block ``b`` of ``block_size`` columns, with the
 four binarizations ``k = 4b + {0: salient order 1, 1: salient order 2, 2: small group, 3: large group}``:
@@ -22,8 +22,14 @@ from torch import Tensor
 SALIENT_O1, SALIENT_O2, SMALL, LARGE = 0, 1, 2, 3  # binarization slots per block
 
 
-def binarize_params(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row mean ``μ`` and mean absolute deviation ``α`` of the masked entries of ``x [rows, k]``."""
+def binarize_params(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-row mean ``μ`` and mean absolute deviation ``α`` of ``x [rows, k]`` (of its masked entries).
+
+    ``mask`` (bool or 0/1 float, broadcastable to ``x``) selects the entries; None takes them all.
+    """
+    if mask is None:
+        mu = x.mean(-1)
+        return mu, (x - mu.unsqueeze(-1)).abs().mean(-1)
     m = mask.to(x.dtype).expand_as(x)
     cnt = m.sum(-1).clamp_min(1)
     mu = (x * m).sum(-1) / cnt  # [rows]
@@ -31,24 +37,26 @@ def binarize_params(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     return mu, alpha
 
 
-def signs(x: Tensor, mu: Tensor) -> Tensor:
-    """``±1`` (float) with ``+1`` where ``x - μ >= 0``."""
-    return torch.where(x - mu >= 0, 1.0, -1.0)
+def positive(x: Tensor, mu: Tensor) -> Tensor:
+    """The stored sign bit: True where ``x - μ`` has a clear sign bit (``x >= μ``)."""
+    return ~torch.signbit(x - mu)
 
 
 def binarize(x: Tensor, mu: Tensor, alpha: Tensor) -> Tensor:
-    """``s · α + μ`` with ``s = signs(x, μ)`` (broadcasting)."""
-    return signs(x, mu) * alpha + mu
+    """``s · α + μ`` with ``s = +1`` where :func:`positive` (broadcasting).
+
+    Computed as ``copysign(α, x - μ) + μ``, which is bit-identical to ``μ + α`` / ``μ - α`` (``α >= 0``).
+    """
+    return torch.copysign(alpha, x - mu) + mu
 
 
-def residual_binarize(x: Tensor, mask: Tensor, order: int = 2) -> Tensor:
-    """Masked order-``order`` residual binarization of ``x [rows, k]`` (0 outside ``mask``)."""
+def residual_binarize(x: Tensor, order: int = 2) -> Tensor:
+    """Order-``order`` residual binarization of every row of ``x [rows, k]`` (BiLLM's salient path)."""
     total = torch.zeros_like(x)
-    m = mask.expand_as(x)
     for _ in range(order):
         r = x - total
-        mu, alpha = binarize_params(r, m)
-        total = total + torch.where(m, binarize(r, mu.unsqueeze(-1), alpha.unsqueeze(-1)), 0.0)
+        mu, alpha = binarize_params(r)
+        total = total + binarize(r, mu.unsqueeze(-1), alpha.unsqueeze(-1))
     return total
 
 
@@ -80,13 +88,14 @@ def dequantize_binary(codes: Tensor, scales: Tensor, means: Tensor, salient: Ten
     """
     out_f, in_f = codes.shape
     block = in_f if block_size == -1 else block_size
-    s = ((codes & 1).float() * 2 - 1)  # [out, in] ±1
+    pos = (codes & 1).bool()  # [out, in] sign bit: +1
     second = ((codes >> 1) & 1).long()  # [out, in]
     base = (torch.arange(in_f) // block * 4).expand(out_f, in_f)  # [out, in] slot 0 of the column's block
-    sal = salient.expand(out_f, in_f)
-    s2 = second.float() * 2 - 1
-    q_sal = ((s * scales.gather(1, base + SALIENT_O1) + means.gather(1, base + SALIENT_O1))
-             + (s2 * scales.gather(1, base + SALIENT_O2) + means.gather(1, base + SALIENT_O2)))
-    k = base + SMALL + second
-    q_rest = s * scales.gather(1, k) + means.gather(1, k)
-    return torch.where(sal, q_sal, q_rest)
+
+    def level(slot: Tensor, plus: Tensor) -> Tensor:  # μ ± α of binarization ``slot`` per element
+        mu, alpha = means.gather(1, slot), scales.gather(1, slot)
+        return torch.where(plus, mu + alpha, mu - alpha)
+
+    q_sal = level(base + SALIENT_O1, pos) + level(base + SALIENT_O2, second.bool())
+    q_rest = level(base + SMALL + second, pos)
+    return torch.where(salient.expand(out_f, in_f), q_sal, q_rest)

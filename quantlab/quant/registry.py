@@ -43,9 +43,12 @@ class Backend:
 BACKENDS: dict[str, Backend] = {}
 
 
-def register_backend(name: str, *, bits: tuple[int, ...], needs_hessian: bool = False,
+def register_backend(name: str, *, bits: tuple[int, ...] = tuple(range(1, 9)), needs_hessian: bool = False,
                      options: tuple[str, ...] = ()) -> Callable[[BackendFn], BackendFn]:
-    """Decorator registering ``fn`` under ``name``; a duplicate name raises ``ValueError``."""
+    """Decorator registering ``fn`` under ``name``; a duplicate name raises ``ValueError``.
+
+    ``bits``, ``needs_hessian`` and ``options`` are what ``quantize_weight`` validates before the call.
+    """
 
     def deco(fn: BackendFn) -> BackendFn:
         if name in BACKENDS:

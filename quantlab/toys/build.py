@@ -5,12 +5,6 @@ special tokens and its chat template. :func:`build_toy` trains a small byte-leve
 shapes-VQA vocabulary, wraps it in the family's real processor class, and instantiates the model with
 random weights; :mod:`quantlab.toys.train` then trains it.
 
-Chat templates put the question *before* the image. The toys are small decoders trained from scratch:
-with the question first, image tokens can attend to it and mark the object it asks about, so the answer
-position only has to read the marked object. With the image first the decoder must route the question
-word to the answer position before it can look the object up, and training plateaus at chance on
-colour/shape/existence questions for thousands of steps (measured; see ``training.json``).
-
 Widths: decoder widths are multiples of 128 (so group-size-128 recipes written for real models apply
 unchanged); the vision MLP width is deliberately awkward (228, not divisible by 32, like Qwen2.5-VL-7B's
 3420) so that shape fallbacks are exercised.
@@ -49,8 +43,8 @@ LLAVA_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}\n<image>{% endif %}{% endfor %}{% endif %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
     "{% if message['role'] == 'user' %} {% else %}</s>{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
@@ -58,9 +52,8 @@ LLAVA_TEMPLATE = (
 QWEN_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% endif %}{% endfor %}{% endif %}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 

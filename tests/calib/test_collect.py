@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -127,7 +128,8 @@ def test_hessian_equals_xtx_of_hooked_inputs(tiny_family):
 
 def test_save_load_round_trip_exact(tiny_family, tmp_path):
     loaded = _loaded(tiny_family)
-    stats = calibrate(loaded, _samples(tiny_family[0]), hessians=True, skipped={"unreadable image": 1}, **FAST)
+    calib_set = SimpleNamespace(samples=_samples(tiny_family[0]), skipped={"unreadable image": 1})  # data.CalibSet
+    stats = calibrate(loaded, calib_set, hessians=True, **FAST)
     assert stats.meta["samples"]["skipped"] == 1
     out = stats.save(tmp_path / "stats")
     assert sorted(p.name for p in out.iterdir()) == ["stats.safetensors", "summary.json"]

@@ -21,7 +21,7 @@ def test_unknown_backend_lists_valid_names():
 
 def test_duplicate_registration_fails():
     with pytest.raises(ValueError, match="already registered"):
-        register_backend("rtn", bits=(4,))(lambda w, s, h: None)
+        register_backend("rtn")(lambda w, s, h: None)
 
 
 @pytest.mark.parametrize("backend,bits", [("gptq", 4), ("billm", 1)])
@@ -72,3 +72,22 @@ def test_rtn_error_only_with_hessian():
     W = torch.randn(8, 64)
     assert quantize_weight(W, "rtn", bits=4, group_size=32).error is None
     assert quantize_weight(W, "rtn", bits=4, group_size=32, hessian=torch.eye(64)).error > 0
+
+
+def test_register_custom_backend():
+    @register_backend("test-identity", bits=(8,))
+    def identity(weight, scheme, hessian):
+        return quantize_weight(weight, "rtn", bits=scheme.bits, group_size=scheme.group_size)
+
+    try:
+        r = quantize_weight(torch.randn(4, 32), "test-identity", bits=8, group_size=32)
+        assert r.bits == 8
+        with pytest.raises(ValueError, match=r"takes bits in \(8,\)"):
+            quantize_weight(torch.randn(4, 32), "test-identity", bits=4, group_size=32)
+    finally:
+        BACKENDS.pop("test-identity")
+
+
+def test_non_positive_definite_hessian():
+    with pytest.raises(ValueError, match="not positive definite"):
+        quantize_weight(torch.randn(4, 32), "gptq", bits=4, group_size=32, hessian=-torch.eye(32))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -28,7 +30,7 @@ def ref_params(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, tor
 
 
 def reference_gptq(W, H, bits, group_size, sym, damp=0.01, act_order=False):
-    """Returns (codes [out, in] original order, dequantized [out, in] float64)."""
+    """Returns codes, dequantized weight and the unrounded ``w/scale + zero``, all ``[out, in]`` original order."""
     W, H = W.double().clone(), H.double().clone()
     out_f, n = W.shape
     g = n if group_size == -1 else group_size
@@ -41,11 +43,12 @@ def reference_gptq(W, H, bits, group_size, sym, damp=0.01, act_order=False):
     H += damp * torch.diag(H).mean() * torch.eye(n, dtype=H.dtype)
     Hinv = torch.linalg.inv(H)
     codes = torch.zeros(out_f, n, dtype=torch.long)
-    Q = torch.zeros_like(W)
+    Q, pre = torch.zeros_like(W), torch.zeros_like(W)
     for j in range(n):
         if j % g == 0:
             scale, zero = ref_params(W[:, j:j + g], bits, sym)
         w = W[:, j]
+        pre[:, j] = w / scale + zero
         codes[:, j] = torch.clamp(torch.round(w / scale) + zero, 0, maxq).long()
         Q[:, j] = scale * (codes[:, j] - zero)
         # OBS: fix w_j to q_j, move the remaining weights by -(w_j - q_j)/[H⁻¹]_jj · [H⁻¹]_j,:
@@ -53,22 +56,38 @@ def reference_gptq(W, H, bits, group_size, sym, damp=0.01, act_order=False):
         # remove column j from the inverse Hessian (Gaussian elimination)
         Hinv = Hinv - torch.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
     inv = torch.argsort(perm)
-    return codes[:, inv], Q[:, inv]
+    return codes[:, inv], Q[:, inv], pre[:, inv]
 
 
 CASES = [(4, 64, True, False), (3, 128, False, False), (2, 32, True, False), (4, -1, False, False),
-         (4, 32, True, True), (3, 64, False, True), (8, 128, True, False)]
+         (4, 32, True, True), (3, 64, False, True), (8, 128, True, False),
+         (2, 8, False, False), (3, 8, True, True)]  # groups starting inside a 16-column sub-block
 
 
 @pytest.mark.parametrize("bits,group_size,sym,act_order", CASES)
 def test_matches_reference(bits, group_size, sym, act_order):
+    """Codes equal the reference's, except on rows that part at a rounding tie.
+
+    Rows are independent in GPTQ. A symmetric grid puts each group's largest |w| exactly on a tie
+    (``amax / scale = maxq / 2``), which float32 and float64 may round apart; from there on such a row
+    legitimately follows another path. So: every row that differs must first differ at a tie of the
+    reference (``w/scale + zero`` within 1e-4 of ``k + 1/2``), and all other rows must match exactly.
+    """
     W, H = make_layer(24, 256, seed=bits + 10 * (group_size % 7))
     ours = gptq_solve(W, H, bits, group_size, sym, act_order=act_order, block_size=48)
-    codes, Q = reference_gptq(W, H, bits, group_size, sym, act_order=act_order)
-    same = (ours.codes.long() == codes).float().mean().item()
-    err_ref = relative_output_error(W, Q, H)
-    print(bits, group_size, sym, act_order, same, ours.error, err_ref)
-    assert same == 1.0 or (same > 0.99 and abs(ours.error - err_ref) <= 1e-6 + 1e-3 * err_ref)
+    codes, Q, pre = reference_gptq(W, H, bits, group_size, sym, act_order=act_order)
+    order = torch.argsort(torch.diag(H.double()), descending=True) if act_order else torch.arange(256)
+    differs = (ours.codes.long() != codes)[:, order]  # [out, in] in processing order
+    rows = differs.any(1).nonzero().flatten().tolist()
+    for row in rows:
+        first = int(differs[row].nonzero()[0])
+        x = pre[row, order[first]].item()
+        assert abs(x - math.floor(x) - 0.5) < 1e-4, (row, first, x)
+    assert len(rows) <= 24 // 2  # most rows still compare code for code
+    keep = [r for r in range(24) if r not in rows]
+    assert torch.allclose(ours.dequantized[keep].double(), Q[keep], rtol=1e-4, atol=1e-6)  # float32 vs 64
+    if not rows:
+        assert ours.error == pytest.approx(relative_output_error(W, Q, H), rel=1e-5)
 
 
 def on_grid_weight(out_f: int, in_f: int, bits: int, group_size: int, seed: int = 0) -> torch.Tensor:

@@ -1,0 +1,128 @@
+"""Calibration overhead: ``calibrate(...)`` (LUQ entropy on) vs a plain forward over the same samples.
+
+Usage: ``.venv/bin/python eval/bench/calib_speed.py [--model toy-llava] [--n 64] [--threads 1] [--out DIR]``
+
+The model is the trained toy (``quantlab/assets/<model>``) when it exists, otherwise ``build_toy`` with
+random weights. Samples are shapes-VQA calibration questions with their image, built with the toy's own
+processor (one sample per forward, batch of one), plus ``--text`` text-only captions. Both timings run
+in this process with the same thread count; each is the best of ``--repeat`` runs after one warm-up.
+Prints the per-block entropy table and ``ratio=<calibrate/forward>`` (goal: <= 1.5).
+
+Observed on the 2-core shared CPU (random-weight toy-llava, 1 thread, ~29 tokens per sample; the load
+from other jobs moves each figure by up to 2x): ``--n 64`` 2.75–3.05, ``--n 256`` 2.17–2.86,
+``--n 256 --modalities all`` 1.79–1.99, ``--n 256 --modalities all --no-linears`` 1.46–1.63. The toy's
+forward is ~0.4 MFLOP per token and block, so the memory-bound per-token statistics (~0.5x forward) and
+the 3 k-means per block (k=100 on up to 4096 tokens, a fixed cost) weigh far more than on a real model,
+where a block's forward is ~1000x more work per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from quantlab.calib.collect import CollectOptions, calibrate
+from quantlab.calib.executor import CalibSample
+from quantlab.data import shapes
+from quantlab.models import get_adapter
+from quantlab.models.inputs import build_inputs
+from quantlab.models.load import ALIASES, LoadedModel, load_model
+from quantlab.toys.build import build_toy
+
+
+def load_toy(name: str) -> tuple[LoadedModel, str]:
+    """The trained toy if it is installed, else the randomly initialised architecture."""
+    if Path(ALIASES.get(name, "")).is_dir():
+        return load_model(name), "trained"
+    model, processor = build_toy(name)
+    return LoadedModel(model, processor, get_adapter(model), name), "random weights"
+
+
+def shapes_samples(loaded: LoadedModel, n_image: int, n_text: int) -> list[CalibSample]:
+    """Batch-of-one samples: shapes-VQA questions with their image, and text-only captions."""
+    image_id = loaded.adapter.image_token_id(loaded.config)
+    out = []
+    for s in shapes.iter_samples("calibration", n_image):
+        inputs = build_inputs(loaded.processor, [s.question], [s.render()])
+        out.append(CalibSample(s.id, inputs, inputs["input_ids"][0] == image_id))
+    for s in shapes.iter_samples("calibration", n_text, start=50_000):
+        inputs = build_inputs(loaded.processor, [s.caption()], [None])
+        out.append(CalibSample(s.id + "-caption", inputs, inputs["input_ids"][0] == image_id))
+    return out
+
+
+@torch.no_grad()
+def plain_forward(loaded: LoadedModel, samples: list[CalibSample]) -> None:
+    model = loaded.model
+    for s in samples:
+        if hasattr(getattr(model, "model", None), "rope_deltas"):
+            model.model.rope_deltas = None
+        model(**s.inputs, use_cache=False)
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="toy-llava")
+    ap.add_argument("--n", type=int, default=64, help="image+text samples")
+    ap.add_argument("--text", type=int, default=0, help="extra text-only samples")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--n-init", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--modalities", default="image,text,all", help="modalities that get a k-means entropy")
+    ap.add_argument("--no-linears", action="store_true", help="LUQ tensor only (no per-Linear statistics)")
+    ap.add_argument("--out", type=Path, default=None, help="also save the artifact and entropy plot here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    loaded, kind = load_toy(args.model)
+    samples = shapes_samples(loaded, args.n, args.text)
+    n_tokens = sum(s.image_mask.numel() for s in samples)
+    n_img = sum(int(s.image_mask.sum()) for s in samples)
+    opts = CollectOptions(entropy_k=args.k, kmeans_n_init=args.n_init, max_tokens=args.max_tokens,
+                          linears=not args.no_linears, entropy_modalities=tuple(args.modalities.split(",")))
+    print(f"model={args.model} ({kind}) samples={len(samples)} tokens={n_tokens} (image {n_img}) "
+          f"threads={args.threads} k={args.k} n_init={args.n_init} max_tokens={args.max_tokens} "
+          f"linears={opts.linears} entropy_modalities={','.join(opts.entropy_modalities)}")
+
+    run_cal = lambda: calibrate(loaded, samples, options=opts, progress=False)  # noqa: E731
+    plain_forward(loaded, samples[:2])  # warm-up
+    stats = run_cal()
+    t_fwd = best_of(lambda: plain_forward(loaded, samples), args.repeat)
+    t_cal = best_of(run_cal, args.repeat)
+    t_ent = 0.0
+    if opts.entropy:
+        no_ent = CollectOptions(**{**opts.to_dict(), "entropy": False})
+        t_ent = t_cal - best_of(lambda: calibrate(loaded, samples, options=no_ent, progress=False), args.repeat)
+
+    print(f"\n{'block':>5} {'H_all':>7} {'H_image':>7} {'H_text':>7} {'hist':>6} {'var':>9} {'kurt':>8} "
+          f"{'absmax':>8} {'outl':>5}")
+    fmt = lambda v: f"{v:>7.4f}" if v is not None else f"{'-':>7}"  # noqa: E731
+    for r in stats.table():
+        print(f"{r['block']:>5} {fmt(r['H_all'])} {fmt(r['H_image'])} {fmt(r['H_text'])} {r['hist_all']:>6.3f} "
+              f"{r['variance']:>9.4g} {r['kurtosis']:>8.3g} {r['absmax']:>8.4g} {r['outliers']:>5.3f}")
+    if args.out is not None:
+        from quantlab.calib.plot import plot_entropy
+
+        stats.save(args.out, overwrite=True)
+        plot_entropy(stats, args.out / "entropy.png")
+        print(f"wrote {args.out}")
+    print(f"\nforward={t_fwd:.3f}s calibrate={t_cal:.3f}s (k-means entropy {t_ent:.3f}s)")
+    print(f"ratio={t_cal / t_fwd:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""GPTQ speed and quality: quantlab's ``gptq_solve`` against llm-compressor's GPTQ on the same W and H.
+
+Usage: ``.venv/bin/python eval/bench/gptq_speed.py [--sizes full|small] [--no-reference] [--threads 1]
+[--repeat 1] [--venv /tmp/llmc-venv] [--workdir DIR]``
+
+Layers (``out x in``): ``full`` = 4096x4096 and 11008x4096 (LLaVA-1.5-7B / LLaMA-7B widths); ``small`` =
+1024x1024 and 2752x1024. Every layer of one input width shares one Hessian ``H = XᵀX/n`` of seeded random
+*correlated* inputs (log-normal channel scales, a shared low-rank component, a few outlier channels;
+``n = 2·in`` tokens). The weight is Gaussian (std 0.02) with sparse 10x outliers. Scheme: 4-bit, group
+128, symmetric, damp 0.01, block 128, float32 on the CPU, no act-order.
+
+The reference is llm-compressor 0.14.0.1 (``llmcompressor.modifiers.gptq.gptq_quantize.quantize_weight``)
+in its own venv (it pins transformers<=5.17, environment.md §9), created at ``--venv`` on first use. Its
+scales come from its memoryless min-max observer on the original weight, i.e. static groups; quantlab's
+default recomputes each group's grid from the updated weights (dynamic, as IST-DASLab/gptq), so a second
+quantlab line with ``static_groups=True`` gives the like-for-like comparison. Timings cover the solver
+call only (quantlab with ``compute_error=False``; llm-compressor's ``quantize_weight``; best of
+``--repeat``; llm-compressor's observer and import are not timed), both in one
+thread by default (``--threads``): on a shared 2-core machine two threads are much slower for the
+per-column ops. Errors are ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``, the same function for both.
+
+The last line is ``time_ratio=<ours/theirs> error_ratio=<ours/theirs>``: total time over all layers, and
+the geometric mean of the per-layer error ratios, for quantlab's default settings; the line before it
+gives the same ratios for quantlab with ``static_groups=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantlab.quant import gptq_solve, relative_output_error
+
+SIZES = {"full": [(4096, 4096), (11008, 4096)], "small": [(1024, 1024), (2752, 1024)]}
+BITS, GROUP, DAMP, BLOCK = 4, 128, 0.01, 128
+
+CHILD = r'''
+import json, sys, time
+import torch
+from safetensors.torch import load_file, save_file
+from compressed_tensors.quantization import QuantizationArgs
+from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+from llmcompressor.observers.min_max import MemorylessMinMaxObserver
+
+src, dst, threads, bits, group, damp, block, repeat = sys.argv[1:9]
+torch.set_num_threads(int(threads))
+t = load_file(src)
+W, H = t["W"], t["H"]
+args = QuantizationArgs(num_bits=int(bits), type="int", symmetric=True, strategy="group", group_size=int(group))
+obs = MemorylessMinMaxObserver(base_name="weight", args=args)
+obs(W)
+qp = obs.get_qparams()
+seconds = float("inf")
+for _ in range(int(repeat)):
+    Wb, Hb = W[None].clone(), H[None].clone()  # quantize_weight consumes its inputs
+    t0 = time.perf_counter()
+    out = quantize_weight(weights=Wb, hessians=Hb, scale=qp["scale"][None], zero_point=qp["zero_point"][None],
+                          global_scale=None, quant_args=args, blocksize=int(block), percdamp=float(damp))
+    seconds = min(seconds, time.perf_counter() - t0)
+save_file({"W_hat": out[0][0].contiguous()}, dst)
+print(json.dumps({"seconds": seconds}))
+'''
+
+
+def make_hessian(in_f: int, seed: int = 0) -> torch.Tensor:
+    """``XᵀX/n`` of ``n = 2·in`` correlated random input rows (see the module docstring)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * in_f
+    X = torch.randn(n, in_f, generator=g) * torch.exp(0.5 * torch.randn(in_f, generator=g))  # channel scales
+    X += 0.3 * torch.randn(n, 64, generator=g) @ torch.randn(64, in_f, generator=g)  # shared low-rank part
+    X[:, torch.randperm(in_f, generator=g)[:8]] *= 20  # outlier channels
+    return X.T @ X / n
+
+
+def make_weight(out_f: int, in_f: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    W = 0.02 * torch.randn(out_f, in_f, generator=g)
+    W[torch.rand(out_f, in_f, generator=g) < 1e-3] *= 10
+    return W
+
+
+def ensure_venv(venv: Path) -> Path:
+    """The reference venv's python, creating the venv (torch 2.13.0 + llmcompressor 0.14.0.1) if needed."""
+    py = venv / "bin" / "python"
+    if not py.exists():
+        print(f"creating {venv} (pip install torch==2.13.0 llmcompressor==0.14.0.1) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "torch==2.13.0", "llmcompressor==0.14.0.1"],
+                       check=True)
+    return py
+
+
+def run_reference(py: Path, W: torch.Tensor, H: torch.Tensor, workdir: Path, threads: int,
+                  repeat: int) -> tuple[torch.Tensor, float]:
+    """llm-compressor's GPTQ on ``W, H`` in the reference venv -> ``(W_hat, seconds)``."""
+    src, dst, script = workdir / "wh.safetensors", workdir / "what.safetensors", workdir / "llmc_gptq.py"
+    save_file({"W": W.contiguous(), "H": H.contiguous()}, str(src))
+    script.write_text(CHILD)
+    proc = subprocess.run([str(py), str(script), str(src), str(dst), str(threads), str(BITS), str(GROUP), str(DAMP),
+                           str(BLOCK), str(repeat)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llm-compressor run failed:\n{proc.stderr[-4000:]}")
+    seconds = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+    return load_file(str(dst))["W_hat"], seconds
+
+
+def time_ours(W: torch.Tensor, H: torch.Tensor, repeat: int, **kw) -> tuple[torch.Tensor, float]:
+    """quantlab's dequantized weight and its best time over ``repeat`` runs."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        r = gptq_solve(W, H, BITS, GROUP, True, damp=DAMP, block_size=BLOCK, compute_error=False, **kw)
+        best = min(best, time.perf_counter() - t0)
+    return r.dequantized, best
+
+
+def _geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", choices=sorted(SIZES), default="full")
+    ap.add_argument("--no-reference", action="store_true", help="time quantlab only")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1, help="best of N timed runs (each side)")
+    ap.add_argument("--venv", type=Path, default=Path("/tmp/llmc-venv"))
+    ap.add_argument("--workdir", type=Path, default=None, help="where W/H are exchanged (default: a temp dir)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    py = None if a.no_reference else ensure_venv(a.venv)
+    workdir = a.workdir or Path(tempfile.mkdtemp(prefix="gptq-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    hessians: dict[int, torch.Tensor] = {}
+    t_ours = t_ours_s = t_ref = 0.0
+    err_ratios, err_ratios_s = [], []
+    print(f"GPTQ w{BITS} g{GROUP} sym, damp {DAMP}, block {BLOCK}, fp32 CPU, {a.threads} thread(s)")
+    for out_f, in_f in SIZES[a.sizes]:
+        H = hessians.setdefault(in_f, make_hessian(in_f))
+        W = make_weight(out_f, in_f)
+        W_hat, t = time_ours(W, H, a.repeat)
+        err = relative_output_error(W, W_hat, H)
+        W_hat_s, t_s = time_ours(W, H, a.repeat, static_groups=True)
+        err_s = relative_output_error(W, W_hat_s, H)
+        line = (f"{out_f}x{in_f}: quantlab {t:.2f}s err {err:.6e} | quantlab static_groups {t_s:.2f}s "
+                f"err {err_s:.6e}")
+        t_ours += t
+        t_ours_s += t_s
+        if py is not None:
+            W_ref, t_r = run_reference(py, W, H, workdir, a.threads, a.repeat)
+            err_r = relative_output_error(W, W_ref, H)
+            line += f" | llm-compressor {t_r:.2f}s err {err_r:.6e}"
+            t_ref += t_r
+            err_ratios.append(err / err_r)
+            err_ratios_s.append(err_s / err_r)
+        print(line, flush=True)
+    if py is None:
+        print(f"time_ours={t_ours:.2f}s (no reference run)")
+        return
+    print(f"static_groups: time_ratio={t_ours_s / t_ref:.3f} error_ratio={_geomean(err_ratios_s):.4f}")
+    print(f"time_ratio={t_ours / t_ref:.3f} error_ratio={_geomean(err_ratios):.4f}")
+
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""End to end on a small toy checkpoint: artifacts, resume after SIGKILL (byte-identical), invalidation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from quantlab.pipeline import run_all
+from quantlab.toys.build import build_toy
+
+RECIPE = {
+    "name": "test-luq",
+    "calibration": {"num_samples": 6, "alpha": 0.5, "max_tokens": 128, "seed": 0},
+    "stats": {"entropy_k": 4, "entropy_max_tokens": 256},
+    "plan": {"planner": "luq", "k": 3,
+             "low": {"backend": "billm", "bits": 1, "group_size": 128},
+             "high": {"backend": "gptq", "bits": 4, "group_size": 128},
+             "rules": [{"match": "component:vision", "scheme": None}, {"match": "component:head", "scheme": None}]},
+    "eval": {"limit": 10, "batch_size": 10},
+}
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("toy")
+    model, processor = build_toy("toy-llava")
+    model.save_pretrained(d)
+    processor.save_pretrained(d)
+    return d
+
+
+def _recipe(tmp_path: Path, **plan) -> Path:
+    r = json.loads(json.dumps(RECIPE))
+    r["plan"].update(plan)
+    p = tmp_path / "recipe.yaml"
+    p.write_text(yaml.safe_dump(r))
+    return p
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_run_leaves_every_artifact(toy_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = run_all(str(toy_dir), _recipe(tmp_path), out, progress=False, say=lambda m: None)
+    for rel in ("recipe.yaml", "state.json", "stats/stats.safetensors", "stats/summary.json", "stats/entropy.png",
+                "plan.yaml", "quant/block_007.safetensors", "model/quantlab.json", "model/README.md",
+                "model/plan.yaml", "eval/baseline.json", "eval/quantized.json", "report.md", "report.json"):
+        assert (out / rel).exists(), rel
+    plan = yaml.safe_load((out / "plan.yaml").read_text())
+    backends = [s["backend"] for s in plan["layers"].values() if s]
+    assert backends.count("billm") == 3 * 7 and backends.count("gptq") == 5 * 7
+    assert summary["eval"]["quantized"]["n"] == 10
+
+
+def test_changed_recipe_invalidates_downstream(toy_dir, tmp_path):
+    out = tmp_path / "run"
+    run_all(str(toy_dir), _recipe(tmp_path), out, progress=False, say=lambda m: None, stop_after="export")
+    first = _sha(out / "model" / "quantized.safetensors")
+    stats_mtime = (out / "stats" / "stats.safetensors").stat().st_mtime
+    run_all(str(toy_dir), _recipe(tmp_path, k=5), out, progress=False, say=lambda m: None, stop_after="export")
+    assert (out / "stats" / "stats.safetensors").stat().st_mtime == stats_mtime  # calibration reused
+    assert _sha(out / "model" / "quantized.safetensors") != first
+    plan = yaml.safe_load((out / "plan.yaml").read_text())
+    assert sum(1 for s in plan["layers"].values() if s and s["backend"] == "billm") == 5 * 7
+
+
+def test_refuses_foreign_directory(toy_dir, tmp_path):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a quantlab run directory"):
+        run_all(str(toy_dir), _recipe(tmp_path), tmp_path / "busy", progress=False, say=lambda m: None)
+    assert (tmp_path / "busy" / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_sigkill_during_quantize_resumes_byte_identical(toy_dir, tmp_path):
+    recipe = _recipe(tmp_path)
+    ref = tmp_path / "ref"
+    run_all(str(toy_dir), recipe, ref, progress=False, say=lambda m: None, stop_after="export")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "quantlab.cli", "export", "--help"]  # warm imports for the subprocess
+    subprocess.run(cmd, capture_output=True, check=True)
+    code = (f"from quantlab.pipeline import run_all; run_all({str(toy_dir)!r}, {str(recipe)!r}, {str(out)!r}, "
+            "progress=False, say=lambda m: None, stop_after='export')")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not (out / "quant" / "block_002.safetensors").exists():
+        assert proc.poll() is None, "the run finished before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "model").exists()
+    run_all(str(toy_dir), recipe, out, progress=False, say=lambda m: None, stop_after="export")
+    for f in ("model.safetensors", "quantized.safetensors"):
+        assert _sha(out / "model" / f) == _sha(ref / "model" / f), f
