@@ -15,11 +15,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console()
 
 
-def _not_built(stage: str, issue: str) -> None:
-    console.print(f"[bold red]quantlab {stage}[/]: this stage is not built yet (tracked in the {issue} issue).")
-    raise typer.Exit(code=2)
-
-
 @app.command()
 def models() -> None:
     """List the supported architecture families and the built-in model aliases."""
@@ -43,35 +38,32 @@ def models() -> None:
 
 @app.command("eval")
 def eval_(
-    model: Annotated[str, typer.Argument(help="alias, checkpoint directory or hub id")],
+    model: Annotated[str, typer.Argument(help="alias, checkpoint directory (any format) or hub id")],
     tasks: Annotated[str, typer.Option(help="comma-separated task names")] = "shapes-vqa",
-    limit: Annotated[int, typer.Option(help="number of items per task")] = 500,
-    batch_size: Annotated[int, typer.Option()] = 64,
+    data_dir: Annotated[Optional[Path], typer.Option(help="root of the benchmark folders")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="seeded subset of this many items per task")] = 500,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    seed: Annotated[int, typer.Option()] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write results as JSON here")] = None,
 ) -> None:
-    """Evaluate a model (built-in toy, local checkpoint or hub id) on VQA tasks."""
-    from quantlab.eval.shapes_eval import evaluate_shapes
-    from quantlab.models import load_model
+    """Evaluate a model (built-in toy, local checkpoint, quantlab native checkpoint or hub id) on VQA tasks."""
+    from quantlab.eval.runner import evaluate
+    from quantlab.models.load import open_model
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    unknown = [t for t in names if t != "shapes-vqa"]
-    if unknown:
-        console.print(f"[red]unknown or not yet supported task(s) {unknown}; available: ['shapes-vqa'][/]")
-        raise typer.Exit(code=2)
-    loaded = load_model(model)
-    results = {"model": model, "tasks": {}}
-    for name in names:
-        r = evaluate_shapes(loaded, n=limit, batch_size=batch_size)
-        results["tasks"][name] = r
-        table = Table(title=f"{name} ({r['n']} items)")
+    loaded = open_model(model)
+    report = evaluate(loaded, names, data_dir=data_dir, limit=limit, seed=seed, batch_size=batch_size, progress=True)
+    for name, r in report.tasks.items():
+        table = Table(title=f"{name} ({r.n} items, {r.n_failed} failed)")
         table.add_column("question type")
-        table.add_column("accuracy", justify="right")
-        for t, acc in r["per_type"].items():
-            table.add_row(t, f"{acc:.3f}")
-        table.add_row("[bold]overall[/]", f"[bold]{r['accuracy']:.3f}[/]")
+        table.add_column("n", justify="right")
+        table.add_column("score", justify="right")
+        for t, ts in r.per_type.items():
+            table.add_row(t, str(ts.n), f"{ts.score:.3f}")
+        table.add_row("[bold]overall[/]", str(r.n), f"[bold]{r.score:.3f}[/]" if r.score is not None else "-")
         console.print(table)
     if json_out is not None:
-        _write_json_atomic(json_out, results)
+        report.save_json(json_out)
         console.print(f"wrote {json_out}")
 
 
@@ -146,11 +138,16 @@ def quantize(
     summary = run_all(model, recipe, out, overwrite=overwrite, overrides=_overrides(set_),
                       say=lambda m: console.print(f"[bold cyan]{m}[/]"))
     console.print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
-    if "eval" in summary:
-        e = summary["eval"]
-        console.print(f"accuracy: baseline {e['baseline']['accuracy']:.3f}  quantized {e['quantized']['accuracy']:.3f}")
+    for key, rep in summary.get("eval", {}).items():
+        console.print(f"{key}: " + ", ".join(f"{t} {r.score:.3f}" for t, r in rep.tasks.items()))
     if push_to_hub:
-        _not_built("quantize --push-to-hub", "Export")
+        from quantlab.export.hub import push_to_hub as push
+
+        try:
+            console.print(f"pushed: {push(summary['model_dir'], push_to_hub)}")
+        except ConnectionError as err:
+            console.print(f"[red]{err}[/]")
+            raise typer.Exit(code=1) from None
 
 
 def _stage_on_run(run_dir: Path, stop_after: str) -> None:

@@ -59,6 +59,7 @@ class ExportSpec(_Strict):
 
 class EvalSpec(_Strict):
     tasks: list[str] = Field(default_factory=lambda: ["shapes-vqa"])
+    data_dir: str | None = Field(default=None, description="root of the benchmark folders (not needed for shapes-vqa)")
     limit: int = 500
     batch_size: int = 32
 

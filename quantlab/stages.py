@@ -120,53 +120,50 @@ def stage_export(ctx: StageContext, plan, results) -> Path:
 
 
 def stage_eval(ctx: StageContext, quantized_loaded) -> dict:
-    """Evaluate the base model and the quantized model on the recipe's tasks."""
-    from quantlab.eval.shapes_eval import evaluate_shapes
+    """Evaluate the base model and the (in-memory, fake-quant) quantized model on the recipe's tasks."""
+    from quantlab.eval.runner import EvalReport, evaluate
+    from quantlab.models import load_model
 
     run = ctx.run
     spec = ctx.recipe.eval
     fp = fingerprint(run.state["export"]["fingerprint"], spec.model_dump(mode="json"))
-    out = {}
-    if run.fresh("eval", fp) and (run.eval / "quantized.json").is_file():
-        return {k: json.loads((run.eval / f"{k}.json").read_text()) for k in ("baseline", "quantized")}
+    files = {k: run.eval / f"{k}.json" for k in ("baseline", "quantized")}
+    if run.fresh("eval", fp) and all(f.is_file() for f in files.values()):
+        return {k: EvalReport.load_json(f) for k, f in files.items()}
     run.eval.mkdir(exist_ok=True)
-    from quantlab.models import load_model
-
-    for key, loaded in (("quantized", quantized_loaded), ("baseline", None)):
-        loaded = loaded or load_model(ctx.model_name)
-        with torch.no_grad():
-            out[key] = evaluate_shapes(loaded, n=spec.limit, batch_size=spec.batch_size)
-        (run.eval / f"{key}.json").write_text(json.dumps(out[key], indent=2) + "\n")
+    out = {}
+    for key in ("quantized", "baseline"):
+        loaded = quantized_loaded if key == "quantized" else load_model(ctx.model_name)
+        out[key] = evaluate(loaded, spec.tasks, data_dir=spec.data_dir, limit=spec.limit,
+                            batch_size=spec.batch_size, progress=ctx.progress)
+        out[key].save_json(files[key])
     run.done("eval")
     return out
 
 
 def stage_report(ctx: StageContext, plan, results, evals: dict) -> Path:
-    """report.md / report.json: accuracy baseline vs quantized, memory predicted vs on disk."""
+    """report.md / report.json / report.png: accuracy and memory, baseline vs quantized."""
+    from quantlab.eval.memory import memory_report
+    from quantlab.eval.report import compare, write_report
     from quantlab.export.card import write_model_card
+    from quantlab.models.load import resolve
+    from quantlab.plan.cost import model_size
 
     run = ctx.run
     run.fresh("report", fingerprint(run.state["eval"]["fingerprint"]))
-    disk = sum(f.stat().st_size for f in run.model.glob("*.safetensors"))
-    bits = [r.bits_per_weight for r in results.values()]
-    report = {
-        "model": ctx.model_name, "recipe": ctx.recipe.name, "format": run.state["export"]["format"],
-        "predicted_bytes": plan.predicted_bytes, "disk_bytes": disk,
-        "mean_bits_per_weight_quantized_linears": sum(bits) / max(len(bits), 1),
-        "accuracy": {k: v["accuracy"] for k, v in evals.items()},
-        "per_type": {k: v["per_type"] for k, v in evals.items()},
+    base_dir = Path(resolve(ctx.model_name))
+    base_bytes = model_size(ctx.loaded.model, ctx.loaded.adapter, {}, plan.format, dtype_bytes=2).total_bytes
+    memory = {
+        "baseline": memory_report("baseline (fp16)", predicted=base_bytes,
+                                  directory=base_dir if base_dir.is_dir() else None,
+                                  runtime_source=base_dir if base_dir.is_dir() else None),
+        "quantized": memory_report(f"quantized ({run.state['export']['format']})", predicted=plan.predicted_bytes,
+                                   directory=run.model, runtime_source=run.model),
     }
-    (run.root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# quantlab report: {ctx.model_name} / {ctx.recipe.name}", "",
-             f"- format: {report['format']}", f"- predicted size: {plan.predicted_bytes:,} bytes",
-             f"- on disk (safetensors files): {disk:,} bytes", "",
-             "| question type | baseline | quantized | delta |", "|---|---|---|---|"]
-    for t in evals["baseline"]["per_type"]:
-        b, q = evals["baseline"]["per_type"][t], evals["quantized"]["per_type"].get(t, float("nan"))
-        lines.append(f"| {t} | {b:.3f} | {q:.3f} | {q - b:+.3f} |")
-    b, q = evals["baseline"]["accuracy"], evals["quantized"]["accuracy"]
-    lines.append(f"| **overall** | **{b:.3f}** | **{q:.3f}** | **{q - b:+.3f}** |")
-    (run.root / "report.md").write_text("\n".join(lines) + "\n")
-    write_model_card(run.model, ctx.model_name, ctx.recipe, plan, report["format"], eval_results=evals)
+    comparison = compare(evals["baseline"], evals["quantized"], memory)
+    paths = write_report(run.root, comparison)
+    scores = {k: {"task": t, "accuracy": r.score} for k, e in evals.items() for t, r in e.tasks.items()}
+    write_model_card(run.model, ctx.model_name, ctx.recipe, plan, run.state["export"]["format"],
+                     eval_results=scores)
     run.done("report")
-    return run.root / "report.md"
+    return paths["md"]

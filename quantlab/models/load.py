@@ -162,3 +162,13 @@ def load_model(
         cls = _processor_class(Path(src)) if is_local else None
         processor = load_processor(src, cls)
     return LoadedModel(model.eval(), processor, adapter, src)
+
+
+def open_model(name_or_path: str | Path, *, dtype: torch.dtype | None = None) -> LoadedModel:
+    """Any model quantlab can evaluate: a native quantlab checkpoint, or whatever :func:`load_model` takes."""
+    path = Path(resolve(name_or_path))
+    if (path / "quantlab.json").is_file():
+        from quantlab.export.native import load_quantized
+
+        return load_quantized(path, dtype=dtype or torch.float32)
+    return load_model(name_or_path, dtype=dtype)

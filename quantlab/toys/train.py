@@ -269,8 +269,21 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     info = {"toy": name, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "n_train": n_train,
             "aux_weight": aux_weight, "curriculum": curriculum, "bind_weight": bind_weight, "threads": threads, "train_seconds": round(time.time() - t0, 1),
             "torch": torch.__version__, "log": log}
+    info["test"] = test_accuracy(out)
+    info["total_seconds"] = round(time.time() - t0, 1)
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps(info["test"]), flush=True)
     return info
+
+
+def test_accuracy(out: Path, n: int = 500) -> dict:
+    """Greedy exact match of the saved (fp16) checkpoint on the shapes-VQA test split, per question type."""
+    from quantlab.eval.runner import evaluate
+    from quantlab.models import load_model
+
+    report = evaluate(load_model(out, dtype=torch.float32), ["shapes-vqa"], data_dir=None, limit=n)
+    r = report.tasks["shapes-vqa"]
+    return {"n": r.n, "accuracy": r.score, "per_type": {t: s.score for t, s in r.per_type.items()}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -280,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=2500)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--n-train", type=int, default=20000)
+    ap.add_argument("--n-train", type=int, default=40000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--aux-weight", type=float, default=0.5)
     ap.add_argument("--threads", type=int, default=2)
