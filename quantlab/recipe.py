@@ -48,6 +48,8 @@ class PlanSpec(_Strict):
     candidates: list[QuantScheme] = Field(default_factory=list, description="budget: allowed schemes")
     k: int | None = Field(default=None, description="luq: number of low-entropy blocks to quantize low")
     target_avg_bits: float | None = None
+    search_max_kl: float | None = Field(default=None, description="luq: binary-search the largest k whose "
+                                        "logit KL to the full-precision model stays below this")
     budget_gb: float | None = None
     entropy_modality: Literal["all", "image", "text"] = "all"
     rules: list[RuleSpec] = Field(default_factory=list)

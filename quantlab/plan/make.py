@@ -61,7 +61,7 @@ def make_plan(loaded: LoadedModel, stats, spec: PlanSpec, *, export_format: str 
             raise ValueError("plan.planner 'uniform' needs plan.scheme")
         layers = {n: spec.scheme for n in decoder}
     elif spec.planner == "luq":
-        layers, info = _luq(loaded, stats, spec, blocks, linears, export_format, budget_bytes)
+        layers, info = _luq(loaded, stats, spec, blocks, linears, export_format, budget_bytes, samples)
     elif spec.planner == "budget":
         layers, info = _budget(loaded, stats, spec, blocks, linears, export_format, samples, budget_bytes, progress)
     else:  # pragma: no cover - PlanSpec validates the name
@@ -80,15 +80,34 @@ def _fixed_bytes(loaded: LoadedModel, linears: dict[str, nn.Linear], planned: se
     return total - sum(_bytes(linears[n], None, fmt) for n in planned)
 
 
-def _luq(loaded, stats, spec: PlanSpec, blocks, linears, export_format, budget_bytes):
+def _luq_search(loaded, stats, spec: PlanSpec, order, blocks, samples):
+    """LUQ's search: the largest k whose logit KL (fp vs quantized, Hessian-based proxy) <= the threshold."""
+    from quantlab.plan.sensitivity import quantized_kl
+
+    if not samples:
+        raise ValueError("plan.search_max_kl needs calibration samples")
+
+    def score(k: int) -> float:
+        lows = set(order[:k])
+        mapping = {n: spec.low if b in lows else spec.high for b, ns in blocks.items() for n in ns}
+        return -quantized_kl(loaded, samples, mapping, stats.hessians)
+
+    k, probes = planners.luq_search(order, score, -spec.search_max_kl)
+    return (k or 0), [{"k": kk, "kl": -s} for kk, s in probes]
+
+
+def _luq(loaded, stats, spec: PlanSpec, blocks, linears, export_format, budget_bytes, samples=()):
     if spec.low is None or spec.high is None:
         raise ValueError("plan.planner 'luq' needs plan.low and plan.high schemes")
     entropy = stats.block_entropy(spec.entropy_modality, "kmeans")
     entropy = {b: entropy[b] for b in blocks}
     order = planners.luq_order(entropy)
     fmt = plan_format([spec.low, spec.high], export_format)
+    probes = None
     if spec.k is not None:
         k = spec.k
+    elif spec.search_max_kl is not None:
+        k, probes = _luq_search(loaded, stats, spec, order, blocks, samples)
     else:
         budget = budget_bytes if budget_bytes is not None else (
             int(spec.budget_gb * 1e9) if spec.budget_gb is not None else None)
@@ -106,6 +125,8 @@ def _luq(loaded, stats, spec: PlanSpec, blocks, linears, export_format, budget_b
                            "scheme": (spec.low if b in lows else spec.high).label()} for b in sorted(blocks)}
     info["luq"] = {"k": k, "order": order, "modality": spec.entropy_modality,
                    "nominal_avg_bits": round(_nominal(layers, linears), 4)}
+    if probes is not None:
+        info["luq"]["search_probes"] = probes
     return layers, info
 
 

@@ -64,6 +64,31 @@ def kl_damage(ref: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> float
     return total / max(count, 1)
 
 
+def _fake_quantize(linear: nn.Linear, weight: torch.Tensor, scheme: QuantScheme, h: torch.Tensor | None) -> None:
+    if h is not None:
+        h = h / max(float(h.diagonal().mean()), 1e-12)  # scale-free; GPTQ damps relative to the mean diagonal
+    linear.weight.data.copy_(quantize_weight(weight, scheme, hessian=h).dequantized)
+
+
+@torch.no_grad()
+def quantized_kl(loaded: LoadedModel, samples: Sequence[CalibSample], mapping: Mapping[str, QuantScheme],
+                 hessians: Mapping[str, torch.Tensor]) -> float:
+    """KL of the model with every Linear of ``mapping`` quantized (full-precision Hessians) to the fp model.
+
+    A fast proxy (no sequential re-calibration); the weights are restored afterwards.
+    """
+    modules = dict(loaded.model.named_modules())
+    ref = _log_probs(loaded, samples)
+    originals = {n: modules[n].weight.data.clone() for n in mapping}
+    try:
+        for n, scheme in mapping.items():
+            _fake_quantize(modules[n], originals[n], scheme, hessians.get(n))
+        return kl_damage(ref, _log_probs(loaded, samples))
+    finally:
+        for n, w in originals.items():
+            modules[n].weight.data.copy_(w)
+
+
 @torch.no_grad()
 def measure_damage(
     loaded: LoadedModel,
@@ -83,11 +108,7 @@ def measure_damage(
             originals = {n: modules[n].weight.data.clone() for n in unit}
             for scheme in candidates:
                 for n in unit:
-                    lin: nn.Linear = modules[n]
-                    h = hessians.get(n)
-                    if h is not None:
-                        h = h / max(float(h.diagonal().mean()), 1e-12)  # scale-free; GPTQ damps relatively
-                    lin.weight.data.copy_(quantize_weight(originals[n], scheme, hessian=h).dequantized)
+                    _fake_quantize(modules[n], originals[n], scheme, hessians.get(n))
                 damage[unit, scheme.label()] = kl_damage(ref, _log_probs(loaded, samples))
                 for n in unit:
                     modules[n].weight.data.copy_(originals[n])

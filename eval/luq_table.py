@@ -1,0 +1,134 @@
+"""The LUQ main table, in miniature, on the toy VLMs.
+
+    python eval/luq_table.py --model toy-llava --out eval/results/toy-llava.json
+
+Rows: fp32; RTN and GPTQ at 4/3/2 bits uniform; BiLLM on every decoder block; LUQ (the paper's rule:
+lowest-entropy blocks to BiLLM until the nominal average reaches 2.54 bits, the rest GPTQ W4 g128);
+LUQ with GPTQ W2 g64 as the ultra-low scheme (exportable to compressed-tensors); and quantlab's budget
+planner (measured KL sensitivity + exact MILP) given the same bytes as each LUQ row.
+Columns: shapes-VQA exact match per question type and overall, POPE-style F1 on the yes/no (exist)
+questions, predicted bytes of the decoder Linears and of the whole model, exact stored bits per decoder
+weight, nominal bits (LUQ's convention) and the decoder-Linear memory saving vs uniform GPTQ W4 g128.
+
+Every row starts from the same full-precision weights and the same calibration set (seeded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from quantlab.apply import quantize
+from quantlab.calib.collect import calibrate
+from quantlab.calib.data import CalibDataOptions, build_calibration_set
+from quantlab.eval.runner import evaluate
+from quantlab.models import Component, load_model
+from quantlab.plan.cost import model_size
+from quantlab.plan.make import make_plan
+from quantlab.quant.scheme import QuantScheme
+from quantlab.recipe import PlanSpec, RuleSpec
+
+W4 = QuantScheme(backend="gptq", bits=4, group_size=128)
+KEEP = [RuleSpec(match=f"component:{c}", scheme=None) for c in ("vision", "projector", "head")]
+
+
+def uniform(backend: str, bits: int, group: int) -> PlanSpec:
+    return PlanSpec(planner="uniform", scheme=QuantScheme(backend=backend, bits=bits, group_size=group), rules=KEEP)
+
+
+def rows() -> dict[str, PlanSpec]:
+    out = {}
+    for bits, group in ((4, 128), (3, 128), (2, 64)):
+        out[f"RTN W{bits} g{group}"] = uniform("rtn", bits, group)
+        out[f"GPTQ W{bits} g{group}"] = uniform("gptq", bits, group)
+    out["BiLLM all blocks"] = uniform("billm", 1, 128)
+    out["LUQ (BiLLM + W4), 2.54 nominal bits"] = PlanSpec(
+        planner="luq", low=QuantScheme(backend="billm", bits=1, group_size=128), high=W4, target_avg_bits=2.54,
+        rules=KEEP)
+    out["LUQ (W2g64 + W4), 2.54 nominal bits"] = PlanSpec(
+        planner="luq", low=QuantScheme(backend="gptq", bits=2, group_size=64), high=W4, target_avg_bits=2.54,
+        rules=KEEP)
+    return out
+
+
+BUDGET_CANDIDATES = [QuantScheme(backend="gptq", bits=b, group_size=g) for b, g in ((2, 64), (3, 128), (4, 128), (8, 128))]
+
+
+def evaluate_row(name: str, base, samples, stats, spec: PlanSpec, *, limit: int, budget_bytes: int | None = None) -> dict:
+    loaded = copy.deepcopy(base)
+    t0 = time.time()
+    fmt = "native" if spec.planner != "budget" and any(
+        s is not None and s.backend == "billm" for s in (spec.scheme, spec.low)) else "compressed-tensors"
+    plan = make_plan(loaded, stats, spec, export_format=fmt, samples=samples, budget_bytes=budget_bytes,
+                     progress=False)
+    quantize(loaded, plan.layers, samples, progress=False)
+    seconds = time.time() - t0
+    report = evaluate(loaded, ["shapes-vqa"], data_dir=None, limit=limit, batch_size=64)
+    r = report.tasks["shapes-vqa"]
+    return {"row": name, "plan": plan, "format": fmt, "accuracy": r.score,
+            "per_type": {t: s.score for t, s in r.per_type.items()},
+            "exist_f1": r.aggregates.get("exist", {}).get("f1"), "quantize_seconds": round(seconds, 1)}
+
+
+def sizes(base, plan, fmt: str) -> dict:
+    rep = model_size(base.model, base.adapter, plan.layers, fmt, dtype_bytes=2)
+    return {"model_bytes": rep.total_bytes, "decoder_linear_bytes": rep.decoder_linear_bytes,
+            "avg_bits": rep.avg_bits, "nominal_bits": rep.nominal_bits}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="toy-llava")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--limit", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    torch.manual_seed(a.seed)
+    base = load_model(a.model)
+    calib = build_calibration_set(base, CalibDataOptions(num_samples=a.samples, alpha=0.5, seed=a.seed))
+    stats = calibrate(base, calib, hessians=True, progress=False)
+    table = []
+    fp = evaluate(base, ["shapes-vqa"], data_dir=None, limit=a.limit, batch_size=64).tasks["shapes-vqa"]
+    fp_plan = {n: None for n, _ in base.adapter.iter_linears(base.model)}
+    rep = model_size(base.model, base.adapter, fp_plan, "compressed-tensors", dtype_bytes=2)
+    table.append({"row": "fp32 (stored fp16)", "accuracy": fp.score, "per_type": {t: s.score for t, s in fp.per_type.items()},
+                  "exist_f1": fp.aggregates.get("exist", {}).get("f1"), "model_bytes": rep.total_bytes,
+                  "decoder_linear_bytes": rep.decoder_linear_bytes, "avg_bits": 16.0, "nominal_bits": 16.0})
+    print(json.dumps(table[-1]), flush=True)
+    for name, spec in rows().items():
+        row = evaluate_row(name, base, calib.samples, stats, spec, limit=a.limit)
+        plan = row.pop("plan")
+        row.update(sizes(base, plan, row["format"]))
+        if name.startswith("LUQ"):
+            row["luq_k"] = plan.info["luq"]["k"]
+            row["luq_order"] = plan.info["luq"]["order"]
+        table.append(row)
+        print(json.dumps(row), flush=True)
+        if name.startswith("LUQ"):
+            bud = evaluate_row(f"quantlab budget @ {name.split(',')[0]} bytes", base, calib.samples, stats,
+                               PlanSpec(planner="budget", candidates=BUDGET_CANDIDATES, rules=KEEP),
+                               limit=a.limit, budget_bytes=plan.predicted_bytes if row["format"] == "compressed-tensors"
+                               else row["model_bytes"])
+            bplan = bud.pop("plan")
+            bud.update(sizes(base, bplan, bud["format"]))
+            bud["choice"] = {k: v["choice"] for k, v in bplan.info.items() if isinstance(v, dict) and "choice" in v}
+            table.append(bud)
+            print(json.dumps({k: v for k, v in bud.items() if k != "choice"}), flush=True)
+    w4 = next(r for r in table if r["row"] == "GPTQ W4 g128")
+    for r in table:
+        r["saving_vs_w4_decoder"] = 1 - r["decoder_linear_bytes"] / w4["decoder_linear_bytes"]
+        r["rel_acc_drop_vs_w4"] = (w4["accuracy"] - r["accuracy"]) / w4["accuracy"]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"model": a.model, "samples": a.samples, "limit": a.limit, "seed": a.seed,
+                                 "rows": table}, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

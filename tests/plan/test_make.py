@@ -1,0 +1,70 @@
+"""make_plan end to end on a tiny model: LUQ (k, nominal-bit target, KL search) and the budget planner."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantlab.calib.collect import calibrate
+from quantlab.plan.make import make_plan
+from quantlab.quant.scheme import QuantScheme
+from quantlab.recipe import PlanSpec, RuleSpec
+from tests.test_apply import _setup
+
+LOW = QuantScheme(backend="billm", bits=1, group_size=32)
+HIGH = QuantScheme(backend="gptq", bits=4, group_size=32)
+KEEP = [RuleSpec(match="component:vision", scheme=None), RuleSpec(match="component:head", scheme=None)]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    loaded, samples = _setup("llava")
+    stats = calibrate(loaded, samples, hessians=True, entropy_k=4, max_tokens=64, linear_max_tokens=64, progress=False)
+    return loaded, samples, stats
+
+
+def test_luq_fixed_k_puts_lowest_entropy_block_low(setup):
+    loaded, samples, stats = setup
+    plan = make_plan(loaded, stats, PlanSpec(planner="luq", low=LOW, high=HIGH, k=1, rules=KEEP))
+    ent = stats.block_entropy("all")
+    low_block = min(ent, key=ent.get)
+    for name, scheme in plan.layers.items():
+        if ".language_model.layers." in name:
+            expected = LOW if f".layers.{low_block}." in name else HIGH
+            assert scheme == expected, name
+        elif "vision_tower" in name or name == "lm_head":
+            assert scheme is None
+    assert plan.format == "native" and plan.info["luq"]["k"] == 1
+
+
+def test_luq_nominal_target_picks_smallest_k(setup):
+    loaded, samples, stats = setup
+    plan = make_plan(loaded, stats, PlanSpec(planner="luq", low=LOW, high=HIGH, target_avg_bits=2.54, rules=KEEP))
+    assert plan.info["luq"]["k"] == 1  # (1.08 + 4) / 2 = 2.54 with two blocks
+    assert plan.info["luq"]["nominal_avg_bits"] == pytest.approx(2.54)
+
+
+def test_luq_search_reports_probes(setup):
+    loaded, samples, stats = setup
+    plan = make_plan(loaded, stats, PlanSpec(planner="luq", low=LOW, high=HIGH, search_max_kl=1e9, rules=KEEP),
+                     samples=samples)
+    assert plan.info["luq"]["k"] == 2 and plan.info["luq"]["search_probes"]
+    strict = make_plan(loaded, stats, PlanSpec(planner="luq", low=LOW, high=HIGH, search_max_kl=0.0, rules=KEEP),
+                       samples=samples)
+    assert strict.info["luq"]["k"] == 0
+
+
+def test_budget_planner_respects_budget_and_ties(setup):
+    loaded, samples, stats = setup
+    cands = [QuantScheme(backend="gptq", bits=b, group_size=32) for b in (2, 4, 8)]
+    spec = PlanSpec(planner="budget", candidates=cands, target_avg_bits=4.0, rules=KEEP)
+    plan = make_plan(loaded, stats, spec, samples=samples, progress=False)
+    dec = {n: s for n, s in plan.layers.items() if ".language_model.layers." in n}
+    bits = [s.bits for s in dec.values()]
+    assert set(bits) <= {2, 4, 8} and len(set(bits)) > 1  # a real mix, not a uniform answer
+    for b in range(2):
+        p = f"model.language_model.layers.{b}."
+        assert dec[p + "self_attn.q_proj"] == dec[p + "self_attn.k_proj"] == dec[p + "self_attn.v_proj"]
+        assert dec[p + "mlp.gate_proj"] == dec[p + "mlp.up_proj"]
+    assert plan.info["budget"]["unit_bytes"] <= plan.info["budget"]["unit_budget_bytes"]
+    tight = make_plan(loaded, stats, spec.model_copy(update={"target_avg_bits": 2.6}), samples=samples, progress=False)
+    assert tight.predicted_bytes < plan.predicted_bytes
