@@ -22,7 +22,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: install
-	$(BIN)/quantlab eval toy-llava --tasks shapes-vqa --json runs/demo/eval.json
+	$(BIN)/quantlab quantize toy-llava --recipe recipes/luq.yaml --out runs/demo
 
 # Rebuild the shipped toy models from scratch (deterministic; ~10-20 min each on 2 cores).
 toys: install
