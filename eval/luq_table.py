@@ -127,7 +127,25 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"model": a.model, "samples": a.samples, "limit": a.limit, "seed": a.seed,
                                  "rows": table}, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    a.out.with_suffix(".md").write_text(markdown(a.model, table))
+    print(markdown(a.model, table))
+    print(f"wrote {a.out} and {a.out.with_suffix('.md')}")
+
+
+def markdown(model: str, table: list[dict]) -> str:
+    """The table as markdown (accuracy per question type, POPE F1, bytes, bits, saving vs W4)."""
+    types = sorted(table[0]["per_type"])
+    head = ["row", *types, "overall", "exist F1", "decoder Linear bytes", "model bytes", "bits/weight (stored)",
+            "nominal bits", "saving vs W4 (decoder)", "rel. drop vs W4"]
+    lines = [f"### {model}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        f1 = r.get("exist_f1")
+        cells = [r["row"], *(f"{r['per_type'][t]:.3f}" for t in types), f"**{r['accuracy']:.3f}**",
+                 "-" if f1 is None else f"{f1:.3f}", f"{r['decoder_linear_bytes']:,}", f"{r['model_bytes']:,}",
+                 f"{r['avg_bits']:.3f}", f"{r['nominal_bits']:.2f}", f"{100 * r['saving_vs_w4_decoder']:.1f}%",
+                 f"{100 * r['rel_acc_drop_vs_w4']:.1f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

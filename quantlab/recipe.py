@@ -52,6 +52,7 @@ class PlanSpec(_Strict):
                                         "logit KL to the full-precision model stays below this")
     budget_gb: float | None = None
     entropy_modality: Literal["all", "image", "text"] = "all"
+    sensitivity_samples: int = Field(default=32, ge=1, description="budget: calibration samples used to measure damage")
     rules: list[RuleSpec] = Field(default_factory=list)
 
 

@@ -112,7 +112,7 @@ def stage_export(ctx: StageContext, plan, results) -> Path:
     write_dir_atomic(run.model, lambda d: writers[fmt](ctx.loaded, results, d), overwrite=True)
     from quantlab.export.card import write_model_card
 
-    write_model_card(run.model, ctx.model_name, ctx.recipe, plan, fmt)
+    write_model_card(run.model, ctx.model_name, ctx.recipe, plan, fmt, ctx.loaded.adapter)
     (run.model / "recipe.yaml").write_text(ctx.recipe.to_yaml())
     plan.to_yaml(run.model / "plan.yaml", overwrite=True)
     run.done("export", format=fmt)
@@ -164,6 +164,6 @@ def stage_report(ctx: StageContext, plan, results, evals: dict) -> Path:
     paths = write_report(run.root, comparison)
     scores = {k: {"task": t, "accuracy": r.score} for k, e in evals.items() for t, r in e.tasks.items()}
     write_model_card(run.model, ctx.model_name, ctx.recipe, plan, run.state["export"]["format"],
-                     eval_results=scores)
+                     ctx.loaded.adapter, eval_results=scores)
     run.done("report")
     return paths["md"]

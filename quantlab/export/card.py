@@ -24,12 +24,12 @@ LOAD_SNIPPETS = {
 }
 
 
-def model_card(base_model: str, recipe, plan, fmt: str, *, eval_results: dict | None = None,
+def model_card(base_model: str, recipe, plan, fmt: str, adapter, *, eval_results: dict | None = None,
                repo: str = "THIS_DIR") -> str:
     """The README.md text: metadata header, plan summary per component, memory, eval, how to load."""
     per_comp: dict[str, Counter] = {}
     for name, scheme in plan.layers.items():
-        comp = "decoder" if ".layers." in name and "language_model" in name else name.split(".")[1] if "." in name else name
+        comp = adapter.component_of(name).value
         per_comp.setdefault(comp, Counter())[scheme.label() if scheme else "kept (fp16)"] += 1
     lines = [
         "---",
@@ -61,7 +61,9 @@ def model_card(base_model: str, recipe, plan, fmt: str, *, eval_results: dict | 
     return "\n".join(lines)
 
 
-def write_model_card(out: Path, base_model: str, recipe, plan, fmt: str, eval_results: dict | None = None) -> Path:
+def write_model_card(out: Path, base_model: str, recipe, plan, fmt: str, adapter,
+                     eval_results: dict | None = None) -> Path:
+    """Write ``out/README.md`` (see :func:`model_card`)."""
     path = Path(out) / "README.md"
-    path.write_text(model_card(base_model, recipe, plan, fmt, eval_results=eval_results))
+    path.write_text(model_card(base_model, recipe, plan, fmt, adapter, eval_results=eval_results))
     return path

@@ -156,7 +156,11 @@ def _budget(loaded, stats, spec: PlanSpec, blocks, linears, export_format, sampl
         unit_budget = int(spec.target_avg_bits * sum(linears[n].weight.numel() for n in names) / 8)
     else:
         raise ValueError("plan.planner 'budget' needs plan.budget_gb or plan.target_avg_bits")
-    damage = measure_damage(loaded, samples, units, spec.candidates, stats.hessians, progress=progress)
+    # Sensitivity runs one forward of the subset per (unit, candidate); an evenly strided subset (image
+    # and text samples alike) bounds the cost.
+    stride = max(1, len(samples) // spec.sensitivity_samples)
+    subset = list(samples)[::stride][: spec.sensitivity_samples]
+    damage = measure_damage(loaded, subset, units, spec.candidates, stats.hessians, progress=progress)
     by_label = {c.label(): c for c in spec.candidates}
     sol = planners.budget(units, list(by_label), damage, cost, unit_budget)
     layers = {n: by_label[sol.choice[u]] for u in units for n in u}

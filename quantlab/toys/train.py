@@ -10,6 +10,7 @@ learning a lot and is dropped after training (the saved model is a plain transfo
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import math
 import time
@@ -266,7 +267,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)
     processor.save_pretrained(out)
-    info = {"toy": name, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "n_train": n_train,
+    info = {"command": "python -m quantlab.toys.train " + " ".join(sys.argv[1:]), "toy": name, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "n_train": n_train,
             "aux_weight": aux_weight, "curriculum": curriculum, "bind_weight": bind_weight, "threads": threads, "train_seconds": round(time.time() - t0, 1),
             "torch": torch.__version__, "log": log}
     info["test"] = test_accuracy(out)
