@@ -40,20 +40,25 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
         self.video_processor = None
 
 
-IMAGE_ONLY_PROCESSORS: dict[str, type] = {
+IMAGE_ONLY_PROCESSORS: dict[str, type] = {  # processor_class as saved -> the class that loads it here
     "Qwen2VLProcessor": ImageOnlyQwen2VLProcessor,
     "Qwen2_5_VLProcessor": ImageOnlyQwen2_5_VLProcessor,
+    "ImageOnlyQwen2VLProcessor": ImageOnlyQwen2VLProcessor,
+    "ImageOnlyQwen2_5_VLProcessor": ImageOnlyQwen2_5_VLProcessor,
 }
 
 
 def load_processor(path: str | Path, processor_class: str | None = None, **kwargs: Any):
     """Load a processor with ``AutoProcessor``; fall back to the image-only Qwen classes without torchvision."""
+    image_only = IMAGE_ONLY_PROCESSORS.get(processor_class or "")
     try:
-        return AutoProcessor.from_pretrained(path, **kwargs)
-    except (AttributeError, ImportError, ModuleNotFoundError, ValueError) as err:
-        cls = IMAGE_ONLY_PROCESSORS.get(processor_class or "")
-        if cls is None:
+        proc = AutoProcessor.from_pretrained(path, **kwargs)
+    except (AttributeError, ImportError, ModuleNotFoundError, ValueError):
+        if image_only is None:
             raise
         # Only the torchvision-dependent video processor failed; the image path is unaffected.
-        del err
-        return cls.from_pretrained(path, **kwargs)
+        return image_only.from_pretrained(path, **kwargs)
+    if image_only is not None and not hasattr(proc, "image_processor"):
+        # Without torchvision, AutoProcessor silently degrades a Qwen processor to its bare tokenizer.
+        return image_only.from_pretrained(path, **kwargs)
+    return proc
