@@ -30,6 +30,7 @@ from quantlab.eval.runner import evaluate
 from quantlab.models import Component, load_model
 from quantlab.plan.cost import model_size
 from quantlab.plan.make import make_plan
+from quantlab.plan.sensitivity import _log_probs, kl_damage
 from quantlab.quant.scheme import QuantScheme
 from quantlab.recipe import PlanSpec, RuleSpec
 
@@ -59,7 +60,8 @@ def rows() -> dict[str, PlanSpec]:
 BUDGET_CANDIDATES = [QuantScheme(backend="gptq", bits=b, group_size=g) for b, g in ((2, 64), (3, 128), (4, 128), (8, 128))]
 
 
-def evaluate_row(name: str, base, samples, stats, spec: PlanSpec, *, limit: int, budget_bytes: int | None = None) -> dict:
+def evaluate_row(name: str, base, samples, stats, spec: PlanSpec, *, limit: int, budget_bytes: int | None = None,
+                 held=None) -> dict:
     loaded = copy.deepcopy(base)
     t0 = time.time()
     fmt = "native" if spec.planner != "budget" and any(
@@ -70,7 +72,8 @@ def evaluate_row(name: str, base, samples, stats, spec: PlanSpec, *, limit: int,
     seconds = time.time() - t0
     report = evaluate(loaded, ["shapes-vqa"], data_dir=None, limit=limit, batch_size=64)
     r = report.tasks["shapes-vqa"]
-    return {"row": name, "plan": plan, "format": fmt, "accuracy": r.score,
+    kl = kl_damage(held[1], _log_probs(loaded, held[0])) if held is not None else None
+    return {"row": name, "plan": plan, "format": fmt, "accuracy": r.score, "kl_to_fp": kl,
             "per_type": {t: s.score for t, s in r.per_type.items()},
             "exist_f1": r.aggregates.get("exist", {}).get("f1"), "quantize_seconds": round(seconds, 1)}
 
@@ -93,16 +96,19 @@ def main() -> None:
     base = load_model(a.model)
     calib = build_calibration_set(base, CalibDataOptions(num_samples=a.samples, alpha=0.5, seed=a.seed))
     stats = calibrate(base, calib, hessians=True, progress=False)
+    # held-out image+text samples (other seed) for the logit-KL column: a continuous damage measure
+    held_set = build_calibration_set(base, CalibDataOptions(num_samples=64, alpha=1.0, seed=a.seed + 1))
+    held = (held_set.samples, _log_probs(base, held_set.samples))
     table = []
     fp = evaluate(base, ["shapes-vqa"], data_dir=None, limit=a.limit, batch_size=64).tasks["shapes-vqa"]
     fp_plan = {n: None for n, _ in base.adapter.iter_linears(base.model)}
     rep = model_size(base.model, base.adapter, fp_plan, "compressed-tensors", dtype_bytes=2)
     table.append({"row": "fp32 (stored fp16)", "accuracy": fp.score, "per_type": {t: s.score for t, s in fp.per_type.items()},
-                  "exist_f1": fp.aggregates.get("exist", {}).get("f1"), "model_bytes": rep.total_bytes,
+                  "exist_f1": fp.aggregates.get("exist", {}).get("f1"), "kl_to_fp": 0.0, "model_bytes": rep.total_bytes,
                   "decoder_linear_bytes": rep.decoder_linear_bytes, "avg_bits": 16.0, "nominal_bits": 16.0})
     print(json.dumps(table[-1]), flush=True)
     for name, spec in rows().items():
-        row = evaluate_row(name, base, calib.samples, stats, spec, limit=a.limit)
+        row = evaluate_row(name, base, calib.samples, stats, spec, limit=a.limit, held=held)
         plan = row.pop("plan")
         row.update(sizes(base, plan, row["format"]))
         if name.startswith("LUQ"):
@@ -114,7 +120,7 @@ def main() -> None:
             bud = evaluate_row(f"quantlab budget @ {name.split(',')[0]} bytes", base, calib.samples, stats,
                                PlanSpec(planner="budget", candidates=BUDGET_CANDIDATES, rules=KEEP),
                                limit=a.limit, budget_bytes=plan.predicted_bytes if row["format"] == "compressed-tensors"
-                               else row["model_bytes"])
+                               else row["model_bytes"], held=held)
             bplan = bud.pop("plan")
             bud.update(sizes(base, bplan, bud["format"]))
             bud["choice"] = {k: v["choice"] for k, v in bplan.info.items() if isinstance(v, dict) and "choice" in v}
@@ -135,13 +141,14 @@ def main() -> None:
 def markdown(model: str, table: list[dict]) -> str:
     """The table as markdown (accuracy per question type, POPE F1, bytes, bits, saving vs W4)."""
     types = sorted(table[0]["per_type"])
-    head = ["row", *types, "overall", "exist F1", "decoder Linear bytes", "model bytes", "bits/weight (stored)",
+    head = ["row", *types, "overall", "exist F1", "logit KL to fp", "decoder Linear bytes", "model bytes", "bits/weight (stored)",
             "nominal bits", "saving vs W4 (decoder)", "rel. drop vs W4"]
     lines = [f"### {model}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         f1 = r.get("exist_f1")
         cells = [r["row"], *(f"{r['per_type'][t]:.3f}" for t in types), f"**{r['accuracy']:.3f}**",
-                 "-" if f1 is None else f"{f1:.3f}", f"{r['decoder_linear_bytes']:,}", f"{r['model_bytes']:,}",
+                 "-" if f1 is None else f"{f1:.3f}", f"{r.get('kl_to_fp', float('nan')):.5f}",
+                 f"{r['decoder_linear_bytes']:,}", f"{r['model_bytes']:,}",
                  f"{r['avg_bits']:.3f}", f"{r['nominal_bits']:.2f}", f"{100 * r['saving_vs_w4_decoder']:.1f}%",
                  f"{100 * r['rel_acc_drop_vs_w4']:.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -60,7 +60,8 @@ def test_run_leaves_every_artifact(toy_dir, tmp_path):
     plan = yaml.safe_load((out / "plan.yaml").read_text())
     backends = [s["backend"] for s in plan["layers"].values() if s]
     assert backends.count("billm") == 3 * 7 and backends.count("gptq") == 5 * 7
-    assert summary["eval"]["quantized"]["n"] == 10
+    for key in ("baseline", "quantized"):
+        assert summary["eval"][key].tasks["shapes-vqa"].n == 10
 
 
 def test_changed_recipe_invalidates_downstream(toy_dir, tmp_path):
