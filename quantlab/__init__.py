@@ -25,6 +25,7 @@ _EXPORTS = {
     "load_streaming": "quantlab.calib.weights",
     "CalibDataOptions": "quantlab.calib.data",
     "build_calibration_set": "quantlab.calib.data",
+    "make_sample": "quantlab.calib.data",
     "calibrate": "quantlab.calib.collect",
     "CalibrationStats": "quantlab.calib.artifact",
     "make_plan": "quantlab.plan.make",

@@ -202,6 +202,22 @@ def _truncate(inputs: dict, mask, max_tokens: int) -> dict | None:
             for k, v in inputs.items()}
 
 
+def make_sample(loaded: LoadedModel, prompt: str, image: Image.Image | None = None, *, id: str = "sample",
+                max_tokens: int | None = None) -> CalibSample | None:
+    """One calibration sample from your own prompt (and image), through the model's processor and template.
+
+    For people who script their own calibration: ``calibrate(loaded, [make_sample(loaded, p, img), ...])``.
+    Returns None when truncating to ``max_tokens`` would cut into the image tokens.
+    """
+    inputs = build_inputs(loaded.processor, [prompt], [image])
+    mask = loaded.adapter.image_mask(loaded.config, inputs["input_ids"])[0]
+    if max_tokens is not None:
+        inputs = _truncate(inputs, mask, max_tokens)
+        if inputs is None:
+            return None
+    return CalibSample(id, inputs, mask[: inputs["input_ids"].shape[1]], {"has_image": image is not None})
+
+
 def build_calibration_set(loaded: LoadedModel, opts: CalibDataOptions) -> CalibSet:
     """Prepare ``opts.num_samples`` samples (``alpha`` of them image+text) with the model's processor."""
     n_img = round(opts.alpha * opts.num_samples)
@@ -216,7 +232,6 @@ def build_calibration_set(loaded: LoadedModel, opts: CalibDataOptions) -> CalibS
         got = [r for r in raws if r.image is None]
         raws += _take(iter_text_source(src, n_txt, opts.seed), n_txt - len(got), opts.seed + 100 + k)
     samples: list[CalibSample] = []
-    adapter, config = loaded.adapter, loaded.config
     for raw in raws:
         image = None
         if raw.image is not None:
@@ -226,13 +241,11 @@ def build_calibration_set(loaded: LoadedModel, opts: CalibDataOptions) -> CalibS
                 log.warning("calibration: skipping %s (unreadable image: %s)", raw.id, err)
                 skipped["unreadable_image"] += 1
                 continue
-        inputs = build_inputs(loaded.processor, [raw.prompt], [image])
-        mask = adapter.image_mask(config, inputs["input_ids"])[0]
-        inputs = _truncate(inputs, mask, opts.max_tokens)
-        if inputs is None:
+        sample = make_sample(loaded, raw.prompt, image, id=raw.id, max_tokens=opts.max_tokens)
+        if sample is None:
             skipped["too_long"] += 1
             continue
-        samples.append(CalibSample(raw.id, inputs, mask[: inputs["input_ids"].shape[1]], {"has_image": image is not None}))
+        samples.append(sample)
     result = CalibSet(samples, skipped)
     if opts.alpha > 0 and result.n_image == 0:
         raise ValueError(

@@ -6,8 +6,9 @@ full-precision Hessians from calibration), the calibration samples are run throu
 the damage is the mean token-level KL divergence ``KL(p_fp || p_quant)`` of the next-token distributions.
 Damages are assumed additive across units, which is what the budget planner's integer program optimises.
 
-Cost: one forward of the calibration subset per (unit, candidate). The weights of the unit are restored
-after each measurement, so the model is left as it was.
+Cost: per (unit, candidate), one pass of the calibration subset through the unit's block and the blocks
+after it (streamed from cached full-precision block inputs). The weights of the unit are restored after
+each measurement, so the model is left as it was.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlab.calib.executor import CalibSample
+from quantlab.calib.capture import block_output
+from quantlab.calib.executor import CalibSample, capture_decoder_inputs, decoder_logits
+from quantlab.models import Component
 from quantlab.models.load import LoadedModel
 from quantlab.progress import block_progress
 from quantlab.quant import quantize_weight
@@ -89,6 +92,23 @@ def quantized_kl(loaded: LoadedModel, samples: Sequence[CalibSample], mapping: M
             modules[n].weight.data.copy_(w)
 
 
+def _run_block(block: nn.Module, calls, index: int, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Block ``index`` over every sample's hidden state, with that sample's captured call."""
+    outs = []
+    for s, h in enumerate(hidden):
+        call = calls[s][index].with_hidden(h)
+        outs.append(block_output(block(*call.args, **call.kwargs)))
+    return outs
+
+
+def _suffix_log_probs(loaded: LoadedModel, calls, hidden: Sequence[torch.Tensor], start: int) -> list[torch.Tensor]:
+    """Log-probabilities from decoder blocks ``start..`` onward, given their inputs ``hidden`` (one per sample)."""
+    blocks = loaded.adapter.blocks(loaded.model, Component.DECODER)
+    for i in range(start, len(blocks)):
+        hidden = _run_block(blocks[i], calls, i, hidden)
+    return [F.log_softmax(x.float(), dim=-1) for x in decoder_logits(loaded, hidden)]
+
+
 @torch.no_grad()
 def measure_damage(
     loaded: LoadedModel,
@@ -99,18 +119,36 @@ def measure_damage(
     *,
     progress: bool = True,
 ) -> dict[tuple[Unit, str], float]:
-    """``{(unit, scheme label): KL damage}`` with only ``unit`` quantized by the scheme."""
+    """``{(unit, scheme label): KL damage}`` with only ``unit`` quantized by the scheme.
+
+    Streams like calibration: the full-precision decoder input of block ``b`` is computed once, and a unit
+    of block ``b`` is measured by running blocks ``b..`` only (the vision tower, the embeddings and the
+    earlier blocks are unchanged by it), which holds one set of hidden states at a time.
+    """
     modules = dict(loaded.model.named_modules())
-    ref = _log_probs(loaded, samples)
+    adapter = loaded.adapter
+    blocks = adapter.blocks(loaded.model, Component.DECODER)
+    calls = capture_decoder_inputs(loaded, samples)
+    by_block: dict[int, list[Unit]] = {}
+    for unit in units:
+        b = adapter.block_index(unit[0])
+        if b is None or any(adapter.block_index(n) != b for n in unit):
+            raise ValueError(f"sensitivity: unit {unit} is not inside one decoder block")
+        by_block.setdefault(b, []).append(unit)
+    hidden = [c[0].hidden for c in calls]
+    ref = _suffix_log_probs(loaded, calls, hidden, 0)
     damage: dict[tuple[Unit, str], float] = {}
     with block_progress("sensitivity: units x candidates", len(units) * len(candidates), progress) as advance:
-        for unit in units:
-            originals = {n: modules[n].weight.data.clone() for n in unit}
-            for scheme in candidates:
-                for n in unit:
-                    _fake_quantize(modules[n], originals[n], scheme, hessians.get(n))
-                damage[unit, scheme.label()] = kl_damage(ref, _log_probs(loaded, samples))
-                for n in unit:
-                    modules[n].weight.data.copy_(originals[n])
-                advance(0)
+        for b, block in enumerate(blocks):
+            for unit in by_block.get(b, []):
+                originals = {n: modules[n].weight.data.clone() for n in unit}
+                for scheme in candidates:
+                    for n in unit:
+                        _fake_quantize(modules[n], originals[n], scheme, hessians.get(n))
+                    damage[unit, scheme.label()] = kl_damage(ref, _suffix_log_probs(loaded, calls, hidden, b))
+                    for n in unit:
+                        modules[n].weight.data.copy_(originals[n])
+                    advance(0)
+            if b + 1 < len(blocks) and by_block.keys() - set(range(b + 1)):
+                hidden = _run_block(block, calls, b, hidden)
     return damage
