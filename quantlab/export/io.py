@@ -38,11 +38,13 @@ def write_dir_atomic(out_dir: str | Path, build: Callable[[Path], None], *, over
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Keys keep their order: GPTQModel's ``dynamic`` rules are first-match, so ``-:`` rules must lead."""
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def dense_tensors(loaded, quantized: set[str], dtype) -> dict:
-    """Every checkpoint tensor except the weights of ``quantized`` Linears, under hub-legacy names.
+def dense_tensors(loaded, quantized: set[str], dtype, *, legacy_names: bool = True) -> dict:
+    """Every checkpoint tensor except the weights of ``quantized`` Linears, under hub-legacy names
+    (or transformers 5's module names with ``legacy_names=False``).
 
     Floating tensors are cast to ``dtype``; a head tied to the embeddings is written once (as the embedding).
     """
@@ -53,7 +55,7 @@ def dense_tensors(loaded, quantized: set[str], dtype) -> dict:
         module_name, _, leaf = name.rpartition(".")
         if (module_name in quantized and leaf == "weight") or (tied and name == f"{adapter.lm_head}.weight"):
             continue
-        tensors[adapter.legacy_name(name)] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+        tensors[adapter.legacy_name(name) if legacy_names else name] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
     return tensors
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from quantlab.export.gptq import check_result, gptq_config, gptq_tensors
+from quantlab.export.io import write_json
 from quantlab.models import Component
 
 
@@ -79,3 +81,14 @@ def test_mixed_plan_writes_dynamic_rules():
     assert cfg["dynamic"][r"+:.*layers\.1\.mlp\.down_proj.*"] == {"bits": 8, "group_size": 32}
     assert r"-:.*layers\.0\.self_attn\.o_proj.*" in cfg["dynamic"]
     assert all(k[:2] in ("+:", "-:") for k in cfg["dynamic"])
+
+
+def test_dynamic_exclusions_precede_overrides_on_disk(tmp_path):
+    # GPTQModel resolves ``dynamic`` first-match: a "+:" override listed before a "-:" exclusion would win.
+    res = {f"model.language_model.layers.{i}.mlp.down_proj": result(8 if i == 1 else 4) for i in range(3)}
+    linears = list(res) + ["model.language_model.layers.0.self_attn.o_proj", "lm_head"]
+    comp = lambda n: Component.DECODER if "layers" in n else Component.HEAD  # noqa: E731
+    write_json(tmp_path / "config.json", {"quantization_config": gptq_config(res, linears, comp)})
+    keys = list(json.loads((tmp_path / "config.json").read_text())["quantization_config"]["dynamic"])
+    kinds = [k[:2] for k in keys]
+    assert kinds == sorted(kinds, key=lambda k: k != "-:") and "+:" in kinds
