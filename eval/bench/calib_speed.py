@@ -8,17 +8,28 @@ processor (one sample per forward, batch of one), plus ``--text`` text-only capt
 in this process with the same thread count; each is the best of ``--repeat`` runs after one warm-up.
 Prints the per-block entropy table and ``ratio=<calibrate/forward>`` (goal: <= 1.5).
 
+``--config ../shared/configs/llava-1.5-7b-hf.json --layers 2 --vision-layers 2`` measures the same on
+the real architecture's block sizes instead (random weights, fp32, decoder and vision tower cut to the
+given depths; each sample is one random 336x336 image = 576 image tokens plus ``--text-tokens`` random
+text tokens), where a block's forward has the real per-token cost.
+
 Observed on the 2-core shared CPU (random-weight toy-llava, 1 thread, ~29 tokens per sample; the load
 from other jobs moves each figure by up to 2x): ``--n 64`` 2.75–3.05, ``--n 256`` 2.17–2.86,
 ``--n 256 --modalities all`` 1.79–1.99, ``--n 256 --modalities all --no-linears`` 1.46–1.63. The toy's
 forward is ~0.4 MFLOP per token and block, so the memory-bound per-token statistics (~0.5x forward) and
 the 3 k-means per block (k=100 on up to 4096 tokens, a fixed cost) weigh far more than on a real model,
 where a block's forward is ~1000x more work per token.
+
+At real block sizes (2026-11-29, 2 threads, nothing else running): ``--config
+../shared/configs/llava-1.5-7b-hf.json --n 8 --layers 4 --vision-layers 4 --repeat 1`` (5,000 tokens,
+LUQ entropy on image/text/all + every Linear's statistics): forward 39.4 s, calibrate 43.7 s (k-means
+6.3 s), ratio 1.11. The trained toy the same day: ``--n 64 --text 64 --threads 2`` ratio 2.82.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -39,6 +50,38 @@ def load_toy(name: str) -> tuple[LoadedModel, str]:
         return load_model(name), "trained"
     model, processor = build_toy(name)
     return LoadedModel(model, processor, get_adapter(model), name), "random weights"
+
+
+def full_size(config_path: Path, layers: int, vision_layers: int) -> tuple[LoadedModel, str]:
+    """A real LLaVA architecture from its config.json, random fp32 weights, cut to a few blocks."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    data = json.loads(config_path.read_text())
+    config = AutoConfig.for_model(**data)
+    if config.model_type != "llava":
+        raise SystemExit(f"{config_path}: --config supports LLaVA configs (got model_type={config.model_type!r})")
+    config.text_config.num_hidden_layers = layers
+    config.vision_config.num_hidden_layers = vision_layers
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
+    return LoadedModel(model, None, get_adapter(model), config_path.stem), f"random weights, {layers} blocks"
+
+
+def synthetic_samples(loaded: LoadedModel, n: int, text_tokens: int) -> list[CalibSample]:
+    """Random image (336x336 -> 576 image tokens) + random text ids, as the LLaVA processor lays them out."""
+    cfg = loaded.config
+    image_id = loaded.adapter.image_token_id(cfg)
+    side = cfg.vision_config.image_size
+    n_img = (side // cfg.vision_config.patch_size) ** 2
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(n):
+        text = torch.randint(3, 32000, (text_tokens,), generator=g)
+        ids = torch.cat([torch.tensor([1]), torch.full((n_img,), image_id), text]).unsqueeze(0)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                  "pixel_values": torch.randn(1, 3, side, side, generator=g)}
+        out.append(CalibSample(f"synthetic-{i}", inputs, ids[0] == image_id))
+    return out
 
 
 def shapes_samples(loaded: LoadedModel, n_image: int, n_text: int) -> list[CalibSample]:
@@ -85,11 +128,20 @@ def main() -> None:
     ap.add_argument("--modalities", default="image,text,all", help="modalities that get a k-means entropy")
     ap.add_argument("--no-linears", action="store_true", help="LUQ tensor only (no per-Linear statistics)")
     ap.add_argument("--out", type=Path, default=None, help="also save the artifact and entropy plot here")
+    ap.add_argument("--config", type=Path, default=None, help="a real LLaVA config.json (full-size blocks)")
+    ap.add_argument("--layers", type=int, default=2, help="--config: decoder blocks")
+    ap.add_argument("--vision-layers", type=int, default=2, help="--config: vision blocks")
+    ap.add_argument("--text-tokens", type=int, default=48, help="--config: text tokens per sample")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    loaded, kind = load_toy(args.model)
-    samples = shapes_samples(loaded, args.n, args.text)
+    if args.config is not None:
+        loaded, kind = full_size(args.config, args.layers, args.vision_layers)
+        samples = synthetic_samples(loaded, args.n, args.text_tokens)
+        args.model = args.config.name
+    else:
+        loaded, kind = load_toy(args.model)
+        samples = shapes_samples(loaded, args.n, args.text)
     n_tokens = sum(s.image_mask.numel() for s in samples)
     n_img = sum(int(s.image_mask.sum()) for s in samples)
     opts = CollectOptions(entropy_k=args.k, kmeans_n_init=args.n_init, max_tokens=args.max_tokens,
