@@ -126,3 +126,37 @@ def test_asymmetric_is_refused_with_module_names(tmp_path):
     with pytest.raises(ValueError, match=r"asymmetric.*q_proj"):
         write_dir_atomic(tmp_path / "ckpt", lambda d: write_compressed_tensors(loaded, results, d))
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("name", ["toy-llava", "toy-qwen2.5-vl"])
+def test_trained_toy_mixed_plan_round_trip(name, tmp_path):
+    """quantlab's GPTQ with 2/3/4/8 bits across the decoder of a shipped toy; transformers reproduces it."""
+    from safetensors.torch import load_file, save_file
+
+    from quantlab.apply import quantize
+    from quantlab.calib.data import CalibDataOptions, build_calibration_set
+    from quantlab.models import load_model
+    from quantlab.models.load import ASSETS
+    from quantlab.quant.scheme import QuantScheme
+
+    if not (ASSETS / name / "model.safetensors").is_file():
+        pytest.skip(f"{name} is not built (make toys)")
+    loaded = load_model(name)
+    calib = build_calibration_set(loaded, CalibDataOptions(num_samples=8, alpha=0.5))
+    bits = [(2, 64), (3, 128), (4, 128), (8, 128)]
+    plan = {n: QuantScheme(backend="gptq", bits=bits[loaded.adapter.block_index(n) % 4][0],
+                           group_size=bits[loaded.adapter.block_index(n) % 4][1])
+            for n, _ in loaded.adapter.iter_linears(loaded.model, Component.DECODER)}
+    results = quantize(loaded, plan, calib.samples, progress=False)
+    out = write_dir_atomic(tmp_path / "ckpt", lambda d: write_compressed_tensors(loaded, results, d))
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert sorted(g["weights"]["num_bits"] for g in cfg["config_groups"].values()) == [2, 3, 4, 8]
+    inputs = next(s for s in calib.samples if s.has_image).inputs
+    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    (tmp_path / "load.py").write_text(LOADER)
+    subprocess.run([sys.executable, str(tmp_path / "load.py"), str(out), str(tmp_path / "inputs.safetensors"),
+                    str(tmp_path / "logits.safetensors")], check=True, capture_output=True, cwd=tmp_path)
+    theirs = load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    with torch.no_grad():
+        ours = loaded.model(**inputs).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
