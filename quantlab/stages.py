@@ -119,8 +119,23 @@ def stage_export(ctx: StageContext, plan, results) -> Path:
     return run.model
 
 
+def _exported_or(ctx: StageContext, fake_quant):
+    """The exported checkpoint as a loader opens it, or (GPTQ without gptqmodel here) the fake-quant model."""
+    from quantlab.models.load import open_model
+
+    fmt = ctx.run.state["export"].get("format")
+    if fmt == "gptq":
+        try:
+            import gptqmodel  # noqa: F401
+        except ImportError:
+            ctx.say("eval: a GPTQ checkpoint needs gptqmodel to load; evaluating the in-memory fake-quant "
+                    "model instead (it matches the export's dequantized weights)")
+            return fake_quant
+    return open_model(ctx.run.model, dtype=fake_quant.model.dtype)
+
+
 def stage_eval(ctx: StageContext, quantized_loaded) -> dict:
-    """Evaluate the base model and the (in-memory, fake-quant) quantized model on the recipe's tasks."""
+    """Evaluate the base model and the exported quantized checkpoint (loaded back) on the recipe's tasks."""
     from quantlab.eval.runner import EvalReport, evaluate
     from quantlab.models import load_model
 
@@ -133,7 +148,7 @@ def stage_eval(ctx: StageContext, quantized_loaded) -> dict:
     run.eval.mkdir(exist_ok=True)
     out = {}
     for key in ("quantized", "baseline"):
-        loaded = quantized_loaded if key == "quantized" else load_model(ctx.model_name)
+        loaded = _exported_or(ctx, quantized_loaded) if key == "quantized" else load_model(ctx.model_name)
         out[key] = evaluate(loaded, spec.tasks, data_dir=spec.data_dir, limit=spec.limit,
                             batch_size=spec.batch_size, progress=ctx.progress)
         out[key].save_json(files[key])
