@@ -159,3 +159,30 @@ def test_lm_eval_shapes_vqa_on_toy_checkpoint(tmp_path):
     assert 0.0 <= res["exact_match,none"] <= 1.0 and out["n-samples"]["shapes_vqa"]["effective"] == 5
     assert {f"exact_match_{t},none" for t in QUESTION_TYPES} <= set(res)
     assert len(out["samples"]["shapes_vqa"]) == 5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                    reason="lm_eval is not installed (pip install 'quantlab[eval]')")
+def test_lm_eval_reproduces_quantlab_accuracy_on_trained_toy(tmp_path):
+    """The shipped toy-llava scores the same through lm-eval's hf-multimodal as through quantlab's runner."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from quantlab.models import load_model
+    from quantlab.models.load import ASSETS
+
+    ckpt = ASSETS / "toy-llava"
+    if not (ckpt / "model.safetensors").is_file():
+        pytest.skip("toy-llava is not built (make toys)")
+    split = write_split(tmp_path / "data" / "shapes-vqa", "test", 40)
+    ours = evaluate(load_model("toy-llava"), ["shapes-vqa"], data_dir=tmp_path / "data", limit=None)
+    r = ours.tasks["shapes-vqa"]
+    assert r.n == 40 and r.source == str(tmp_path / "data")
+    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={"split_dir": str(split)})
+    out = lm_eval.simple_evaluate(model="hf-multimodal", model_args=f"pretrained={ckpt},dtype=float32",
+                                  tasks=["shapes_vqa"], task_manager=tm, apply_chat_template=True, batch_size=8,
+                                  device="cpu")
+    theirs = out["results"]["shapes_vqa"]
+    assert theirs["exact_match,none"] == pytest.approx(r.score)
+    for t, s in r.per_type.items():
+        assert theirs[f"exact_match_{t},none"] == pytest.approx(s.score), t
