@@ -165,9 +165,64 @@ def _stage_on_run(run_dir: Path, stop_after: str) -> None:
 
 
 @app.command()
-def plan(run_dir: Annotated[Path, typer.Argument(help="run directory")]) -> None:
-    """(Re)make RUN/plan.yaml, running calibration first if it is missing or stale."""
-    _stage_on_run(run_dir, "plan")
+def plan(
+    target: Annotated[str, typer.Argument(help="a run directory, or MODEL: alias, checkpoint dir or config.json")],
+    recipe: Annotated[Optional[Path], typer.Option(help="recipe YAML (MODEL mode)")] = None,
+    stats: Annotated[Optional[Path], typer.Option(help="statistics from `quantlab calibrate` (MODEL mode)")] = None,
+    budget_gb: Annotated[Optional[float], typer.Option(help="whole-model budget in GB (1e9 bytes)")] = None,
+    avg_bits: Annotated[Optional[float], typer.Option(help="target average bits of the decoder Linears")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="plan.yaml to write (MODEL mode)")] = None,
+    overwrite: bool = typer.Option(False, help="replace an existing --out"),
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: a.b=value")] = None,
+) -> None:
+    """Make a plan: on a run directory, (re)make RUN/plan.yaml; on a MODEL, write --out plan.yaml.
+
+    MODEL mode needs no weights for the uniform planner, or for luq given --stats: a config.json of a real
+    7B architecture is enough. The budget planner (and luq without --stats) calibrates the model first.
+    """
+    if (Path(target) / "state.json").is_file() and recipe is None:
+        _stage_on_run(Path(target), "plan")
+        return
+    if recipe is None or out is None:
+        console.print("[red]quantlab plan MODEL needs --recipe and --out (or pass a run directory)[/]")
+        raise typer.Exit(code=1)
+    if budget_gb is not None and avg_bits is not None:
+        console.print("[red]pass --budget-gb or --avg-bits, not both[/]")
+        raise typer.Exit(code=1)
+    if out.exists() and not overwrite:
+        console.print(f"[red]{out} exists; pass --overwrite to replace it[/]")
+        raise typer.Exit(code=1)
+    from quantlab.stages import plan_for_model
+
+    overrides = _overrides(set_)
+    if budget_gb is not None:
+        overrides.update({"plan.budget_gb": budget_gb, "plan.target_avg_bits": None, "plan.k": None})
+    if avg_bits is not None:
+        overrides.update({"plan.target_avg_bits": avg_bits, "plan.budget_gb": None, "plan.k": None})
+    loaded, made, st = plan_for_model(target, recipe, overrides, stats_dir=stats,
+                                      say=lambda m: console.print(f"[bold cyan]{m}[/]"))
+    made.to_yaml(out, overwrite=overwrite)
+    _print_plan(loaded, made, st, out)
+
+
+def _print_plan(loaded, made, st, out: Path) -> None:
+    from quantlab.plan.summary import block_rows, plot_bits, totals
+
+    rows = block_rows(loaded, made, st)
+    t = totals(loaded, made)
+    table = Table(title=f"{made.model}: {made.planner} plan ({made.format})")
+    for col in ("block", "H image", "H text", "schemes", "bits/weight", "bytes"):
+        table.add_column(col, justify="right")
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for r in rows:
+        table.add_row(str(r.block), f(r.entropy_image), f(r.entropy_text), ", ".join(r.schemes),
+                      f"{r.avg_bits:.3f}", f"{r.bytes:,}")
+    console.print(table)
+    png = plot_bits(rows, out.with_suffix(".png"), title=f"{Path(made.model).name}: {made.planner}")
+    console.print(f"predicted size {t.total_bytes / 1e9:.4f} GB ({t.total_bytes:,} bytes); decoder Linears "
+                  f"{t.avg_bits:.3f} stored bits/weight ({t.nominal_bits:.2f} nominal); saving vs fp16 "
+                  f"{100 * t.saving_vs_fp16:.1f}%, vs uniform W4 g128 {100 * t.saving_vs_w4:.1f}%")
+    console.print(f"wrote {out} and {png}")
 
 
 @app.command()

@@ -19,7 +19,7 @@ def stats_options(recipe):
     from quantlab.calib.collect import CollectOptions
 
     s = recipe.stats
-    hessians = s.hessians or recipe.plan.planner == "budget"
+    hessians = s.hessians or recipe.plan.planner == "budget" or recipe.plan.search_max_kl is not None
     return CollectOptions(entropy_k=s.entropy_k, max_tokens=s.entropy_max_tokens, entropy_on=s.hook,
                           linear_max_tokens=min(512, s.entropy_max_tokens), hessians=hessians)
 
@@ -62,6 +62,38 @@ def stage_plan(ctx: StageContext, stats):
     plan.to_yaml(run.plan, overwrite=True)
     run.done("plan", predicted_bytes=plan.predicted_bytes, format=plan.format)
     return plan
+
+
+def plan_for_model(model: str, recipe_path, overrides: dict | None = None, *, stats_dir=None,
+                   say=print):
+    """``quantlab plan MODEL``: a plan without a run directory; returns ``(loaded, plan, stats)``.
+
+    Needs no weights for the uniform planner, or for luq (fixed k / average bits / budget) given saved
+    statistics: ``MODEL`` may then be a config.json of a real architecture (meta-device skeleton). The
+    budget planner and LUQ's KL search measure on calibration data, so they load and calibrate the model.
+    """
+    from quantlab.calib.artifact import CalibrationStats
+    from quantlab.calib.collect import calibrate
+    from quantlab.calib.data import build_calibration_set
+    from quantlab.models import load_model
+    from quantlab.plan.make import make_plan
+    from quantlab.recipe import Recipe
+
+    recipe = Recipe.from_yaml(recipe_path, overrides)
+    spec = recipe.plan
+    stats = CalibrationStats.load(stats_dir) if stats_dir is not None else None
+    measures = spec.planner == "budget" or spec.search_max_kl is not None
+    if not measures and (spec.planner == "uniform" or stats is not None):
+        loaded, samples = load_model(model, weights=False), ()
+    else:
+        loaded = load_model(model)
+        calib = build_calibration_set(loaded, recipe.calibration)
+        samples = calib.samples
+        if stats is None:
+            say(f"plan: calibrating {model} ({len(samples)} samples) for the {spec.planner} planner")
+            stats = calibrate(loaded, calib, options=stats_options(recipe))
+    plan = make_plan(loaded, stats, spec, export_format=recipe.export.format, samples=samples)
+    return loaded, plan, stats
 
 
 def stage_quantize(ctx: StageContext, plan):

@@ -71,7 +71,7 @@ def make_plan(loaded: LoadedModel, stats, spec: PlanSpec, *, export_format: str 
     fmt = plan_format(list(full.values()), export_format)
     size = model_size(loaded.model, adapter, full, fmt, dtype_bytes=2)
     return Plan(model=loaded.source, format=fmt, planner=spec.planner, layers=full,
-                predicted_bytes=size.total_bytes, info=info, budget_bytes=budget_bytes)
+                predicted_bytes=size.total_bytes, avg_bits=size.avg_bits, info=info, budget_bytes=budget_bytes)
 
 
 def _fixed_bytes(loaded: LoadedModel, linears: dict[str, nn.Linear], planned: set[str], fmt: str) -> int:
@@ -130,6 +130,19 @@ def _luq(loaded, stats, spec: PlanSpec, blocks, linears, export_format, budget_b
     return layers, info
 
 
+def _check_reachable(unit_budget: int, fixed: int, units, candidates, cost) -> None:
+    """Refuse a budget below the smallest reachable size, from the cost model alone (before measuring)."""
+    labels = [c.label() for c in candidates]
+    smallest = sum(min(cost[u, lab] for lab in labels) for u in units)
+    largest = sum(max(cost[u, lab] for lab in labels) for u in units)
+    if unit_budget < smallest:
+        raise ValueError(
+            f"plan: a budget of {(unit_budget + fixed) / 1e9:.6f} GB ({unit_budget + fixed:,} bytes) is below the "
+            f"smallest reachable size {(smallest + fixed) / 1e9:.6f} GB ({smallest + fixed:,} bytes, every unit at its "
+            f"cheapest candidate); the largest is {(largest + fixed) / 1e9:.6f} GB ({largest + fixed:,} bytes). "
+            f"Candidates: {labels}")
+
+
 def _nominal(layers: dict[str, QuantScheme], linears) -> float:
     num = sum(nominal_bits(s) * linears[n].weight.numel() for n, s in layers.items())
     return num / max(1, sum(linears[n].weight.numel() for n in layers))
@@ -156,6 +169,7 @@ def _budget(loaded, stats, spec: PlanSpec, blocks, linears, export_format, sampl
         unit_budget = int(spec.target_avg_bits * sum(linears[n].weight.numel() for n in names) / 8)
     else:
         raise ValueError("plan.planner 'budget' needs plan.budget_gb or plan.target_avg_bits")
+    _check_reachable(unit_budget, fixed, units, spec.candidates, cost)
     # Sensitivity runs one forward of the subset per (unit, candidate); an evenly strided subset (image
     # and text samples alike) bounds the cost.
     stride = max(1, len(samples) // spec.sensitivity_samples)

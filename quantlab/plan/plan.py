@@ -6,7 +6,8 @@ A plan is written as human-editable YAML (``plan.yaml``), one compact mapping pe
     format: compressed-tensors
     planner: luq
     budget_bytes: null
-    predicted_bytes: 3912345600
+    total_predicted_bytes: 3912345600
+    avg_bits: 2.54
     layers:
       model.language_model.layers.0.self_attn.q_proj: {backend: billm, bits: 1, group_size: 128, sym: true}
       lm_head: null
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from quantlab.models.adapter import Adapter, Component
 from quantlab.plan.cost import FORMATS
@@ -34,13 +35,16 @@ from quantlab.quant.scheme import QuantScheme
 class Plan(BaseModel):
     """Per-module quantization decisions for one model and export format."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     model: str = Field(description="model id, alias or path the plan was made for")
     format: str = Field(description=f"export format the byte counts assume: {', '.join(FORMATS)}")
     planner: str = Field(description="planner that produced it: uniform, luq, budget, hand, ...")
     layers: dict[str, QuantScheme | None] = Field(description="Linear name -> scheme; None keeps it in fp")
-    predicted_bytes: int = Field(ge=0, description="stored size of the whole model under this plan")
+    predicted_bytes: int = Field(ge=0, description="stored size of the whole model under this plan",
+                                 validation_alias=AliasChoices("total_predicted_bytes", "predicted_bytes"))
+    avg_bits: float | None = Field(default=None, ge=0,
+                                   description="exact stored bits per weight over the decoder Linears")
     info: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                             description="per module or block: entropy, sensitivity, bytes, ...")
     budget_bytes: int | None = Field(default=None, ge=0)
@@ -99,7 +103,8 @@ class Plan(BaseModel):
 
     def _yaml_dict(self) -> dict[str, Any]:
         return {"model": self.model, "format": self.format, "planner": self.planner,
-                "budget_bytes": self.budget_bytes, "predicted_bytes": self.predicted_bytes,
+                "budget_bytes": self.budget_bytes, "total_predicted_bytes": self.predicted_bytes,
+                "avg_bits": None if self.avg_bits is None else round(self.avg_bits, 4),
                 "layers": {n: scheme_dict(s) for n, s in self.layers.items()},
                 "info": {k: _Flow(v) for k, v in self.info.items()}}
 
@@ -186,7 +191,7 @@ def apply_rules(names: Iterable[str], rules: Sequence[Rule | Mapping[str, Any]],
         adapter: needed for ``component:`` rules.
 
     Raises:
-        ValueError: malformed rule (bad key, unknown component, bad regex).
+        ValueError: malformed rule (bad key, unknown component, bad regex) or a rule that matches no name.
     """
     parsed = []
     for i, r in enumerate(rules):
@@ -196,9 +201,18 @@ def apply_rules(names: Iterable[str], rules: Sequence[Rule | Mapping[str, Any]],
             raise ValueError(f"rule {i} ({r!r}) is invalid: {err}") from err
         parsed.append((_matcher(rule, adapter), rule.scheme))
     out: dict[str, QuantScheme | None] = {}
+    used: set[int] = set()
+    names = list(names)
     for name in names:
-        for hit, scheme in parsed:
+        for i, (hit, scheme) in enumerate(parsed):
             if hit(name):
                 out[name] = scheme
+                used.add(i)
                 break
+    for i, r in enumerate(rules):
+        # a rule shadowed by an earlier one still counts as matching; only a pattern that names nothing is an error
+        if i not in used and not any(parsed[i][0](n) for n in names):
+            match = r.match if isinstance(r, Rule) else r.get("match")
+            raise ValueError(f"rule {i}: match {match!r} names no module of this model "
+                             f"(e.g. {names[0] if names else 'no modules'!r}); check the pattern")
     return out

@@ -68,3 +68,17 @@ def test_budget_planner_respects_budget_and_ties(setup):
     assert plan.info["budget"]["unit_bytes"] <= plan.info["budget"]["unit_budget_bytes"]
     tight = make_plan(loaded, stats, spec.model_copy(update={"target_avg_bits": 2.6}), samples=samples, progress=False)
     assert tight.predicted_bytes < plan.predicted_bytes
+
+
+def test_budget_below_reachable_fails_before_measuring(setup, monkeypatch):
+    loaded, samples, stats = setup
+    import quantlab.plan.make as make
+
+    def no_measuring(*a, **k):
+        raise AssertionError("sensitivity was measured for an infeasible budget")
+
+    monkeypatch.setattr(make, "measure_damage", no_measuring)
+    cands = [QuantScheme(backend="gptq", bits=b, group_size=32) for b in (2, 4)]
+    spec = PlanSpec(planner="budget", candidates=cands, budget_gb=1e-6, rules=KEEP)
+    with pytest.raises(ValueError, match=r"below the smallest reachable size .* the largest is .*gptq-w2-g32"):
+        make_plan(loaded, stats, spec, samples=samples, progress=False)

@@ -89,3 +89,11 @@ def test_apply_rules_first_match_wins():
 def test_apply_rules_errors(rule, msg):
     with pytest.raises(ValueError, match=msg):
         apply_rules(["x"], [rule], LLAVA)
+
+
+@pytest.mark.parametrize("match", ["re:.*layers\\.99\\..*", "model.language_model.layers.0.self_attn.qproj"])
+def test_apply_rules_pattern_that_names_nothing_is_an_error(match):
+    names = [n for n, _ in LLAVA.iter_linears(tiny_llava())]
+    rules = [{"match": "lm_head", "scheme": None}, {"match": match, "scheme": None}]
+    with pytest.raises(ValueError, match=r"rule 1: match .* names no module"):
+        apply_rules(names, rules, LLAVA)

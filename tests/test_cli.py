@@ -1,0 +1,63 @@
+"""The command line, in process (typer's CliRunner): models, and `quantlab plan MODEL` without weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from quantlab.cli import app
+from quantlab.plan.plan import Plan
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT.parent / "shared" / "configs"
+runner = CliRunner()
+
+
+def test_models_lists_families_and_aliases():
+    res = runner.invoke(app, ["models"])
+    assert res.exit_code == 0, res.output
+    for word in ("llava", "qwen2_vl", "qwen2_5_vl", "toy-llava", "toy-qwen2.5-vl"):
+        assert word in res.output
+
+
+def test_plan_real_config_without_weights(tmp_path):
+    cfg = CONFIGS / "llava-1.5-7b-hf.json"
+    if not cfg.is_file():
+        pytest.skip(f"{cfg} not present (shared/ is beside the repository in CI)")
+    out = tmp_path / "plan.yaml"
+    res = runner.invoke(app, ["plan", str(cfg), "--recipe", str(ROOT / "recipes" / "w2a16-g64.yaml"),
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    data = yaml.safe_load(out.read_text())
+    assert data["total_predicted_bytes"] > 0 and data["avg_bits"] == pytest.approx(2.25)
+    plan = Plan.from_yaml(out)
+    assert plan.predicted_bytes == data["total_predicted_bytes"]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "saving vs fp16" in res.output and "vs uniform W4 g128" in res.output
+    again = runner.invoke(app, ["plan", str(cfg), "--recipe", str(ROOT / "recipes" / "w2a16-g64.yaml"),
+                                "--out", str(out)])
+    assert again.exit_code == 1 and "--overwrite" in again.output
+
+
+def test_plan_luq_from_saved_stats_and_budget_flag(tmp_path):
+    """luq on toy-llava with statistics from `quantlab calibrate`, k chosen for --budget-gb."""
+    stats = tmp_path / "stats"
+    recipe = ROOT / "recipes" / "luq.yaml"
+    res = runner.invoke(app, ["calibrate", "toy-llava", "--recipe", str(recipe), "--out", str(stats),
+                              "--set", "calibration.num_samples=8"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "plan.yaml"
+    res = runner.invoke(app, ["plan", "toy-llava", "--recipe", str(recipe), "--stats", str(stats),
+                              "--budget-gb", "0.0020", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    plan = Plan.from_yaml(out)
+    assert plan.predicted_bytes <= 2_000_000 and plan.info["luq"]["k"] >= 1
+    assert "H image" in res.output
+
+
+def test_plan_model_mode_needs_recipe_and_out(tmp_path):
+    res = runner.invoke(app, ["plan", "toy-llava"])
+    assert res.exit_code == 1 and "--recipe and --out" in res.output
