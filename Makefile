@@ -24,7 +24,8 @@ test-fast: install
 demo: install
 	$(BIN)/quantlab quantize toy-llava --recipe recipes/luq.yaml --out runs/demo
 
-# Rebuild the shipped toy models from scratch (deterministic; ~10-20 min each on 2 cores).
+# Rebuild the shipped toy models from scratch (deterministic). The shipped copies took 17 min (toy-llava) and
+# 32.5 min (toy-qwen2.5-vl) with --threads 1 on a shared 2-core machine; see their training.json.
 toys: install
 	$(BIN)/python -m quantlab.toys.train toy-llava --out quantlab/assets/toy-llava
 	$(BIN)/python -m quantlab.toys.train toy-qwen2.5-vl --out quantlab/assets/toy-qwen2.5-vl
