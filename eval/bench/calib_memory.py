@@ -33,8 +33,8 @@ handles kept open for the whole run, "closed" = the :class:`ClosingWeights` expe
 ``weights.py`` now copies every tensor out of the map and closes the handles after each block, so the
 default run is the fixed one. Observed 2026-11-29 (default run, nothing else running): 18 layers
 ru_maxrss 2.39 GiB (ratio 0.542), 36 layers 2.39 GiB (ratio **0.342**); 18 -> 36 layers +0 MiB peak RSS.
-RssAnon 1.95 GiB at 36 layers: the embeddings (151936 x 2048) and the vision tower's non-block tensors are
-copied at load time instead of staying mapped.
+RssAnon was 1.50 GiB right after ``load_streaming`` (every non-block tensor, the 151936 x 2048 embedding
+included, is now a copy rather than a mapped view) and 1.95 GiB at the peak; not broken down further.
 """
 
 from __future__ import annotations
