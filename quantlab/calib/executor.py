@@ -67,6 +67,16 @@ def capture_decoder_inputs(loaded: LoadedModel, samples: Sequence[CalibSample]) 
     return [capture_calls(blocks, _forward(loaded.model, s)) for s in samples]
 
 
+def run_block(block: nn.Module, calls: Sequence[Sequence[BlockCall]], index: int,
+              hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Decoder block ``index`` over every sample's hidden state, each with that sample's captured call."""
+    outs = []
+    for s, h in enumerate(hidden):
+        call = calls[s][index].with_hidden(h)
+        outs.append(block_output(block(*call.args, **call.kwargs)))
+    return outs
+
+
 @torch.no_grad()
 def stream_decoder(
     loaded: LoadedModel,
@@ -89,11 +99,7 @@ def stream_decoder(
         weights.load(block, prefix)
 
         def run(block: nn.Module = block, i: int = i) -> list[torch.Tensor]:
-            outs = []
-            for s, h in enumerate(hidden):
-                call = calls[s][i].with_hidden(h)
-                outs.append(block_output(block(*call.args, **call.kwargs)))
-            return outs
+            return run_block(block, calls, i, hidden)
 
         outs = stage(i, block, run) if stage is not None else None
         hidden = outs if outs is not None else run()

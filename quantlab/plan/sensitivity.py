@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlab.calib.capture import block_output
-from quantlab.calib.executor import CalibSample, capture_decoder_inputs, decoder_logits
+from quantlab.calib.executor import CalibSample, capture_decoder_inputs, decoder_logits, run_block
 from quantlab.models import Component
 from quantlab.models.load import LoadedModel
 from quantlab.progress import block_progress
@@ -92,20 +91,11 @@ def quantized_kl(loaded: LoadedModel, samples: Sequence[CalibSample], mapping: M
             modules[n].weight.data.copy_(w)
 
 
-def _run_block(block: nn.Module, calls, index: int, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Block ``index`` over every sample's hidden state, with that sample's captured call."""
-    outs = []
-    for s, h in enumerate(hidden):
-        call = calls[s][index].with_hidden(h)
-        outs.append(block_output(block(*call.args, **call.kwargs)))
-    return outs
-
-
 def _suffix_log_probs(loaded: LoadedModel, calls, hidden: Sequence[torch.Tensor], start: int) -> list[torch.Tensor]:
     """Log-probabilities from decoder blocks ``start..`` onward, given their inputs ``hidden`` (one per sample)."""
     blocks = loaded.adapter.blocks(loaded.model, Component.DECODER)
     for i in range(start, len(blocks)):
-        hidden = _run_block(blocks[i], calls, i, hidden)
+        hidden = run_block(blocks[i], calls, i, hidden)
     return [F.log_softmax(x.float(), dim=-1) for x in decoder_logits(loaded, hidden)]
 
 
@@ -137,6 +127,7 @@ def measure_damage(
         by_block.setdefault(b, []).append(unit)
     hidden = [c[0].hidden for c in calls]
     ref = _suffix_log_probs(loaded, calls, hidden, 0)
+    last = max(by_block, default=-1)  # no need to advance the fp hidden states past the last measured block
     damage: dict[tuple[Unit, str], float] = {}
     with block_progress("sensitivity: units x candidates", len(units) * len(candidates), progress) as advance:
         for b, block in enumerate(blocks):
@@ -149,6 +140,6 @@ def measure_damage(
                     for n in unit:
                         modules[n].weight.data.copy_(originals[n])
                     advance(0)
-            if b + 1 < len(blocks) and by_block.keys() - set(range(b + 1)):
-                hidden = _run_block(block, calls, b, hidden)
+            if b < last:
+                hidden = run_block(block, calls, b, hidden)
     return damage

@@ -56,25 +56,34 @@ def _venv_python() -> Path:
     return py
 
 
+def _export_and_load(py: Path, child: str, loaded, plan, samples, tmp_path: Path):
+    """Quantize by ``plan``, export GPTQ, run ``child`` in the gptqmodel venv on the first sample.
+
+    Returns the child's stdout, its logits, and ours (the fp16 fake-quant model on the same inputs).
+    """
+    from safetensors.torch import load_file, save_file
+
+    results = quantize(loaded, plan, samples, progress=False)
+    out = write_dir_atomic(tmp_path / "gptq", lambda d: write_gptq(loaded, results, d))
+    inputs = samples[0].inputs
+    save_file(inputs, str(tmp_path / "in.safetensors"))
+    (tmp_path / "child.py").write_text(child)
+    proc = subprocess.run([str(py), str(tmp_path / "child.py"), str(out), str(tmp_path / "in.safetensors"),
+                           str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = load_file(str(tmp_path / "out.safetensors"))["logits"]
+    with torch.no_grad():
+        ours = loaded.model.half()(**inputs).logits.float()
+    return proc.stdout, theirs, ours
+
+
 @pytest.mark.slow
 def test_uniform_gptq_export_loads_in_gptqmodel(tmp_path):
     py = _venv_python()
     loaded, samples = _setup("llava")
     plan = _plan(loaded, QuantScheme(backend="gptq", bits=4, group_size=32))
-    results = quantize(loaded, plan, samples, progress=False)
-    out = write_dir_atomic(tmp_path / "gptq", lambda d: write_gptq(loaded, results, d))
-    from safetensors.torch import load_file, save_file
-
-    inputs = samples[0].inputs
-    save_file(inputs, str(tmp_path / "in.safetensors"))
-    (tmp_path / "child.py").write_text(CHILD)
-    proc = subprocess.run([str(py), str(tmp_path / "child.py"), str(out), str(tmp_path / "in.safetensors"),
-                           str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "KERNELS" in proc.stdout and "[]" not in proc.stdout.split("KERNELS", 1)[1].splitlines()[0]
-    theirs = load_file(str(tmp_path / "out.safetensors"))["logits"]
-    with torch.no_grad():
-        ours = loaded.model.half()(**inputs).logits.float()
+    stdout, theirs, ours = _export_and_load(py, CHILD, loaded, plan, samples, tmp_path)
+    assert "KERNELS" in stdout and "[]" not in stdout.split("KERNELS", 1)[1].splitlines()[0]
     torch.testing.assert_close(theirs, ours, rtol=0, atol=2e-2)  # fp16 kernels vs fp16 dequantized matmul
 
 
@@ -108,21 +117,9 @@ def test_mixed_gptq_export_loads_in_gptqmodel_with_dynamic_bits(tmp_path):
     samples = build_calibration_set(loaded, CalibDataOptions(num_samples=8, alpha=0.5)).samples
     plan = {n: QuantScheme(backend="gptq", bits=8 if loaded.adapter.block_index(n) == 1 else 4, group_size=128)
             for n, _ in loaded.adapter.iter_linears(loaded.model, Component.DECODER)}
-    results = quantize(loaded, plan, samples, progress=False)
-    out = write_dir_atomic(tmp_path / "gptq", lambda d: write_gptq(loaded, results, d))
-    from safetensors.torch import load_file, save_file
-
-    inputs = samples[0].inputs
-    save_file(inputs, str(tmp_path / "in.safetensors"))
-    (tmp_path / "child.py").write_text(DYNAMIC_CHILD)
-    proc = subprocess.run([str(py), str(tmp_path / "child.py"), str(out), str(tmp_path / "in.safetensors"),
-                           str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    bits = json.loads(proc.stdout.split("BITS", 1)[1].splitlines()[0])
+    stdout, theirs, ours = _export_and_load(py, DYNAMIC_CHILD, loaded, plan, samples, tmp_path)
+    bits = json.loads(stdout.split("BITS", 1)[1].splitlines()[0])
     assert bits == {n: s.bits for n, s in plan.items()}
-    theirs = load_file(str(tmp_path / "out.safetensors"))["logits"]
-    with torch.no_grad():
-        ours = loaded.model.half()(**inputs).logits.float()
     # fp16 kernels (TorchAten) vs fp16 dequantized matmuls: logits up to ~12 agree within 0.1
     torch.testing.assert_close(theirs, ours, rtol=0, atol=0.1)
     assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
