@@ -56,7 +56,8 @@ class _HessianHook:
     """Accumulates ``mean(xᵀx)`` over all tokens of all samples for one Linear input."""
 
     def __init__(self, module: nn.Linear):
-        self.h = torch.zeros(module.in_features, module.in_features, dtype=torch.float32)
+        self.h = torch.zeros(module.in_features, module.in_features, dtype=torch.float32,
+                             device=module.weight.device)
         self.n = 0
         self.handle = module.register_forward_pre_hook(self)
 
@@ -87,7 +88,7 @@ def _quantize_module(name: str, module: nn.Linear, scheme: QuantScheme, hessian:
     check_shape(name, module, scheme)
     result = as_stored(quantize_weight(module.weight.data, scheme, hessian=hessian))
     module.weight.data.copy_(result.dequantized)
-    return result
+    return result.to("cpu")  # results are exported from host memory, whatever device solved them
 
 
 @torch.no_grad()
@@ -100,6 +101,7 @@ def quantize(
     progress: bool = True,
     load_block: Callable[[int], Mapping[str, object] | None] | None = None,
     save_block: Callable[[int, Mapping[str, object]], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, object]:
     """Quantize ``loaded.model`` in place by ``plan`` (module name -> scheme, None = keep).
 
@@ -108,6 +110,7 @@ def quantize(
 
     ``load_block(i)`` may return the saved results of block ``i`` (resume): they are written into the
     block instead of quantizing it again; ``save_block(i, results)`` is called after each block.
+    ``device`` (e.g. ``"cuda"``): each decoder block, its Hessians and its solves are computed there.
 
     Returns:
         module name -> QuantResult (codes, scales, zeros, g_idx, bits per weight, relative output error).
@@ -150,5 +153,5 @@ def quantize(
 
     n_blocks = len(adapter.blocks(model))
     with block_progress("quantize: decoder blocks", n_blocks, progress) as advance:
-        stream_decoder(loaded, samples, stage, weights=weights, on_block_done=advance)
+        stream_decoder(loaded, samples, stage, weights=weights, on_block_done=advance, device=device)
     return results

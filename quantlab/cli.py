@@ -14,6 +14,24 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compress vision-language models to a memory budget and measure what it cost.")
 console = Console()
 
+Device = Annotated[Optional[str], typer.Option(
+    help="compute device: cpu, cuda or cuda:N. Decoder blocks, statistics, solvers and evaluation run there; "
+         "the model stays in host memory (default: cpu)")]
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _check_device(device: str | None) -> None:
+    from quantlab.device import resolve_device
+
+    try:
+        resolve_device(device)
+    except ValueError as err:
+        console.print(f"[red]--device: {err}[/]")
+        raise typer.Exit(code=2) from None
+
 
 @app.command()
 def models() -> None:
@@ -45,13 +63,17 @@ def eval_(
     batch_size: Annotated[int, typer.Option()] = 32,
     seed: Annotated[int, typer.Option()] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write results as JSON here")] = None,
+    device: Device = None,
 ) -> None:
     """Evaluate a model (built-in toy, local checkpoint, quantlab native checkpoint or hub id) on VQA tasks."""
     from quantlab.eval.runner import evaluate
     from quantlab.models.load import open_model
 
+    _check_device(device)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     loaded = open_model(model)
+    if device is not None:
+        loaded.model.to(device)
     report = evaluate(loaded, names, data_dir=data_dir, limit=limit, seed=seed, batch_size=batch_size, progress=True)
     for name, r in report.tasks.items():
         table = Table(title=f"{name} ({r.n} items, {r.n_failed} failed)")
@@ -93,6 +115,7 @@ def calibrate(
     out: Annotated[Path, typer.Option(help="directory for the statistics artifact")],
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: a.b=value")] = None,
+    device: Device = None,
 ) -> None:
     """Stream calibration samples block by block and write activation statistics (+ entropy plot)."""
     from quantlab.calib.data import build_calibration_set
@@ -101,6 +124,7 @@ def calibrate(
     from quantlab.recipe import Recipe
     from quantlab.stages import stats_options
 
+    _check_device(device)
     r = Recipe.from_yaml(recipe, _overrides(set_))
     if out.exists() and not overwrite:
         console.print(f"[red]{out} exists; pass --overwrite to replace it[/]")
@@ -109,16 +133,15 @@ def calibrate(
     cs = build_calibration_set(loaded, r.calibration)
     from quantlab.calib.collect import calibrate as run_calibrate
 
-    stats = run_calibrate(loaded, cs, options=stats_options(r))
+    stats = run_calibrate(loaded, cs, options=stats_options(r), device=device)
     stats.save(out, overwrite=overwrite)
     plot_entropy(stats, out / "entropy.png")
     table = Table(title=f"{model}: per-block statistics ({cs.n_image} image+text, {cs.n_text} text-only samples)")
     for col in ("block", "H image", "H text", "H all", "variance", "kurtosis", "outliers"):
         table.add_column(col, justify="right")
     for row in stats.table():
-        f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        table.add_row(str(row["block"]), f(row["H_image"]), f(row["H_text"]), f(row["H_all"]),
-                      f(row.get("variance")), f(row.get("kurtosis")), f(row.get("outliers")))
+        table.add_row(str(row["block"]), _fmt(row["H_image"]), _fmt(row["H_text"]), _fmt(row["H_all"]),
+                      _fmt(row.get("variance")), _fmt(row.get("kurtosis")), _fmt(row.get("outliers")))
     console.print(table)
     console.print(f"wrote {out} (stats.safetensors, summary.json, entropy.png)")
 
@@ -131,12 +154,14 @@ def quantize(
     overwrite: bool = typer.Option(False, help="start over in --out instead of resuming"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: a.b=value")] = None,
     push_to_hub: Annotated[Optional[str], typer.Option(help="ORG/NAME to upload the exported model to")] = None,
+    device: Device = None,
 ) -> None:
     """Run calibrate -> plan -> quantize -> export -> eval -> report in a run directory."""
     from quantlab.pipeline import run_all
 
+    _check_device(device)
     summary = run_all(model, recipe, out, overwrite=overwrite, overrides=_overrides(set_),
-                      say=lambda m: console.print(f"[bold cyan]{m}[/]"))
+                      say=lambda m: console.print(f"[bold cyan]{m}[/]"), device=device)
     console.print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
     for key, rep in summary.get("eval", {}).items():
         console.print(f"{key}: " + ", ".join(f"{t} {r.score:.3f}" for t, r in rep.tasks.items()))
@@ -150,9 +175,10 @@ def quantize(
             raise typer.Exit(code=1) from None
 
 
-def _stage_on_run(run_dir: Path, stop_after: str) -> None:
+def _stage_on_run(run_dir: Path, stop_after: str | None, device: str | None = None) -> None:
     from quantlab.pipeline import run_all
 
+    _check_device(device)
     state = run_dir / "state.json"
     if not state.is_file():
         console.print(f"[red]{run_dir} is not a quantlab run directory (no state.json); "
@@ -160,7 +186,7 @@ def _stage_on_run(run_dir: Path, stop_after: str) -> None:
         raise typer.Exit(code=1)
     model = json.loads(state.read_text())["_model"]
     summary = run_all(model, run_dir / "recipe.yaml", run_dir, stop_after=stop_after,
-                      say=lambda m: console.print(f"[bold cyan]{m}[/]"))
+                      say=lambda m: console.print(f"[bold cyan]{m}[/]"), device=device)
     console.print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
 
 
@@ -174,6 +200,7 @@ def plan(
     out: Annotated[Optional[Path], typer.Option(help="plan.yaml to write (MODEL mode)")] = None,
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: a.b=value")] = None,
+    device: Device = None,
 ) -> None:
     """Make a plan: on a run directory, (re)make RUN/plan.yaml; on a MODEL, write --out plan.yaml.
 
@@ -181,7 +208,7 @@ def plan(
     7B architecture is enough. The budget planner (and luq without --stats) calibrates the model first.
     """
     if (Path(target) / "state.json").is_file() and recipe is None:
-        _stage_on_run(Path(target), "plan")
+        _stage_on_run(Path(target), "plan", device)
         return
     if recipe is None or out is None:
         console.print("[red]quantlab plan MODEL needs --recipe and --out (or pass a run directory)[/]")
@@ -192,6 +219,7 @@ def plan(
     if out.exists() and not overwrite:
         console.print(f"[red]{out} exists; pass --overwrite to replace it[/]")
         raise typer.Exit(code=1)
+    _check_device(device)
     from quantlab.stages import plan_for_model
 
     overrides = _overrides(set_)
@@ -200,7 +228,7 @@ def plan(
     if avg_bits is not None:
         overrides.update({"plan.target_avg_bits": avg_bits, "plan.budget_gb": None, "plan.k": None})
     loaded, made, st = plan_for_model(target, recipe, overrides, stats_dir=stats,
-                                      say=lambda m: console.print(f"[bold cyan]{m}[/]"))
+                                      say=lambda m: console.print(f"[bold cyan]{m}[/]"), device=device)
     made.to_yaml(out, overwrite=overwrite)
     _print_plan(loaded, made, st, out)
 
@@ -213,9 +241,8 @@ def _print_plan(loaded, made, st, out: Path) -> None:
     table = Table(title=f"{made.model}: {made.planner} plan ({made.format})")
     for col in ("block", "H image", "H text", "schemes", "bits/weight", "bytes"):
         table.add_column(col, justify="right")
-    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for r in rows:
-        table.add_row(str(r.block), f(r.entropy_image), f(r.entropy_text), ", ".join(r.schemes),
+        table.add_row(str(r.block), _fmt(r.entropy_image), _fmt(r.entropy_text), ", ".join(r.schemes),
                       f"{r.avg_bits:.3f}", f"{r.bytes:,}")
     console.print(table)
     png = plot_bits(rows, out.with_suffix(".png"), title=f"{Path(made.model).name}: {made.planner}")
@@ -226,15 +253,15 @@ def _print_plan(loaded, made, st, out: Path) -> None:
 
 
 @app.command()
-def export(run_dir: Annotated[Path, typer.Argument(help="run directory")]) -> None:
+def export(run_dir: Annotated[Path, typer.Argument(help="run directory")], device: Device = None) -> None:
     """Quantize (resuming) and export RUN/model in the recipe's format."""
-    _stage_on_run(run_dir, "export")
+    _stage_on_run(run_dir, "export", device)
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="run directory")]) -> None:
+def report(run_dir: Annotated[Path, typer.Argument(help="run directory")], device: Device = None) -> None:
     """Evaluate baseline vs quantized and write RUN/report.{md,json}."""
-    _stage_on_run(run_dir, None)
+    _stage_on_run(run_dir, None, device)
 
 
 def main() -> None:

@@ -139,6 +139,7 @@ class StageContext:
     _loaded: Any = None
     _samples: Any = None
     say: Callable[[str], None] = print
+    device: str | None = None  # where decoder blocks, solvers and evaluation compute (None: the CPU)
 
     @property
     def loaded(self):
@@ -164,13 +165,21 @@ class StageContext:
 
 def run_all(model: str, recipe_path: str | Path, out: str | Path, *, overwrite: bool = False,
             overrides: dict[str, Any] | None = None, progress: bool = True,
-            say: Callable[[str], None] = print, stop_after: str | None = None) -> dict[str, Any]:
-    """calibrate -> plan -> quantize -> export -> eval -> report in ``out``; returns a summary."""
-    from quantlab import stages
+            say: Callable[[str], None] = print, stop_after: str | None = None,
+            device: str | None = None) -> dict[str, Any]:
+    """calibrate -> plan -> quantize -> export -> eval -> report in ``out``; returns a summary.
 
+    ``device`` (``"cuda"``, ``"cuda:1"``, ...) is where calibration, the planner's measurements, the
+    solvers and evaluation compute; the model is held in host memory and moved one block at a time.
+    It is a property of the machine, not of the recipe: a run resumed on another device continues.
+    """
+    from quantlab import stages
+    from quantlab.device import resolve_device
+
+    resolve_device(device)  # a bad device fails before anything is loaded or written
     recipe = Recipe.from_yaml(recipe_path, overrides)
     run = RunDir.open(out, model, recipe, overwrite=overwrite)
-    ctx = StageContext(model, recipe, run, progress=progress, say=say)
+    ctx = StageContext(model, recipe, run, progress=progress, say=say, device=device)
     summary: dict[str, Any] = {"run_dir": str(run.root)}
     say(f"[1/6] calibrate: {recipe.calibration.num_samples} samples (alpha={recipe.calibration.alpha})")
     stats = stages.stage_calibrate(ctx)

@@ -38,7 +38,8 @@ def stage_calibrate(ctx: StageContext):
     if run.fresh("calibrate", calibrate_fp(ctx)) and run.stats.is_dir():
         ctx.say("calibrate: up to date, loading stats/")
         return CalibrationStats.load(run.stats)
-    stats = calibrate(ctx.loaded, ctx.samples, options=stats_options(ctx.recipe), progress=ctx.progress)
+    stats = calibrate(ctx.loaded, ctx.samples, options=stats_options(ctx.recipe), progress=ctx.progress,
+                      device=ctx.device)
     stats.save(run.stats, overwrite=True)
     from quantlab.calib.plot import plot_entropy
 
@@ -58,14 +59,14 @@ def stage_plan(ctx: StageContext, stats):
         ctx.say("plan: up to date, loading plan.yaml")
         return Plan.from_yaml(run.plan)
     plan = make_plan(ctx.loaded, stats, ctx.recipe.plan, export_format=ctx.recipe.export.format,
-                     samples=ctx.samples.samples, progress=ctx.progress)
+                     samples=ctx.samples.samples, progress=ctx.progress, device=ctx.device)
     plan.to_yaml(run.plan, overwrite=True)
     run.done("plan", predicted_bytes=plan.predicted_bytes, format=plan.format)
     return plan
 
 
 def plan_for_model(model: str, recipe_path, overrides: dict | None = None, *, stats_dir=None,
-                   say=print):
+                   say=print, device: str | None = None):
     """``quantlab plan MODEL``: a plan without a run directory; returns ``(loaded, plan, stats)``.
 
     Needs no weights for the uniform planner, or for luq (fixed k / average bits / budget) given saved
@@ -91,8 +92,8 @@ def plan_for_model(model: str, recipe_path, overrides: dict | None = None, *, st
         samples = calib.samples
         if stats is None:
             say(f"plan: calibrating {model} ({len(samples)} samples) for the {spec.planner} planner")
-            stats = calibrate(loaded, calib, options=stats_options(recipe))
-    plan = make_plan(loaded, stats, spec, export_format=recipe.export.format, samples=samples)
+            stats = calibrate(loaded, calib, options=stats_options(recipe), device=device)
+    plan = make_plan(loaded, stats, spec, export_format=recipe.export.format, samples=samples, device=device)
     return loaded, plan, stats
 
 
@@ -114,7 +115,8 @@ def stage_quantize(ctx: StageContext, plan):
     if n_saved and not finished:
         ctx.say(f"quantize: resuming, {n_saved} block(s) already done")
     results = quantize(ctx.loaded, plan.layers, ctx.samples.samples, progress=ctx.progress,
-                       load_block=load_block, save_block=lambda i, r: save_results(run.block_file(i), r))
+                       load_block=load_block, save_block=lambda i, r: save_results(run.block_file(i), r),
+                       device=ctx.device)
     run.done("quantize", modules=len(results))
     return results
 
@@ -181,6 +183,8 @@ def stage_eval(ctx: StageContext, quantized_loaded) -> dict:
     out = {}
     for key in ("quantized", "baseline"):
         loaded = _exported_or(ctx, quantized_loaded) if key == "quantized" else load_model(ctx.model_name)
+        if ctx.device is not None:
+            loaded.model.to(ctx.device)  # generation runs whole models: they must fit on the device
         out[key] = evaluate(loaded, spec.tasks, data_dir=spec.data_dir, limit=spec.limit,
                             batch_size=spec.batch_size, progress=ctx.progress)
         out[key].save_json(files[key])

@@ -61,3 +61,13 @@ def test_plan_luq_from_saved_stats_and_budget_flag(tmp_path):
 def test_plan_model_mode_needs_recipe_and_out(tmp_path):
     res = runner.invoke(app, ["plan", "toy-llava"])
     assert res.exit_code == 1 and "--recipe and --out" in res.output
+
+
+@pytest.mark.parametrize("command", ["quantize", "calibrate"])
+def test_bad_device_fails_before_anything_is_written(tmp_path, command):
+    out = tmp_path / "run"
+    res = runner.invoke(app, [command, "toy-llava", "--recipe", str(ROOT / "recipes" / "luq.yaml"),
+                              "--out", str(out), "--device", "tpu:0"])
+    assert res.exit_code == 2, res.output
+    assert "--device" in res.output and "'tpu:0'" in res.output
+    assert not out.exists()

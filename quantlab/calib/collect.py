@@ -148,6 +148,12 @@ class BlockStats:
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)  # full name -> (in, in) float32 sum
     hessian_weight: dict[str, float] = field(default_factory=dict)  # full name -> Σ w_t
 
+    def cpu(self) -> BlockStats:
+        """The same statistics with every tensor on the CPU (where artifacts and planners read them)."""
+        return BlockStats(self.index, {m: _on_cpu(st) for m, st in self.luq.items()},
+                          {n: {m: _on_cpu(st) for m, st in per.items()} for n, per in self.linears.items()},
+                          {n: h.cpu() for n, h in self.hessians.items()}, dict(self.hessian_weight))
+
 
 @dataclass
 class _Acc:
@@ -166,7 +172,7 @@ def _valid_mask(sample: CalibSample) -> torch.Tensor:
     am = sample.inputs.get("attention_mask")
     if am is not None and am.shape[-1] == seq:
         return am.reshape(-1, seq)[0].bool()
-    return torch.ones(seq, dtype=torch.bool)
+    return torch.ones(seq, dtype=torch.bool, device=sample.image_mask.device)
 
 
 LUQ = "<luq>"  # source key of the LUQ tensor inside a block
@@ -210,15 +216,16 @@ class StatsCollector:
         if not acc.pending:
             return
         ss = [s for s, _ in acc.pending]
-        x = torch.cat([h for _, h in acc.pending])  # (N, c)
-        offsets = torch.tensor([0] + [h.shape[0] for _, h in acc.pending]).cumsum(0)
-        pos = torch.cat([res.positions(s) + offsets[j] for j, s in enumerate(ss)])
+        x = torch.cat([h for _, h in acc.pending])  # (N, c), on the compute device
+        offsets = torch.tensor([0] + [h.shape[0] for _, h in acc.pending], device="cpu").cumsum(0)
+        # Per-sample masks live on the CPU; the sums run where the activations are.
+        pos = torch.cat([res.positions(s) + offsets[j] for j, s in enumerate(ss)]).to(x.device)
         acc.pending, acc.pending_tokens = [], 0
         acc.rows.append(x[pos].float())
-        m = Moments.of(x, torch.cat([self.image[s] for s in ss]))
+        m = Moments.of(x, torch.cat([self.image[s] for s in ss]).to(x.device))
         acc.moments = m if acc.moments is None else acc.moments.merge(m)
         if hessian:
-            w = torch.cat([self.weight[s] for s in ss])
+            w = torch.cat([self.weight[s] for s in ss]).to(x.device)
             h = hessian_update(x, w)
             acc.hessian = h if acc.hessian is None else acc.hessian.add_(h)
             acc.weight_sum += float(w.double().sum())
@@ -358,11 +365,15 @@ class _BlockRun:
             if acc.hessian is not None:
                 out.hessians[name] = acc.hessian if first else acc.hessian.clone()
                 out.hessian_weight[name] = acc.weight_sum
-        return out
+        return out.cpu()
 
 
 def _clone(st: TensorStats) -> TensorStats:
     return dataclasses.replace(st, **{k: t.clone() for k, t in st.tensors().items()})
+
+
+def _on_cpu(st: TensorStats) -> TensorStats:
+    return dataclasses.replace(st, **{k: t.cpu() for k, t in st.tensors().items()})
 
 
 def _heap_trimmer() -> Callable[[], None]:
@@ -398,7 +409,8 @@ def _progress_bar(enabled: bool, total: int, label: str) -> Iterator[Callable[[i
 
 def calibrate(loaded: LoadedModel, samples: Sequence[CalibSample] | Any, *, options: CollectOptions | None = None,
               weights: WeightSource | None = None, progress: bool = True,
-              skipped: Mapping[str, int] | None = None, **overrides: Any) -> CalibrationStats:
+              skipped: Mapping[str, int] | None = None, device: str | torch.device | None = None,
+              **overrides: Any) -> CalibrationStats:
     """Stream the decoder over ``samples`` and collect per-block statistics (one forward per block).
 
     Args:
@@ -408,6 +420,8 @@ def calibrate(loaded: LoadedModel, samples: Sequence[CalibSample] | Any, *, opti
         weights: where block weights come from (``load_streaming``'s second value) or None (in memory).
         progress: show a rich progress bar with ETA, one step per decoder block.
         skipped: samples the data stage skipped, by reason (taken from ``samples.skipped`` if present).
+        device: where each block and its statistics are computed (e.g. ``"cuda"``; one block and one
+            sample's activations at a time); None computes where the weights are. Results are on the CPU.
 
     After every block, freed heap memory is returned to the OS (glibc ``malloc_trim``), so peak RSS does
     not ratchet up with depth.
@@ -437,7 +451,7 @@ def calibrate(loaded: LoadedModel, samples: Sequence[CalibSample] | Any, *, opti
             if advance is not None:
                 advance(i)
 
-        stream_decoder(loaded, samples, collector, weights=weights, on_block_done=block_done)
+        stream_decoder(loaded, samples, collector, weights=weights, on_block_done=block_done, device=device)
     n_image = sum(s.has_image for s in samples)
     meta = {
         "source": loaded.source,

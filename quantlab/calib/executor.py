@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 
 from quantlab.calib.capture import BlockCall, block_output, capture_calls
 from quantlab.calib.weights import InMemory, WeightSource
+from quantlab.device import resolve_device
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
 
@@ -68,12 +70,19 @@ def capture_decoder_inputs(loaded: LoadedModel, samples: Sequence[CalibSample]) 
 
 
 def run_block(block: nn.Module, calls: Sequence[Sequence[BlockCall]], index: int,
-              hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Decoder block ``index`` over every sample's hidden state, each with that sample's captured call."""
+              hidden: Sequence[torch.Tensor], device: torch.device | None = None) -> list[torch.Tensor]:
+    """Decoder block ``index`` over every sample's hidden state, each with that sample's captured call.
+
+    With ``device``, each sample's call is moved there (the block must already be) and its output comes
+    back to where its hidden state was, so only one sample's activations occupy the device at a time.
+    """
     outs = []
     for s, h in enumerate(hidden):
         call = calls[s][index].with_hidden(h)
-        outs.append(block_output(block(*call.args, **call.kwargs)))
+        if device is not None:
+            call = BlockCall(send_to_device(call.args, device), send_to_device(call.kwargs, device))
+        out = block_output(block(*call.args, **call.kwargs))
+        outs.append(out if device is None else out.to(h.device))
     return outs
 
 
@@ -85,11 +94,17 @@ def stream_decoder(
     *,
     weights: WeightSource | None = None,
     on_block_done: Callable[[int], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> list[torch.Tensor]:
-    """Stream all decoder blocks over ``samples``; returns the last block's outputs (one per sample)."""
+    """Stream all decoder blocks over ``samples``; returns the last block's outputs (one per sample).
+
+    ``device`` (e.g. ``"cuda"``): each block is moved there for its stage and back to the CPU after it;
+    hidden states and captured inputs stay on the CPU between blocks. None computes where the block is.
+    """
     if not samples:
         raise ValueError("stream_decoder: no calibration samples")
     weights = weights or InMemory()
+    device = resolve_device(device)
     adapter = loaded.adapter
     blocks = adapter.blocks(loaded.model, Component.DECODER)
     calls = capture_decoder_inputs(loaded, samples)
@@ -97,16 +112,25 @@ def stream_decoder(
     for i, block in enumerate(blocks):
         prefix = f"{adapter.decoder_blocks}.{i}"
         weights.load(block, prefix)
+        home = _device_of(block) if device is not None else None
+        if device is not None:
+            block.to(device)
 
         def run(block: nn.Module = block, i: int = i) -> list[torch.Tensor]:
-            return run_block(block, calls, i, hidden)
+            return run_block(block, calls, i, hidden, device)
 
         outs = stage(i, block, run) if stage is not None else None
         hidden = outs if outs is not None else run()
+        if home is not None:
+            block.to(home)
         weights.release(block, prefix)
         if on_block_done is not None:
             on_block_done(i)
     return hidden
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 @torch.no_grad()

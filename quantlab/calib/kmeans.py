@@ -49,8 +49,8 @@ def subsample(x: torch.Tensor, max_tokens: int, seed: int) -> torch.Tensor:
     if n <= max_tokens:
         return x
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(n, generator=g)[:max_tokens].sort().values
-    return x[idx]
+    idx = torch.randperm(n, generator=g, device="cpu")[:max_tokens].sort().values
+    return x[idx.to(x.device)]
 
 
 def _sqdist(a: torch.Tensor, a_sq: torch.Tensor, bt: torch.Tensor, b_sq: torch.Tensor) -> torch.Tensor:
@@ -63,16 +63,17 @@ def _kmeans_pp(x: torch.Tensor, x_sq: torch.Tensor, k: int, g: torch.Generator) 
     n, d = x.shape
     trials = 2 + int(math.log(k))
     xt = x.T.contiguous()  # (d, n): a contiguous right operand makes the small matmuls ~3x faster
-    centers = torch.empty(k, d, dtype=x.dtype)
-    first = int(torch.randint(n, (1,), generator=g))
+    centers = torch.empty(k, d, dtype=x.dtype, device=x.device)
+    first = int(torch.randint(n, (1,), generator=g, device="cpu"))
     centers[0] = x[first]
     closest = _sqdist(x[first:first + 1], x_sq[first:first + 1], xt, x_sq)[0]  # (n,)
     potential = float(closest.sum())
     for c in range(1, k):
         if potential <= 0.0:  # every row coincides with a centre: duplicates only, clusters stay empty
-            centers[c:] = x[torch.randint(n, (k - c,), generator=g)]
+            centers[c:] = x[torch.randint(n, (k - c,), generator=g, device="cpu").to(x.device)]
             break
-        cand = torch.multinomial(closest / potential, trials, replacement=True, generator=g)  # (t,)
+        # Drawn on the CPU (the generator's device), so a seed picks the same centres on every device.
+        cand = torch.multinomial((closest / potential).cpu(), trials, replacement=True, generator=g).to(x.device)
         dist = _sqdist(x[cand], x_sq[cand], xt, x_sq)  # (t, n)
         new = torch.minimum(closest[None, :], dist)  # (t, n)
         pots = new.sum(1)  # (t,)
@@ -101,7 +102,7 @@ def _lloyd(x: torch.Tensor, x_sq: torch.Tensor, centers: torch.Tensor, max_iter:
             break  # strict convergence: the centres below would not move
         labels = new_labels
         counts = torch.bincount(labels, minlength=k)  # (k,)
-        sums = torch.zeros(k, d, dtype=x.dtype).index_add_(0, labels, x)  # (k, d)
+        sums = torch.zeros(k, d, dtype=x.dtype, device=x.device).index_add_(0, labels, x)  # (k, d)
         new = sums / counts.clamp(min=1)[:, None].to(x.dtype)
         empty = (counts == 0).nonzero().flatten()
         if len(empty):

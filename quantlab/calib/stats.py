@@ -148,7 +148,7 @@ class Moments:
         """
         n, c = x.shape
         step = max(1, chunk_values // max(c, 1))
-        out = Moments.zeros(c)
+        out = Moments.zeros(c, x.device)
         for lo in range(0, n, step):
             out = out.merge(Moments._of(x[lo:lo + step], is_image[lo:lo + step]))
         return out
@@ -160,7 +160,7 @@ class Moments:
         x2 = xf * xf
         a = xf.abs()
         per_chan = torch.stack([split @ xf, split @ x2, split @ (x2 * xf), split @ (x2 * x2)], 1)  # (2, 4, c)
-        chan_max = torch.zeros(2, xf.shape[1], dtype=torch.float32)
+        chan_max = torch.zeros(2, xf.shape[1], dtype=torch.float32, device=xf.device)
         for r, mask in enumerate((is_image, ~is_image)):
             n_r = int(mask.sum())
             if n_r:
@@ -170,11 +170,11 @@ class Moments:
         return Moments(count, per_chan.sum(2), per_chan[:, 1].clone(), (split @ a).double(), chan_max)
 
     @staticmethod
-    def zeros(channels: int) -> Moments:
-        f64 = torch.float64
-        return Moments(torch.zeros(2, dtype=torch.long), torch.zeros(2, 4, dtype=f64),
-                       torch.zeros(2, channels, dtype=f64), torch.zeros(2, channels, dtype=f64),
-                       torch.zeros(2, channels, dtype=torch.float32))
+    def zeros(channels: int, device: torch.device | str = "cpu") -> Moments:
+        f64, d = torch.float64, device
+        return Moments(torch.zeros(2, dtype=torch.long, device=d), torch.zeros(2, 4, dtype=f64, device=d),
+                       torch.zeros(2, channels, dtype=f64, device=d), torch.zeros(2, channels, dtype=f64, device=d),
+                       torch.zeros(2, channels, dtype=torch.float32, device=d))
 
     def merge(self, other: Moments) -> Moments:
         """The sums of both streams (a new object)."""
@@ -265,10 +265,10 @@ class TokenReservoir:
         keys, img, sample = [], [], []
         for s, mask in enumerate(image_masks):
             keys.append(token_keys(seed, s, len(mask)))
-            img.append(mask.bool())
-            sample.append(torch.full((len(mask),), s, dtype=torch.long))
+            img.append(mask.bool().cpu())  # bookkeeping stays on the CPU; rows are indexed on their device
+            sample.append(torch.full((len(mask),), s, dtype=torch.long, device="cpu"))
         key, is_img, smp = torch.cat(keys), torch.cat(img), torch.cat(sample)
-        pos = torch.cat([torch.arange(len(m)) for m in image_masks])
+        pos = torch.cat([torch.arange(len(m), device="cpu") for m in image_masks])
         keep = torch.zeros_like(is_img)
         for mask in (is_img, ~is_img):
             idx = mask.nonzero().flatten()
@@ -292,4 +292,4 @@ class TokenReservoir:
             self._is_img if _row(modality) == 0 else ~self._is_img)
         idx = mask.nonzero().flatten()
         idx = idx[self._key[idx].argsort(stable=True)[:min(size or self.size, self.size)]]
-        return x[idx]
+        return x[idx.to(x.device)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from accelerate.utils import send_to_device
 from PIL import Image
 
 from quantlab.models.inputs import build_inputs
@@ -30,6 +31,7 @@ def generate_answers(
     answers: list[str] = []
     for lo in range(0, len(prompts), batch_size):
         batch = build_inputs(processor, list(prompts[lo:lo + batch_size]), list(images[lo:lo + batch_size]))
+        batch = send_to_device(batch, model.device)  # inputs go where the model is (CPU, or a GPU)
         if hasattr(getattr(model, "model", None), "rope_deltas"):
             model.model.rope_deltas = None  # Qwen caches mrope offsets across calls; stale ones corrupt positions
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,

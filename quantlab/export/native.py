@@ -40,7 +40,7 @@ def encode(r) -> dict[str, torch.Tensor]:
     out["codes_packed"] = pack_int32(r.codes, r.bits)
     if r.zeros is not None:
         out["zeros_packed"] = pack_int32(r.zeros.round().to(torch.int64), r.bits, dim=0)
-    if r.g_idx is not None and not torch.equal(r.g_idx.long(), grid.trivial_g_idx(r.codes.shape[1], r.group_size).long()):
+    if r.g_idx is not None and not torch.equal(r.g_idx.long(), grid.trivial_g_idx(r.codes.shape[1], r.group_size, r.g_idx.device).long()):
         out["g_idx"] = r.g_idx.to(torch.int32)
     return out
 

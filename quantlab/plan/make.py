@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from quantlab.calib.executor import CalibSample
@@ -44,8 +45,13 @@ def _bytes(mod: nn.Linear, scheme: QuantScheme | None, fmt: str) -> int:
 
 
 def make_plan(loaded: LoadedModel, stats, spec: PlanSpec, *, export_format: str = "auto",
-              samples: Sequence[CalibSample] = (), budget_bytes: int | None = None, progress: bool = True) -> Plan:
-    """Run the recipe's planner. ``budget_bytes`` (whole model) overrides the recipe's budget."""
+              samples: Sequence[CalibSample] = (), budget_bytes: int | None = None, progress: bool = True,
+              device: str | torch.device | None = None) -> Plan:
+    """Run the recipe's planner. ``budget_bytes`` (whole model) overrides the recipe's budget.
+
+    ``device`` is where the budget planner's sensitivity pass runs (see
+    :func:`quantlab.plan.sensitivity.measure_damage`); the other planners compute nothing heavy.
+    """
     adapter = loaded.adapter
     linears = _linears(loaded)
     rules = [r.model_dump() for r in spec.rules]
@@ -63,7 +69,8 @@ def make_plan(loaded: LoadedModel, stats, spec: PlanSpec, *, export_format: str 
     elif spec.planner == "luq":
         layers, info = _luq(loaded, stats, spec, blocks, linears, export_format, budget_bytes, samples)
     elif spec.planner == "budget":
-        layers, info = _budget(loaded, stats, spec, blocks, linears, export_format, samples, budget_bytes, progress)
+        layers, info = _budget(loaded, stats, spec, blocks, linears, export_format, samples, budget_bytes, progress,
+                               device)
     else:  # pragma: no cover - PlanSpec validates the name
         raise ValueError(f"unknown planner {spec.planner!r}")
 
@@ -148,7 +155,7 @@ def _nominal(layers: dict[str, QuantScheme], linears) -> float:
     return num / max(1, sum(linears[n].weight.numel() for n in layers))
 
 
-def _budget(loaded, stats, spec: PlanSpec, blocks, linears, export_format, samples, budget_bytes, progress):
+def _budget(loaded, stats, spec: PlanSpec, blocks, linears, export_format, samples, budget_bytes, progress, device):
     if not spec.candidates:
         raise ValueError("plan.planner 'budget' needs plan.candidates")
     if not samples:
@@ -174,7 +181,8 @@ def _budget(loaded, stats, spec: PlanSpec, blocks, linears, export_format, sampl
     # and text samples alike) bounds the cost.
     stride = max(1, len(samples) // spec.sensitivity_samples)
     subset = list(samples)[::stride][: spec.sensitivity_samples]
-    damage = measure_damage(loaded, subset, units, spec.candidates, stats.hessians, progress=progress)
+    damage = measure_damage(loaded, subset, units, spec.candidates, stats.hessians, progress=progress,
+                            device=device)
     by_label = {c.label(): c for c in spec.candidates}
     sol = planners.budget(units, list(by_label), damage, cost, unit_budget)
     layers = {n: by_label[sol.choice[u]] for u in units for n in u}

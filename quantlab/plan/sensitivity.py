@@ -13,13 +13,15 @@ each measurement, so the model is left as it was.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from quantlab.calib.executor import CalibSample, capture_decoder_inputs, decoder_logits, run_block
+from quantlab.device import resolve_device
 from quantlab.models import Component
 from quantlab.models.load import LoadedModel
 from quantlab.progress import block_progress
@@ -68,6 +70,7 @@ def kl_damage(ref: Sequence[torch.Tensor], new: Sequence[torch.Tensor]) -> float
 
 def _fake_quantize(linear: nn.Linear, weight: torch.Tensor, scheme: QuantScheme, h: torch.Tensor | None) -> None:
     if h is not None:
+        h = h.to(weight.device)
         h = h / max(float(h.diagonal().mean()), 1e-12)  # scale-free; GPTQ damps relative to the mean diagonal
     linear.weight.data.copy_(quantize_weight(weight, scheme, hessian=h).dequantized)
 
@@ -91,12 +94,37 @@ def quantized_kl(loaded: LoadedModel, samples: Sequence[CalibSample], mapping: M
             modules[n].weight.data.copy_(w)
 
 
-def _suffix_log_probs(loaded: LoadedModel, calls, hidden: Sequence[torch.Tensor], start: int) -> list[torch.Tensor]:
-    """Log-probabilities from decoder blocks ``start..`` onward, given their inputs ``hidden`` (one per sample)."""
+def _suffix_log_probs(loaded: LoadedModel, calls, hidden: Sequence[torch.Tensor], start: int,
+                      device: torch.device | None = None) -> list[torch.Tensor]:
+    """Log-probabilities (on the CPU) from decoder blocks ``start..`` onward, given their inputs ``hidden``."""
     blocks = loaded.adapter.blocks(loaded.model, Component.DECODER)
     for i in range(start, len(blocks)):
-        hidden = run_block(blocks[i], calls, i, hidden)
-    return [F.log_softmax(x.float(), dim=-1) for x in decoder_logits(loaded, hidden)]
+        hidden = run_block(blocks[i], calls, i, hidden, device)
+    out = []
+    for h in hidden:  # one sample's logits on the device at a time
+        (logits,) = decoder_logits(loaded, [h if device is None else h.to(device)])
+        out.append(F.log_softmax(logits.float(), dim=-1).cpu())
+    return out
+
+
+@contextmanager
+def _decoder_on(loaded: LoadedModel, device: torch.device | None) -> Iterator[None]:
+    """Decoder blocks, final norm and head on ``device`` for the duration (each measurement runs a suffix
+    of the decoder, so it must fit there), then back where they were."""
+    if device is None:
+        yield
+        return
+    a = loaded.adapter
+    mods = [*a.blocks(loaded.model, Component.DECODER), a.get(loaded.model, a.final_norm),
+            a.get(loaded.model, a.lm_head)]
+    homes = [next(m.parameters()).device for m in mods]
+    try:
+        for m in mods:
+            m.to(device)
+        yield
+    finally:
+        for m, home in zip(mods, homes):
+            m.to(home)
 
 
 @torch.no_grad()
@@ -108,13 +136,18 @@ def measure_damage(
     hessians: Mapping[str, torch.Tensor],
     *,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> dict[tuple[Unit, str], float]:
     """``{(unit, scheme label): KL damage}`` with only ``unit`` quantized by the scheme.
 
     Streams like calibration: the full-precision decoder input of block ``b`` is computed once, and a unit
     of block ``b`` is measured by running blocks ``b..`` only (the vision tower, the embeddings and the
     earlier blocks are unchanged by it), which holds one set of hidden states at a time.
+
+    ``device`` (e.g. ``"cuda"``): the decoder, final norm and head are moved there for the measurement
+    (the whole decoder must fit on it), hidden states and log-probabilities stay on the CPU.
     """
+    device = resolve_device(device)
     modules = dict(loaded.model.named_modules())
     adapter = loaded.adapter
     blocks = adapter.blocks(loaded.model, Component.DECODER)
@@ -126,20 +159,21 @@ def measure_damage(
             raise ValueError(f"sensitivity: unit {unit} is not inside one decoder block")
         by_block.setdefault(b, []).append(unit)
     hidden = [c[0].hidden for c in calls]
-    ref = _suffix_log_probs(loaded, calls, hidden, 0)
     last = max(by_block, default=-1)  # no need to advance the fp hidden states past the last measured block
     damage: dict[tuple[Unit, str], float] = {}
-    with block_progress("sensitivity: units x candidates", len(units) * len(candidates), progress) as advance:
+    with _decoder_on(loaded, device), \
+            block_progress("sensitivity: units x candidates", len(units) * len(candidates), progress) as advance:
+        ref = _suffix_log_probs(loaded, calls, hidden, 0, device)
         for b, block in enumerate(blocks):
             for unit in by_block.get(b, []):
                 originals = {n: modules[n].weight.data.clone() for n in unit}
                 for scheme in candidates:
                     for n in unit:
                         _fake_quantize(modules[n], originals[n], scheme, hessians.get(n))
-                    damage[unit, scheme.label()] = kl_damage(ref, _suffix_log_probs(loaded, calls, hidden, b))
+                    damage[unit, scheme.label()] = kl_damage(ref, _suffix_log_probs(loaded, calls, hidden, b, device))
                     for n in unit:
                         modules[n].weight.data.copy_(originals[n])
                     advance(0)
             if b < last:
-                hidden = run_block(block, calls, b, hidden)
+                hidden = run_block(block, calls, b, hidden, device)
     return damage

@@ -59,7 +59,8 @@ def quantize_weight(weight: Tensor, backend: str | QuantScheme, *, bits: int | N
         group_size: columns per group, ``-1`` per channel (billm: block size); default 128.
         sym: symmetric grid; default True.
         hessian: ``[in, in]`` ``XᵀX/n`` of the layer inputs; required by gptq and billm, optional for rtn
-            (then only used for ``error``).
+            (then only used for ``error``). Moved to the weight's device: the solve runs there, and the
+            result's tensors are on that device.
         **backend_args: backend options (gptq: damp, block_size, act_order, static_groups, mse; rtn: mse;
             billm: damp, max_salient, break_points).
 
@@ -82,5 +83,7 @@ def quantize_weight(weight: Tensor, backend: str | QuantScheme, *, bits: int | N
         scheme = QuantScheme(backend=backend, bits=bits, group_size=128 if group_size is None else group_size,
                              sym=True if sym is None else sym, args=backend_args)
     check_weight(weight, scheme, hessian)
+    if hessian is not None:
+        hessian = hessian.to(weight.device)  # the solve runs where the weight is
     with torch.no_grad():
         return get_backend(scheme.backend)(weight, scheme, hessian)

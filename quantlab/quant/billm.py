@@ -60,7 +60,7 @@ def select_salient(Wb: Tensor, c: Tensor, max_salient: int) -> Tensor:
                + _weighted_error(Wb[:, rest], binary.residual_binarize(Wb[:, rest], 2), c[rest]))
         if best is None or err < best:
             best, best_k = err, k
-    mask = torch.zeros(k_cols, dtype=torch.bool)
+    mask = torch.zeros(k_cols, dtype=torch.bool, device=Wb.device)
     mask[order[:best_k]] = True
     return mask
 
@@ -72,7 +72,7 @@ def search_break(Wb: Tensor, salient: Tensor, c: Tensor, steps: int) -> float:
         return 0.0
     cr = c[~salient]
     a = rest.abs()
-    candidates = torch.quantile(a.flatten()[: 1 << 24], torch.linspace(0.1, 0.9, steps))
+    candidates = torch.quantile(a.flatten()[: 1 << 24], torch.linspace(0.1, 0.9, steps, device=a.device))
     best, best_p = None, 0.0
     for p in candidates.tolist():
         large = a >= p
@@ -90,7 +90,7 @@ def search_break(Wb: Tensor, salient: Tensor, c: Tensor, steps: int) -> float:
 def _block_params(Wb: Tensor, salient: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """``(α, μ)``, each ``[out, 4]``, of the four binarizations of a block ``Wb [out, k]``."""
     out_f = Wb.shape[0]
-    alpha, mu = torch.zeros(out_f, 4), torch.zeros(out_f, 4)
+    alpha, mu = torch.zeros(out_f, 4, device=Wb.device), torch.zeros(out_f, 4, device=Wb.device)
     if salient.any():
         ws = Wb[:, salient]
         mu[:, SALIENT_O1], alpha[:, SALIENT_O1] = binary.binarize_params(ws)
@@ -133,7 +133,8 @@ def billm_solve(W: Tensor, H: Tensor, *, block_size: int = 128, damp: float = 0.
     out_f, in_f = W.shape
     B = grid.group_width(in_f, block_size)
     n_blocks = -(-in_f // B)
-    Wt = torch.empty(in_f, out_f).copy_(W.detach().T)  # [in, out] contiguous: Wt[j] is column j
+    dev = W.device  # everything below runs where the weight is
+    Wt = torch.empty(in_f, out_f, device=dev).copy_(W.detach().T)  # [in, out] contiguous: Wt[j] is column j
     Hd = H.detach().float().clone()
     dead = torch.diag(Hd) == 0
     Hd[dead, dead] = 1
@@ -143,10 +144,10 @@ def billm_solve(W: Tensor, H: Tensor, *, block_size: int = 128, damp: float = 0.
     c_all = 1.0 / torch.diag(Hinv).square()  # [in] salience weights 1 / [chol(H⁻¹)]_jj²
 
     Qt = torch.zeros_like(Wt)  # [in, out]
-    sign_t = torch.zeros(in_f, out_f, dtype=torch.bool)
-    second_t = torch.zeros(in_f, out_f, dtype=torch.bool)
-    salient_cols = torch.zeros(in_f, dtype=torch.bool)
-    alphas, mus = torch.zeros(out_f, 4 * n_blocks), torch.zeros(out_f, 4 * n_blocks)
+    sign_t = torch.zeros(in_f, out_f, dtype=torch.bool, device=dev)
+    second_t = torch.zeros(in_f, out_f, dtype=torch.bool, device=dev)
+    salient_cols = torch.zeros(in_f, dtype=torch.bool, device=dev)
+    alphas, mus = torch.zeros(out_f, 4 * n_blocks, device=dev), torch.zeros(out_f, 4 * n_blocks, device=dev)
     for b, i1 in enumerate(range(0, in_f, B)):
         i2 = min(i1 + B, in_f)
         W1 = Wt[i1:i2].clone()  # [count, out]
@@ -158,9 +159,9 @@ def billm_solve(W: Tensor, H: Tensor, *, block_size: int = 128, damp: float = 0.
         alpha, mu = _block_params(W1.T, salient, p)  # [out, 4]
         alphas[:, 4 * b:4 * b + 4], mus[:, 4 * b:4 * b + 4] = alpha, mu
         salient_cols[i1:i2] = salient
-        for i in range(i2 - i1):
+        for i, is_salient in enumerate(salient.tolist()):  # one host sync per block, not per column
             w = W1[i]  # [out]
-            q, sign_t[i1 + i], second_t[i1 + i] = _binarize_column(w, bool(salient[i]), alpha, mu, p)
+            q, sign_t[i1 + i], second_t[i1 + i] = _binarize_column(w, is_salient, alpha, mu, p)
             Qt[i1 + i] = q
             err1 = (w - q) / Hinv1[i, i]
             W1[i + 1:].addr_(Hinv1[i, i + 1:], err1, alpha=-1)
@@ -178,7 +179,7 @@ def billm_solve(W: Tensor, H: Tensor, *, block_size: int = 128, damp: float = 0.
         bits=1, group_size=block_size, sym=True,
         codes=codes, scales=alphas, zeros=None, g_idx=None, dequantized=w_hat,
         bits_per_weight=total_bits / (out_f * in_f),
-        extra={**stored, "nominal_bits": torch.tensor(nominal)},
+        extra={**stored, "nominal_bits": torch.tensor(nominal, device=dev)},
         error=relative_output_error(W, w_hat, H),
     )
 

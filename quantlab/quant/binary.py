@@ -65,13 +65,13 @@ def pack_bits(bits: Tensor) -> Tensor:
     n = bits.shape[-1]
     pad = (-n) % 8
     b = torch.nn.functional.pad(bits.to(torch.uint8), (0, pad)).reshape(*bits.shape[:-1], -1, 8)
-    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+    weights = (1 << torch.arange(8, dtype=torch.int32, device=bits.device)).to(torch.uint8)
     return (b * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, n: int) -> Tensor:
     """Inverse of :func:`pack_bits`: ``[..., ceil(n/8)] uint8 -> [..., n] bool``."""
-    shifts = torch.arange(8, dtype=torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = (packed.unsqueeze(-1) >> shifts) & 1  # [..., ceil(n/8), 8]
     return bits.reshape(*packed.shape[:-1], -1)[..., :n].bool()
 
@@ -90,7 +90,7 @@ def dequantize_binary(codes: Tensor, scales: Tensor, means: Tensor, salient: Ten
     block = in_f if block_size == -1 else block_size
     pos = (codes & 1).bool()  # [out, in] sign bit: +1
     second = ((codes >> 1) & 1).long()  # [out, in]
-    base = (torch.arange(in_f) // block * 4).expand(out_f, in_f)  # [out, in] slot 0 of the column's block
+    base = (torch.arange(in_f, device=codes.device) // block * 4).expand(out_f, in_f)  # [out, in] slot 0 of the column's block
 
     def level(slot: Tensor, plus: Tensor) -> Tensor:  # μ ± α of binarization ``slot`` per element
         mu, alpha = means.gather(1, slot), scales.gather(1, slot)

@@ -76,26 +76,27 @@ def gptq_solve(W: Tensor, H: Tensor, bits: int, group_size: int = 128, sym: bool
     out_f, in_f = W.shape
     g = grid.group_width(in_f, group_size)
     n_groups = grid.num_groups(in_f, group_size)
-    Wt = torch.empty(in_f, out_f).copy_(W.detach().T)  # [in, out] contiguous: Wt[j] is column j
+    dev = W.device  # everything below runs where the weight is
+    Wt = torch.empty(in_f, out_f, device=dev).copy_(W.detach().T)  # [in, out] contiguous: Wt[j] is column j
     Hd = H.detach().float().clone()  # [in, in], dampened and permuted below
     dead = torch.diag(Hd) == 0
     Hd[dead, dead] = 1
     Wt[dead] = 0
     static = static_groups or group_size == -1
-    scales = torch.zeros(n_groups, out_f)  # [n_groups, out]
-    zeros = torch.zeros(n_groups, out_f)  # [n_groups, out]
+    scales = torch.zeros(n_groups, out_f, device=dev)  # [n_groups, out]
+    zeros = torch.zeros(n_groups, out_f, device=dev)  # [n_groups, out]
     if static:
         s, z = grid.compute_qparams(grid.to_groups(Wt.T, group_size), bits, sym, mse=mse)  # [out, n_groups]
         scales, zeros = s.T.contiguous(), z.T.contiguous()
-    perm = torch.argsort(torch.diag(Hd), descending=True) if act_order else torch.arange(in_f)
+    perm = torch.argsort(torch.diag(Hd), descending=True) if act_order else torch.arange(in_f, device=dev)
     if act_order:
         Wt, Hd = Wt[perm], Hd[perm][:, perm]
-    group_of = perm // g if static else torch.arange(in_f) // g  # [in] group of processed column j
+    group_of = perm // g if static else torch.arange(in_f, device=dev) // g  # [in] group of processed column j
     Hinv = inverse_hessian_cholesky(Hd, damp)  # [in, in] upper
     del Hd
 
     Qt = torch.zeros_like(Wt)  # [in, out]
-    codes_t = torch.zeros(in_f, out_f, dtype=torch.uint8)  # [in, out]
+    codes_t = torch.zeros(in_f, out_f, dtype=torch.uint8, device=dev)  # [in, out]
     gid = group_of.tolist()
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)

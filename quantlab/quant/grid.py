@@ -63,9 +63,9 @@ def to_groups(w: Tensor, group_size: int) -> Tensor:
     return w.reshape(out_f, in_f // g, g)  # [out, in/g, g]
 
 
-def trivial_g_idx(in_features: int, group_size: int) -> Tensor:
+def trivial_g_idx(in_features: int, group_size: int, device: torch.device | str = "cpu") -> Tensor:
     """``g_idx`` without act-order: ``c // g`` as int32 ``[in]``."""
-    return (torch.arange(in_features) // group_width(in_features, group_size)).to(torch.int32)
+    return (torch.arange(in_features, device=device) // group_width(in_features, group_size)).to(torch.int32)
 
 
 def _minmax_params(xmin: Tensor, xmax: Tensor, bits: int, sym: bool) -> tuple[Tensor, Tensor]:

@@ -39,9 +39,9 @@ def pack_int32(codes: Tensor, bits: int, dim: int = 1) -> Tensor:
     if v.numel() and (v.min() < 0 or v.max() >= 1 << bits):
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
     words = math.ceil(n * bits / 32)
-    start = torch.arange(n, dtype=torch.int64) * bits  # [n] first bit of each element
+    start = torch.arange(n, dtype=torch.int64, device=v.device) * bits  # [n] first bit of each element
     word, off = start // 32, start % 32
-    out = torch.zeros(rows, words + 1, dtype=torch.int64)  # one spare word for the straddling part
+    out = torch.zeros(rows, words + 1, dtype=torch.int64, device=v.device)  # one spare word for the straddling part
     out.scatter_add_(1, word.expand(rows, n), (v << off) & 0xFFFFFFFF)
     out.scatter_add_(1, (word + 1).expand(rows, n), v >> (32 - off))  # high part of straddling values
     out = out[:, :words]
@@ -56,8 +56,8 @@ def unpack_int32(packed: Tensor, bits: int, size: int, dim: int = 1) -> Tensor:
     if dim == 0:
         p = p.T
     rows = p.shape[0]
-    p = torch.cat([p, torch.zeros(rows, 1, dtype=torch.int64)], dim=1)
-    start = torch.arange(size, dtype=torch.int64) * bits
+    p = torch.cat([p, torch.zeros(rows, 1, dtype=torch.int64, device=p.device)], dim=1)
+    start = torch.arange(size, dtype=torch.int64, device=p.device) * bits
     word, off = start // 32, start % 32
     stream = p[:, word] | ((p[:, word + 1] & 0xFF) << 32)  # [rows, size] window holding each value
     codes = ((stream >> off) & ((1 << bits) - 1)).to(torch.uint8)

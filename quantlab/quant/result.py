@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ G_IDX_BITS = 32  # g_idx is int32
 
 @dataclass(frozen=True)
 class QuantResult:
-    """One quantized weight matrix ``[out, in]`` (frozen; tensors live on the CPU of the caller's device).
+    """One quantized weight matrix ``[out, in]`` (frozen; tensors on the device the solver ran on; :meth:`to` moves them).
 
     Uniform backends (rtn, gptq) follow the layout table of :mod:`quantlab.quant.grid`:
     ``dequantize() == scales[:, g] * (codes - zeros[:, g])`` with ``g = g_idx`` (``c // group_size`` when
@@ -65,6 +66,15 @@ class QuantResult:
         """``(out, in)``."""
         return tuple(self.codes.shape)
 
+    def to(self, device: torch.device | str) -> QuantResult:
+        """The same result with every tensor on ``device`` (a no-op copy-free call when already there)."""
+        def mv(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(self, codes=mv(self.codes), scales=mv(self.scales), zeros=mv(self.zeros),
+                                   g_idx=mv(self.g_idx), dequantized=mv(self.dequantized),
+                                   extra={k: mv(v) for k, v in self.extra.items()})
+
     def dequantize(self) -> Tensor:
         """Recompute the weight from the stored tensors (bit-exact with ``dequantized`` for rtn/gptq/billm)."""
         dtype = self.dequantized.dtype
@@ -73,7 +83,7 @@ class QuantResult:
                                          binary.unpack_bits(self.extra["salient_mask"], self.shape[1]), self.group_size)
             return w.to(dtype)
         in_f = self.shape[1]
-        g_idx = self.g_idx if self.g_idx is not None else grid.trivial_g_idx(in_f, self.group_size)
+        g_idx = self.g_idx if self.g_idx is not None else grid.trivial_g_idx(in_f, self.group_size, self.codes.device)
         zeros = self.zeros if self.zeros is not None else torch.full_like(self.scales, float(grid.sym_zero(self.bits)))
         w = grid.dequantize_codes(self.codes, grid.expand_groups(self.scales, g_idx), grid.expand_groups(zeros, g_idx))
         return w.to(dtype)
@@ -81,7 +91,7 @@ class QuantResult:
 
 def g_idx_is_trivial(g_idx: Tensor | None, in_features: int, group_size: int) -> bool:
     """True when ``g_idx`` is absent or equals ``c // group_size`` (nothing to store)."""
-    return g_idx is None or torch.equal(g_idx.long(), grid.trivial_g_idx(in_features, group_size).long())
+    return g_idx is None or torch.equal(g_idx.long(), grid.trivial_g_idx(in_features, group_size, g_idx.device).long())
 
 
 def uniform_bits_per_weight(out_features: int, in_features: int, bits: int, group_size: int, sym: bool,

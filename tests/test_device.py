@@ -1,0 +1,155 @@
+"""The compute-device path: device-clean on the CPU (audited), identical results, clear errors, and CUDA.
+
+Without a GPU, the audit stands in for one: the default device is set to ``meta`` and every torch call
+is checked for arguments on different devices. A tensor that quantlab creates without naming a device
+then lands on ``meta`` and meets the CPU activations or weights it is combined with, which is exactly
+the mistake that breaks a CUDA run (a CPU tensor meeting CUDA activations).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from quantlab.apply import quantize
+from quantlab.calib import executor
+from quantlab.calib.collect import calibrate
+from quantlab.device import resolve_device
+from quantlab.models import Component
+from quantlab.plan.sensitivity import measure_damage, units_of
+from quantlab.quant.scheme import QuantScheme
+from tests.test_apply import _setup
+
+SCHEMES = {"q_proj": QuantScheme(backend="gptq", bits=3, group_size=32),
+           "k_proj": QuantScheme(backend="gptq", bits=3, group_size=32),
+           "v_proj": QuantScheme(backend="gptq", bits=3, group_size=32),
+           "o_proj": QuantScheme(backend="gptq", bits=4, group_size=32, args={"act_order": True}),
+           "gate_proj": QuantScheme(backend="billm", bits=1, group_size=32),
+           "up_proj": QuantScheme(backend="billm", bits=1, group_size=32),
+           "down_proj": QuantScheme(backend="rtn", bits=2, group_size=32)}
+
+
+class MixedDevices(AssertionError):
+    pass
+
+
+class DeviceAudit(TorchFunctionMode):
+    """Fails any torch call whose tensor arguments are on more than one device (0-d CPU scalars aside)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = tree_flatten((args, kwargs))[0]
+        devices = {t.device for t in leaves if isinstance(t, torch.Tensor)
+                   and not (t.dim() == 0 and t.device.type == "cpu")}
+        if len(devices) > 1:
+            raise MixedDevices(f"{getattr(func, '__name__', func)}: tensors on {sorted(map(str, devices))}")
+        return func(*args, **kwargs)
+
+
+def _plan(loaded):
+    return {n: SCHEMES[n.rsplit(".", 1)[-1]] for n, _ in loaded.adapter.iter_linears(loaded.model, Component.DECODER)}
+
+
+def _run(setup, device):
+    loaded, samples = setup
+    stats = calibrate(loaded, samples, hessians=True, progress=False, device=device, entropy_k=4)
+    blocks: dict[int, list[str]] = {}
+    for n, _ in loaded.adapter.iter_linears(loaded.model, Component.DECODER):
+        blocks.setdefault(loaded.adapter.block_index(n), []).append(n)
+    units = units_of(blocks, [("x",)])[:3]
+    damage = measure_damage(loaded, samples, units, [SCHEMES["q_proj"], SCHEMES["gate_proj"]], stats.hessians,
+                            progress=False, device=device)
+    results = quantize(loaded, _plan(loaded), samples, progress=False, device=device)
+    return stats, damage, results, loaded
+
+
+def _assert_same(a, b):
+    (sa, da, ra, la), (sb, db, rb, lb) = a, b
+    assert json.dumps(sa.table(), sort_keys=True) == json.dumps(sb.table(), sort_keys=True)  # NaN-safe
+    ta, tb = sa._tensors(), sb._tensors()  # every stored tensor: Hessians, per-channel statistics
+    assert ta.keys() == tb.keys()
+    for name, t in ta.items():
+        assert tb[name].device.type == "cpu" and torch.equal(t, tb[name]), name
+    assert da == db
+    for name, r in ra.items():
+        assert torch.equal(r.codes, rb[name].codes) and torch.equal(r.dequantized, rb[name].dequantized), name
+    for (n, p), (_, q) in zip(la.model.named_parameters(), lb.model.named_parameters()):
+        assert p.device.type == "cpu" and torch.equal(p, q), n
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_device_path_is_device_clean_and_identical(family, monkeypatch):
+    real_capture = executor.capture_calls
+
+    def capture_on_host(*args, **kwargs):
+        # The model's own forward up to block 0 (transformers code) runs on the host in a real run too;
+        # the audit is about what quantlab does with the blocks, their activations and the solvers.
+        with torch.device("cpu"):
+            return real_capture(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "capture_calls", capture_on_host)
+    reference = _run(_setup(family), None)
+    setup = _setup(family)  # built before the audit: the model and samples are the user's, on the CPU
+    torch.set_default_device("meta")
+    try:
+        with DeviceAudit():
+            audited = _run(setup, "cpu")
+    finally:
+        torch.set_default_device(None)
+    _assert_same(reference, audited)
+    for r in audited[2].values():
+        assert r.codes.device.type == "cpu" and r.dequantized.device.type == "cpu"
+
+
+def test_audit_catches_a_tensor_created_on_the_default_device():
+    torch.set_default_device("meta")
+    try:
+        with DeviceAudit(), pytest.raises((MixedDevices, RuntimeError)):
+            torch.ones(3, device="cpu") * torch.zeros(3)  # the second factor lands on meta
+    finally:
+        torch.set_default_device(None)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("banana", "not a torch device"),
+    ("mps", "cpu or cuda only"),
+    pytest.param("cuda", "CUDA is not available", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_bad_device_is_refused_with_its_name(value, message):
+    with pytest.raises(ValueError, match=message) as err:
+        resolve_device(value)
+    assert repr(value) in str(err.value)
+    loaded, samples = _setup()
+    with pytest.raises(ValueError, match=message):
+        calibrate(loaded, samples, progress=False, device=value)
+
+
+def test_no_device_means_where_the_weights_are():
+    assert resolve_device(None) is None
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_cuda_matches_cpu(family):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    (sc, dc, rc, lc), (sg, dg, rg, lg) = _run(_setup(family), None), _run(_setup(family), "cuda")
+    for name, h in sc.hessians.items():
+        torch.testing.assert_close(sg.hessians[name], h, rtol=1e-4, atol=1e-5)
+    for (unit, label), v in dc.items():
+        assert dg[unit, label] == pytest.approx(v, rel=0.05, abs=1e-6)
+    for name, r in rc.items():
+        g = rg[name]
+        assert g.codes.device.type == "cpu"
+        # Accumulation order differs between devices, so a few codes on rounding boundaries may flip.
+        assert (g.codes == r.codes).float().mean() > 0.98, name
+        assert g.error == pytest.approx(r.error, rel=0.1, abs=1e-4), name
+    for (n, p), (_, q) in zip(lc.model.named_parameters(), lg.model.named_parameters()):
+        assert q.device.type == "cpu", n
