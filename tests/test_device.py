@@ -9,6 +9,7 @@ the mistake that breaks a CUDA run (a CPU tensor meeting CUDA activations).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 from quantlab.apply import quantize
 from quantlab.calib import executor
 from quantlab.calib.collect import calibrate
+from quantlab.calib.weights import load_streaming
 from quantlab.device import resolve_device
 from quantlab.models import Component
 from quantlab.plan.sensitivity import measure_damage, units_of
@@ -81,37 +83,60 @@ def _assert_same(a, b):
         assert p.device.type == "cpu" and torch.equal(p, q), n
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-def test_device_path_is_device_clean_and_identical(family, monkeypatch):
+@pytest.fixture
+def capture_on_host(monkeypatch):
+    """The model's own forward up to block 0 (transformers code) runs on the host in a real run too; the
+    audit is about what quantlab does with the blocks, their activations and the solvers."""
     real_capture = executor.capture_calls
 
-    def capture_on_host(*args, **kwargs):
-        # The model's own forward up to block 0 (transformers code) runs on the host in a real run too;
-        # the audit is about what quantlab does with the blocks, their activations and the solvers.
+    def on_host(*args, **kwargs):
         with torch.device("cpu"):
             return real_capture(*args, **kwargs)
 
-    monkeypatch.setattr(executor, "capture_calls", capture_on_host)
-    reference = _run(_setup(family), None)
-    setup = _setup(family)  # built before the audit: the model and samples are the user's, on the CPU
+    monkeypatch.setattr(executor, "capture_calls", on_host)
+
+
+@contextmanager
+def audited():
     torch.set_default_device("meta")
     try:
         with DeviceAudit():
-            audited = _run(setup, "cpu")
+            yield
     finally:
         torch.set_default_device(None)
-    _assert_same(reference, audited)
-    for r in audited[2].values():
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_device_path_is_device_clean_and_identical(family, capture_on_host):
+    reference = _run(_setup(family), None)
+    setup = _setup(family)  # built before the audit: the model and samples are the user's, on the CPU
+    with audited():
+        result = _run(setup, "cpu")
+    _assert_same(reference, result)
+    for r in result[2].values():
         assert r.codes.device.type == "cpu" and r.dequantized.device.type == "cpu"
 
 
+def test_streamed_weights_with_a_device_are_device_clean(tmp_path, capture_on_host):
+    loaded, samples = _setup("llava")
+    loaded.model.save_pretrained(tmp_path)
+    plan = _plan(loaded)
+    ref_stats = calibrate(loaded, samples, hessians=True, progress=False, entropy_k=4)
+    ref = quantize(loaded, plan, samples, progress=False)
+    lazy, weights = load_streaming(tmp_path, with_processor=False)
+    with audited():
+        stats = calibrate(lazy, samples, hessians=True, progress=False, entropy_k=4, weights=weights, device="cpu")
+        results = quantize(lazy, plan, samples, progress=False, weights=weights, device="cpu")
+    for name, h in ref_stats.hessians.items():
+        assert torch.equal(stats.hessians[name], h), name
+    for name, r in ref.items():
+        assert torch.equal(results[name].codes, r.codes), name
+    assert all(p.device.type == "meta" for p in lazy.adapter.blocks(lazy.model).parameters())
+
+
 def test_audit_catches_a_tensor_created_on_the_default_device():
-    torch.set_default_device("meta")
-    try:
-        with DeviceAudit(), pytest.raises((MixedDevices, RuntimeError)):
-            torch.ones(3, device="cpu") * torch.zeros(3)  # the second factor lands on meta
-    finally:
-        torch.set_default_device(None)
+    with audited(), pytest.raises((MixedDevices, RuntimeError)):
+        torch.ones(3, device="cpu") * torch.zeros(3)  # the second factor lands on meta
 
 
 @pytest.mark.parametrize("value, message", [
