@@ -27,7 +27,7 @@ from quantlab.apply import quantize
 from quantlab.calib.collect import calibrate
 from quantlab.calib.data import CalibDataOptions, build_calibration_set
 from quantlab.eval.runner import evaluate
-from quantlab.models import Component, load_model
+from quantlab.models import load_model
 from quantlab.plan.cost import model_size
 from quantlab.plan.make import make_plan
 from quantlab.plan.sensitivity import _log_probs, kl_damage

@@ -6,10 +6,8 @@ additionally resumes from the last finished block.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
 
 from quantlab.pipeline import StageContext, file_hash, fingerprint
 

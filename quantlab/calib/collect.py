@@ -40,7 +40,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,94 +48,15 @@ from torch import nn
 from quantlab.calib.artifact import CalibrationStats
 from quantlab.calib.executor import CalibSample, stream_decoder
 from quantlab.calib.kmeans import kmeans_entropy
+from quantlab.calib.options import ENTROPY_ON, CollectOptions, EntropyOn  # noqa: F401 (re-exported)
 from quantlab.calib.stats import MODALITIES, Moments, TensorStats, TokenReservoir, hessian_update, summarize
 from quantlab.calib.weights import WeightSource
 from quantlab.models.load import LoadedModel
+from quantlab.progress import block_progress
 
 log = logging.getLogger(__name__)
 
-EntropyOn = Literal["block_input_norm", "block_output"]
-ENTROPY_ON: tuple[str, ...] = ("block_input_norm", "block_output")
 NORM_NAME = "input_layernorm"  # the pre-attention norm of every supported decoder block
-
-
-@dataclass(frozen=True)
-class CollectOptions:
-    """What the calibration pass collects (all fields are written to ``summary.json``).
-
-    Attributes:
-        entropy: run LUQ's k-means entropy per block and modality.
-        entropy_on: which tensor is the LUQ tensor (module table).
-        entropy_k: k-means clusters (LUQ: 100).
-        max_tokens: reservoir size per modality for the LUQ tensor (k-means and histogram entropy).
-        kmeans_n_init, kmeans_max_iter, kmeans_tol: see :func:`quantlab.calib.kmeans.kmeans`.
-        linears: collect the statistics of every Linear's input.
-        linear_max_tokens: reservoir size per modality for a Linear input's histogram entropy.
-        hist_bins: histogram entropy bins.
-        outlier_ratio: a channel is massive when its max|x| exceeds this × the median channel max|x|.
-        entropy_modalities: which modalities get a k-means entropy (each costs one k-means per block).
-        flush_tokens: pending tokens per tensor before their sums are computed (bounds the extra memory:
-            about ``flush_tokens`` × the block's distinct Linear input widths, in the model dtype).
-        hessians: accumulate ``H = Σ w_t x_t x_tᵀ`` (float32, plain sum) for every Linear.
-        modality_weights: ``(image, text)`` token weights ``w_t`` of the Hessians.
-        seed: seeds the reservoirs and k-means.
-    """
-
-    entropy: bool = True
-    entropy_on: EntropyOn = "block_input_norm"
-    entropy_k: int = 100
-    max_tokens: int = 4096
-    kmeans_n_init: int = 1
-    kmeans_max_iter: int = 300
-    kmeans_tol: float = 1e-4
-    linears: bool = True
-    linear_max_tokens: int = 512
-    entropy_modalities: tuple[str, ...] = MODALITIES
-    flush_tokens: int = 2048
-    hist_bins: int = 256
-    outlier_ratio: float = 20.0
-    hessians: bool = False
-    modality_weights: tuple[float, float] = (1.0, 1.0)
-    seed: int = 42
-
-    def __post_init__(self) -> None:
-        if self.entropy_on not in ENTROPY_ON:
-            raise ValueError(f"entropy_on={self.entropy_on!r}; expected one of {ENTROPY_ON}")
-        if isinstance(self.modality_weights, Mapping):
-            extra = set(self.modality_weights) - {"image", "text"}
-            if extra:
-                raise ValueError(f"modality_weights: unknown keys {sorted(extra)}; expected 'image', 'text'")
-            w = (self.modality_weights.get("image", 1.0), self.modality_weights.get("text", 1.0))
-            object.__setattr__(self, "modality_weights", w)
-        w = tuple(float(v) for v in self.modality_weights)
-        if len(w) != 2 or min(w) < 0:
-            raise ValueError(f"modality_weights must be two non-negative numbers (image, text), got {w}")
-        object.__setattr__(self, "modality_weights", w)
-        mods = tuple(self.entropy_modalities)
-        if not set(mods) <= set(MODALITIES):
-            raise ValueError(f"entropy_modalities={mods}; expected a subset of {MODALITIES}")
-        object.__setattr__(self, "entropy_modalities", mods)
-        if self.linear_max_tokens > self.max_tokens:
-            raise ValueError(f"linear_max_tokens ({self.linear_max_tokens}) must be <= max_tokens "
-                             f"({self.max_tokens}): Linears reading the LUQ tensor use its reservoir")
-        for name in ("flush_tokens", "entropy_k", "max_tokens", "kmeans_n_init", "kmeans_max_iter",
-                     "linear_max_tokens", "hist_bins"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["modality_weights"] = {"image": self.modality_weights[0], "text": self.modality_weights[1]}
-        d["entropy_modalities"] = list(self.entropy_modalities)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> CollectOptions:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown calibration options {sorted(unknown)}; valid: {sorted(known)}")
-        return cls(**d)
 
 
 @dataclass
@@ -393,20 +314,6 @@ def _heap_trimmer() -> Callable[[], None]:
     return trim
 
 
-@contextmanager
-def _progress_bar(enabled: bool, total: int, label: str) -> Iterator[Callable[[int], None] | None]:
-    if not enabled:
-        yield None
-        return
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("ETA"), TimeRemainingColumn()) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda i: bar.update(task, advance=1, description=f"{label} (block {i + 1}/{total} done)")
-
-
 def calibrate(loaded: LoadedModel, samples: Sequence[CalibSample] | Any, *, options: CollectOptions | None = None,
               weights: WeightSource | None = None, progress: bool = True,
               skipped: Mapping[str, int] | None = None, device: str | torch.device | None = None,
@@ -445,11 +352,10 @@ def calibrate(loaded: LoadedModel, samples: Sequence[CalibSample] | Any, *, opti
     n_blocks = len(adapter.blocks(loaded.model))
     trim = _heap_trimmer()
 
-    with _progress_bar(progress, n_blocks, "calibrating") as advance:
+    with block_progress("calibrate: decoder blocks", n_blocks, progress) as advance:
         def block_done(i: int) -> None:
             trim()
-            if advance is not None:
-                advance(i)
+            advance(i)
 
         stream_decoder(loaded, samples, collector, weights=weights, on_block_done=block_done, device=device)
     n_image = sum(s.has_image for s in samples)

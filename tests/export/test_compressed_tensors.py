@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors import safe_open
-from torch import nn
 
 from quantlab.export.compressed_tensors import target_pattern, write_compressed_tensors
 from quantlab.export.io import write_dir_atomic
