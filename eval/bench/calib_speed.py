@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import send_to_device
 
 from quantlab.calib.collect import CollectOptions, calibrate
 from quantlab.calib.executor import CalibSample
@@ -99,11 +100,13 @@ def shapes_samples(loaded: LoadedModel, n_image: int, n_text: int) -> list[Calib
 
 @torch.no_grad()
 def plain_forward(loaded: LoadedModel, samples: list[CalibSample]) -> None:
+    """Every sample through the model, inputs moved to wherever the model is."""
     model = loaded.model
+    device = next(model.parameters()).device
     for s in samples:
         if hasattr(getattr(model, "model", None), "rope_deltas"):
             model.model.rope_deltas = None
-        model(**s.inputs, use_cache=False)
+        model(**send_to_device(s.inputs, device), use_cache=False)
 
 
 def best_of(fn, repeat: int) -> float:
@@ -111,8 +114,22 @@ def best_of(fn, repeat: int) -> float:
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def resident_forward_time(loaded: LoadedModel, samples: list[CalibSample], repeat: int, device: str | None) -> float:
+    """The baseline: a plain forward with the whole model on ``device`` (None: where it is)."""
+    if device is None:
+        return best_of(lambda: plain_forward(loaded, samples), repeat)
+    loaded.model.to(device)
+    try:
+        plain_forward(loaded, samples[:2])  # warm-up on the device
+        return best_of(lambda: plain_forward(loaded, samples), repeat)
+    finally:
+        loaded.model.to("cpu")
 
 
 def main() -> None:
@@ -132,6 +149,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2, help="--config: decoder blocks")
     ap.add_argument("--vision-layers", type=int, default=2, help="--config: vision blocks")
     ap.add_argument("--text-tokens", type=int, default=48, help="--config: text tokens per sample")
+    ap.add_argument("--device", default=None, help="compute device (e.g. cuda): calibrate streams one block at a "
+                    "time to it; the forward baseline holds the whole model there")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -148,17 +167,18 @@ def main() -> None:
                           linears=not args.no_linears, entropy_modalities=tuple(args.modalities.split(",")))
     print(f"model={args.model} ({kind}) samples={len(samples)} tokens={n_tokens} (image {n_img}) "
           f"threads={args.threads} k={args.k} n_init={args.n_init} max_tokens={args.max_tokens} "
-          f"linears={opts.linears} entropy_modalities={','.join(opts.entropy_modalities)}")
+          f"linears={opts.linears} entropy_modalities={','.join(opts.entropy_modalities)} device={args.device}")
 
-    run_cal = lambda: calibrate(loaded, samples, options=opts, progress=False)  # noqa: E731
+    run_cal = lambda: calibrate(loaded, samples, options=opts, progress=False, device=args.device)  # noqa: E731
     plain_forward(loaded, samples[:2])  # warm-up
     stats = run_cal()
-    t_fwd = best_of(lambda: plain_forward(loaded, samples), args.repeat)
+    t_fwd = resident_forward_time(loaded, samples, args.repeat, args.device)
     t_cal = best_of(run_cal, args.repeat)
     t_ent = 0.0
     if opts.entropy:
         no_ent = CollectOptions(**{**opts.to_dict(), "entropy": False})
-        t_ent = t_cal - best_of(lambda: calibrate(loaded, samples, options=no_ent, progress=False), args.repeat)
+        t_ent = t_cal - best_of(lambda: calibrate(loaded, samples, options=no_ent, progress=False,
+                                                  device=args.device), args.repeat)
 
     print(f"\n{'block':>5} {'H_all':>7} {'H_image':>7} {'H_text':>7} {'hist':>6} {'var':>9} {'kurt':>8} "
           f"{'absmax':>8} {'outl':>5}")
