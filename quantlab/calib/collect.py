@@ -130,7 +130,7 @@ class StatsCollector:
         h = x.detach().reshape(-1, x.shape[-1])  # (seq, c): batch of one
         if h.shape[0] != len(self.valid[s]):
             raise ValueError(f"{where}: {h.shape[0]} tokens but sample {s} has {len(self.valid[s])} positions")
-        return h if self.all_valid[s] else h[self.valid[s]]
+        return h if self.all_valid[s] else h[self.valid[s].to(h.device)]
 
     def flush(self, acc: _Acc, res: TokenReservoir, hessian: bool) -> None:
         """Sum the pending rows into ``acc`` (one set of tensor ops for many samples)."""
