@@ -86,7 +86,11 @@ class SafetensorsWeights:
     def release(self, module: nn.Module, prefix: str) -> None:
         for pname, _ in list(module.named_parameters()):
             set_module_tensor_to_device(module, pname, "meta")
-        self._handles.clear()  # unmap the files; the next block reopens what it needs
+        self.close()
+
+    def close(self) -> None:
+        """Unmap the checkpoint files (pages read through an open handle stay resident); reopened on demand."""
+        self._handles.clear()
 
 
 def load_streaming(directory: str | Path, *, dtype: torch.dtype = torch.float32, with_processor: bool = True):
@@ -116,8 +120,12 @@ def load_streaming(directory: str | Path, *, dtype: torch.dtype = torch.float32,
     weights = SafetensorsWeights(directory, adapter, dtype, tied)
     streamed = (adapter.decoder_blocks + ".", adapter.vision_blocks + ".")
     for name, _ in list(model.named_parameters()):
-        if not name.startswith(streamed):
+        if not name.startswith(streamed) and name not in tied:
             set_module_tensor_to_device(model, name, "cpu", value=weights.tensor(name))
+    weights.close()  # the resident tensors are copies: drop the mapped pages they were read from
+    for name, source in tied.items():  # one tensor, as in the loaded model (not a second copy of the embedding)
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(source))
     for i, block in enumerate(adapter.blocks(model, Component.VISION)):
         prefix = f"{adapter.vision_blocks}.{i}"
         block.register_forward_pre_hook(lambda m, a, p=prefix: weights.load(m, p))

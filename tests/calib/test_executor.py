@@ -97,3 +97,22 @@ def test_streaming_from_disk_matches_in_memory(tiny_family, tmp_path):
     per_block = sum(1 for _ in blocks[0].parameters())
     assert materialised == [per_block] * len(blocks)  # exactly one block's parameters at a time
     assert all(p.device.type == "meta" for p in blocks.parameters())
+
+
+def test_streaming_keeps_a_tied_head_one_tensor(tmp_path):
+    from quantlab.calib.weights import load_streaming
+    from tests.conftest import tiny_qwen2_5_vl
+
+    model = tiny_qwen2_5_vl()
+    model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    model.save_pretrained(tmp_path)
+    lazy, weights = load_streaming(tmp_path, with_processor=False)
+    assert lazy.model.lm_head.weight is lazy.model.get_input_embeddings().weight  # not a second copy
+    samples = _samples("qwen2_5_vl")
+    logits = decoder_logits(lazy, stream_decoder(lazy, samples, weights=weights))
+    with torch.no_grad():
+        for s, got in zip(samples, logits):
+            model.model.rope_deltas = None
+            torch.testing.assert_close(got, model(**s.inputs, use_cache=False).logits, rtol=1e-5, atol=1e-5)
