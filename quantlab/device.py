@@ -7,7 +7,11 @@ and the solvers run there while host memory keeps everything else. Results come 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
 import torch
+from torch import nn
 
 SUPPORTED = ("cpu", "cuda")
 
@@ -35,3 +39,19 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
         if d.index is not None and d.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return d
+
+
+@contextmanager
+def placed(modules: Sequence[nn.Module], device: torch.device | None) -> Iterator[None]:
+    """``modules`` on ``device`` for the duration, then back where each one was (a no-op for None)."""
+    if device is None:
+        yield
+        return
+    homes = [next(m.parameters()).device for m in modules]
+    try:
+        for m in modules:
+            m.to(device)
+        yield
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)

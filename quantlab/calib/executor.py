@@ -25,7 +25,7 @@ from torch import nn
 
 from quantlab.calib.capture import BlockCall, block_output, capture_calls
 from quantlab.calib.weights import InMemory, WeightSource
-from quantlab.device import resolve_device
+from quantlab.device import placed, resolve_device
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
 
@@ -112,25 +112,17 @@ def stream_decoder(
     for i, block in enumerate(blocks):
         prefix = f"{adapter.decoder_blocks}.{i}"
         weights.load(block, prefix)
-        home = _device_of(block) if device is not None else None
-        if device is not None:
-            block.to(device)
 
         def run(block: nn.Module = block, i: int = i) -> list[torch.Tensor]:
             return run_block(block, calls, i, hidden, device)
 
-        outs = stage(i, block, run) if stage is not None else None
-        hidden = outs if outs is not None else run()
-        if home is not None:
-            block.to(home)
+        with placed([block], device):
+            outs = stage(i, block, run) if stage is not None else None
+            hidden = outs if outs is not None else run()
         weights.release(block, prefix)
         if on_block_done is not None:
             on_block_done(i)
     return hidden
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 @torch.no_grad()

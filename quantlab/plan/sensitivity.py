@@ -13,15 +13,14 @@ each measurement, so the model is left as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from quantlab.calib.executor import CalibSample, capture_decoder_inputs, decoder_logits, run_block
-from quantlab.device import resolve_device
+from quantlab.device import placed, resolve_device
 from quantlab.models import Component
 from quantlab.models.load import LoadedModel
 from quantlab.progress import block_progress
@@ -107,24 +106,11 @@ def _suffix_log_probs(loaded: LoadedModel, calls, hidden: Sequence[torch.Tensor]
     return out
 
 
-@contextmanager
-def _decoder_on(loaded: LoadedModel, device: torch.device | None) -> Iterator[None]:
-    """Decoder blocks, final norm and head on ``device`` for the duration (each measurement runs a suffix
-    of the decoder, so it must fit there), then back where they were."""
-    if device is None:
-        yield
-        return
+def _decoder_and_head(loaded: LoadedModel) -> list[nn.Module]:
+    """What a measurement runs (a suffix of the decoder, the final norm, the head): all of it on the device."""
     a = loaded.adapter
-    mods = [*a.blocks(loaded.model, Component.DECODER), a.get(loaded.model, a.final_norm),
+    return [*a.blocks(loaded.model, Component.DECODER), a.get(loaded.model, a.final_norm),
             a.get(loaded.model, a.lm_head)]
-    homes = [next(m.parameters()).device for m in mods]
-    try:
-        for m in mods:
-            m.to(device)
-        yield
-    finally:
-        for m, home in zip(mods, homes):
-            m.to(home)
 
 
 @torch.no_grad()
@@ -161,7 +147,7 @@ def measure_damage(
     hidden = [c[0].hidden for c in calls]
     last = max(by_block, default=-1)  # no need to advance the fp hidden states past the last measured block
     damage: dict[tuple[Unit, str], float] = {}
-    with _decoder_on(loaded, device), \
+    with placed(_decoder_and_head(loaded), device), \
             block_progress("sensitivity: units x candidates", len(units) * len(candidates), progress) as advance:
         ref = _suffix_log_probs(loaded, calls, hidden, 0, device)
         for b, block in enumerate(blocks):
