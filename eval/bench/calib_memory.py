@@ -13,7 +13,8 @@ Usage::
 2. For every depth, in a fresh subprocess: ``load_streaming(dir, dtype=bfloat16)``, hand-built samples
    (112x112 random-pixel images → grid (1, 8, 8) → 16 ``<|image_pad|>`` tokens; random text ids), then
    ``calibrate(...)`` with LUQ entropy and per-Linear statistics on (no Hessians). A sampler thread reads
-   ``/proc/self/status`` every 10 ms (VmRSS, RssAnon, RssFile); ``ru_maxrss`` is the kernel's peak.
+   ``/proc/self/status`` every 10 ms (VmRSS, RssAnon, RssFile); ``VmHWM`` is the kernel's peak of the
+   child's own address space (``ru_maxrss`` is printed too but inherits the parent's peak across exec).
 
 Prints, per depth, ``peak_rss/model_bytes=<ratio>`` (target < 0.35; ``model_bytes`` = the variant's bf16
 parameter bytes) and the peak of anonymous memory separately: RssFile counts the checkpoint's
@@ -35,6 +36,13 @@ default run is the fixed one. Observed 2026-11-29 (default run, nothing else run
 ru_maxrss 2.39 GiB (ratio 0.542), 36 layers 2.39 GiB (ratio **0.342**); 18 -> 36 layers +0 MiB peak RSS.
 RssAnon was 1.50 GiB right after ``load_streaming`` (every non-block tensor, the 151936 x 2048 embedding
 included, is now a copy rather than a mapped view) and 1.95 GiB at the peak; not broken down further.
+
+Later the same day: ``load_streaming`` read the tied ``lm_head`` as a second copy of that embedding
+(0.58 GiB) and kept the shards mapped until the first block; now the head is the embedding's tensor and
+the shards are unmapped after the resident reads. Measured with ``VmHWM`` (the ``ru_maxrss`` above
+turned out to carry the parent's peak, 2.27 GiB here, whenever the child stays below it; the earlier
+figures were above it, so they stand): 18 layers 1.69 GiB (ratio 0.382), **36 layers 1.69 GiB (ratio
+0.241)**, 18 -> 36 layers +2 MiB; RSS after ``load_streaming`` 1.04 GiB (was 2.27).
 """
 
 from __future__ import annotations
@@ -148,7 +156,7 @@ def _status() -> dict[str, int]:
     with open("/proc/self/status") as f:
         for line in f:
             key, _, rest = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
                 out[key] = int(rest.split()[0]) * 1024
     return out
 
@@ -240,6 +248,10 @@ def measure(directory: Path, n_image: int, n_text: int, text_len: int, threads: 
         "dir": str(directory), "layers": loaded.config.text_config.num_hidden_layers, "close_handles": close_handles,
         "tokens": stats.meta["tokens"], "seconds_load": t_load, "seconds_calibrate": t_cal,
         "after_import": after_import, "after_load": after_load, "peak": peak,
+        # VmHWM: the kernel's peak RSS of this process's own address space. ru_maxrss is not that: Linux
+        # carries the parent's peak across fork/vfork + exec, so after the parent wrote the checkpoint it
+        # reports the parent's size whenever the child stays below it.
+        "peak_rss": _status()["VmHWM"],
         "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "entropy_all": stats.block_entropy("all"),
     }
@@ -302,14 +314,15 @@ def run_depths(args, full: Path, close: bool) -> None:
               f"tokens={r['tokens']} load={r['seconds_load']:.1f}s calibrate={r['seconds_calibrate']:.1f}s")
         print(f"  after import: rss {r['after_import']['VmRSS'] / GiB:.2f} GiB; after load_streaming: rss "
               f"{r['after_load']['VmRSS'] / GiB:.2f} GiB (anon {r['after_load']['RssAnon'] / GiB:.2f})")
-        print(f"  peak: ru_maxrss {r['ru_maxrss'] / GiB:.2f} GiB, sampled VmRSS {p['VmRSS'] / GiB:.2f} GiB, "
-              f"RssAnon {p['RssAnon'] / GiB:.2f} GiB, RssFile {p['RssFile'] / GiB:.2f} GiB")
-        print(f"  peak_rss/model_bytes={r['ru_maxrss'] / total:.3f}  peak_anon/model_bytes={p['RssAnon'] / total:.3f}")
+        print(f"  peak: VmHWM {r['peak_rss'] / GiB:.2f} GiB, sampled VmRSS {p['VmRSS'] / GiB:.2f} GiB, "
+              f"RssAnon {p['RssAnon'] / GiB:.2f} GiB, RssFile {p['RssFile'] / GiB:.2f} GiB "
+              f"(ru_maxrss {r['ru_maxrss'] / GiB:.2f} GiB, inherits the parent's peak)")
+        print(f"  peak_rss/model_bytes={r['peak_rss'] / total:.3f}  peak_anon/model_bytes={p['RssAnon'] / total:.3f}")
     if len(results) >= 2:
         a, b = results[0], results[-1]
         dl = b["layers"] - a["layers"]
         print(f"\ndepth {a['layers']} -> {b['layers']}: "
-              f"peak rss {(b['ru_maxrss'] - a['ru_maxrss']) / 2**20:+.0f} MiB, "
+              f"peak rss {(b['peak_rss'] - a['peak_rss']) / 2**20:+.0f} MiB, "
               f"peak anon {(b['peak']['RssAnon'] - a['peak']['RssAnon']) / 2**20:+.0f} MiB "
               f"(one block = {a['block_bytes'] / 2**20:.0f} MiB; "
               f"{dl} more blocks = {dl * a['block_bytes'] / GiB:.2f} GiB)")
