@@ -6,8 +6,10 @@ additionally resumes from the last finished block.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import torch
 
 from quantlab.pipeline import StageContext, file_hash, fingerprint
 
@@ -95,8 +97,26 @@ def plan_for_model(model: str, recipe_path, overrides: dict | None = None, *, st
     return loaded, plan, stats
 
 
+def compute_env(device: str | None) -> dict[str, object]:
+    """What decides the exact bits of a float computation here: torch's version, threads and device."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device or "cpu")}
+
+
+def resume_warning(recorded: dict | None, current: dict) -> str | None:
+    """Why a resumed quantization will not be byte-identical to an uninterrupted one, or None."""
+    if recorded is None or recorded == current:
+        return None
+    diff = ", ".join(f"{k} {recorded.get(k)} -> {v}" for k, v in current.items() if recorded.get(k) != v)
+    return (f"quantize: the finished blocks were computed with a different setup ({diff}); the result is a "
+            "valid quantization but not byte-identical to an uninterrupted run (reduction order changes)")
+
+
 def stage_quantize(ctx: StageContext, plan):
-    """Quantize block by block; finished blocks are kept in ``RUN/quant`` and reused after a kill."""
+    """Quantize block by block; finished blocks are kept in ``RUN/quant`` and reused after a kill.
+
+    A resumed run is byte-identical to an uninterrupted one when torch, the thread count and the device
+    are the same (``RUN/quant/compute.json`` records them; a difference is reported).
+    """
     from quantlab.apply import quantize
     from quantlab.results_io import load_results, save_results
 
@@ -110,8 +130,15 @@ def stage_quantize(ctx: StageContext, plan):
         return load_results(f) if f.is_file() else None
 
     n_saved = sum(1 for _ in run.quant.glob("block_*.safetensors"))
+    env_file, env = run.quant / "compute.json", compute_env(ctx.device)
     if n_saved and not finished:
         ctx.say(f"quantize: resuming, {n_saved} block(s) already done")
+        recorded = json.loads(env_file.read_text()) if env_file.is_file() else None
+        warning = resume_warning(recorded, env)
+        if warning:
+            ctx.say(warning)
+    elif not n_saved:
+        env_file.write_text(json.dumps(env) + "\n")
     results = quantize(ctx.loaded, plan.layers, ctx.samples.samples, progress=ctx.progress,
                        load_block=load_block, save_block=lambda i, r: save_results(run.block_file(i), r),
                        device=ctx.device)

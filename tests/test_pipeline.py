@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -84,9 +85,10 @@ def test_refuses_foreign_directory(toy_dir, tmp_path):
     assert (tmp_path / "busy" / "precious.txt").read_text() == "keep me"
 
 
-def _run_code(toy_dir: Path, recipe: Path, out: Path) -> list[str]:
+def _run_code(toy_dir: Path, recipe: Path, out: Path, *, say: str = "lambda m: None",
+              stop_after: str = "export") -> list[str]:
     code = (f"from quantlab.pipeline import run_all; run_all({str(toy_dir)!r}, {str(recipe)!r}, {str(out)!r}, "
-            "progress=False, say=lambda m: None, stop_after='export')")
+            f"progress=False, say={say}, stop_after={stop_after!r})")
     return [sys.executable, "-c", code]
 
 
@@ -110,7 +112,17 @@ def test_sigkill_during_quantize_resumes_byte_identical(toy_dir, tmp_path):
     done = sorted(p.name for p in (out / "quant").glob("block_*.safetensors"))
     assert "block_007.safetensors" not in done, done
     first_block = (out / "quant" / "block_000.safetensors").stat().st_mtime_ns
-    subprocess.run(_run_code(toy_dir, recipe, out), check=True, capture_output=True, timeout=900)
+    env = json.loads((out / "quant" / "compute.json").read_text())
+    assert env["device"] == "cpu" and env["threads"] >= 1
+    other = tmp_path / "other-threads"  # the same partial run, "computed" with another thread count
+    shutil.copytree(out, other)
+    (other / "quant" / "compute.json").write_text(json.dumps({**env, "threads": env["threads"] + 7}))
+    said = subprocess.run(_run_code(toy_dir, recipe, other, say="print", stop_after="quantize"), check=True,
+                          capture_output=True, text=True, timeout=900).stdout
+    assert f"threads {env['threads'] + 7} -> {env['threads']}" in said and "not byte-identical" in said, said
+    said = subprocess.run(_run_code(toy_dir, recipe, out, say="print"), check=True, capture_output=True, text=True,
+                          timeout=900).stdout
+    assert "resuming" in said and "not byte-identical" not in said, said
     assert (out / "quant" / "block_000.safetensors").stat().st_mtime_ns == first_block  # resumed, not redone
     for f in ("model.safetensors", "quantized.safetensors"):
         assert _sha(out / "model" / f) == _sha(ref / "model" / f), f
