@@ -94,6 +94,15 @@ def disk_bytes(directory: str | Path) -> DiskSize:
 _CHILD = r"""
 import json, resource, sys
 def rss():
+    # Linux: VmHWM, the peak of this process's own address space. ru_maxrss would carry the parent's peak
+    # across fork/vfork + exec (the pipeline's parent holds whole models), so it is only the fallback.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
 src, generate, dtype = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
