@@ -8,6 +8,7 @@
     RUN/model/             the exported checkpoint
     RUN/eval/*.json        baseline and quantized evaluation
     RUN/report.{md,json,png}
+    RUN/run.log            every invocation's messages and quantlab's log records, appended, timestamped
 
 A stage re-runs when its fingerprint (the recipe sections and upstream artifacts it depends on) changes;
 everything downstream is invalidated with it, and the run log says so.
@@ -19,7 +20,8 @@ import hashlib
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,6 +165,48 @@ class StageContext:
         return self._samples
 
 
+class _SayHandler(logging.Handler):
+    """Passes log records (warnings: invalidated stages, skipped samples) on to the user's ``say``."""
+
+    def __init__(self, say: Callable[[str], None]):
+        super().__init__(logging.WARNING)
+        self.say = say
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.say(record.getMessage())
+
+
+@contextmanager
+def run_log(path: Path, say: Callable[[str], None]) -> Iterator[Callable[[str], None]]:
+    """Append quantlab's log records (INFO and up) to ``path``; yields ``tell(message)``, which logs a
+    message and says it. Warnings are said too; a failure is logged with its traceback."""
+    logger = logging.getLogger("quantlab")
+    file = logging.FileHandler(path, encoding="utf-8")
+    file.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    loud = _SayHandler(say)
+    level = logger.level
+    logger.addHandler(file)
+    logger.addHandler(loud)
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    run_logger = logging.getLogger("quantlab.run")
+
+    def tell(message: str) -> None:
+        run_logger.info(message)  # INFO: the file only; the user hears it from say
+        say(message)
+
+    try:
+        yield tell
+    except BaseException:
+        run_logger.exception("the run stopped with an error")
+        raise
+    finally:
+        logger.removeHandler(file)
+        logger.removeHandler(loud)
+        logger.setLevel(level)
+        file.close()
+
+
 def run_all(model: str, recipe_path: str | Path, out: str | Path, *, overwrite: bool = False,
             overrides: dict[str, Any] | None = None, progress: bool = True,
             say: Callable[[str], None] = print, stop_after: str | None = None,
@@ -179,8 +223,18 @@ def run_all(model: str, recipe_path: str | Path, out: str | Path, *, overwrite: 
     resolve_device(device)  # a bad device fails before anything is loaded or written
     recipe = Recipe.from_yaml(recipe_path, overrides)
     run = RunDir.open(out, model, recipe, overwrite=overwrite)
-    ctx = StageContext(model, recipe, run, progress=progress, say=say, device=device)
-    summary: dict[str, Any] = {"run_dir": str(run.root)}
+    with run_log(run.root / "run.log", say) as tell:
+        env = stages.compute_env(device)
+        log.info("quantlab run: model %s, recipe %s (%s), stop after %s, torch %s, %d threads, device %s",
+                 model, recipe_path, recipe.name, stop_after or "report", env["torch"], env["threads"], env["device"])
+        return _stages(StageContext(model, recipe, run, progress=progress, say=tell, device=device), stop_after)
+
+
+def _stages(ctx: StageContext, stop_after: str | None) -> dict[str, Any]:
+    from quantlab import stages
+
+    recipe, say = ctx.recipe, ctx.say
+    summary: dict[str, Any] = {"run_dir": str(ctx.run.root)}
     say(f"[1/6] calibrate: {recipe.calibration.num_samples} samples (alpha={recipe.calibration.alpha})")
     stats = stages.stage_calibrate(ctx)
     if stop_after == "calibrate":
@@ -200,4 +254,5 @@ def run_all(model: str, recipe_path: str | Path, out: str | Path, *, overwrite: 
     summary["eval"] = stages.stage_eval(ctx, ctx.loaded)
     say("[6/6] report")
     summary["report"] = str(stages.stage_report(ctx, plan, results, summary["eval"]))
+    say(f"done: {summary['report']}")
     return summary

@@ -56,8 +56,12 @@ def test_run_leaves_every_artifact(toy_dir, tmp_path):
     summary = run_all(str(toy_dir), _recipe(tmp_path), out, progress=False, say=lambda m: None)
     for rel in ("recipe.yaml", "state.json", "stats/stats.safetensors", "stats/summary.json", "stats/entropy.png",
                 "plan.yaml", "quant/block_007.safetensors", "model/quantlab.json", "model/README.md",
-                "model/plan.yaml", "eval/baseline.json", "eval/quantized.json", "report.md", "report.json"):
+                "model/plan.yaml", "eval/baseline.json", "eval/quantized.json", "report.md", "report.json",
+                "run.log"):
         assert (out / rel).exists(), rel
+    logged = (out / "run.log").read_text()
+    for line in ("quantlab run: model", "[1/6] calibrate", "[3/6] quantize", "[6/6] report", "done: "):
+        assert line in logged, line
     plan = yaml.safe_load((out / "plan.yaml").read_text())
     backends = [s["backend"] for s in plan["layers"].values() if s]
     assert backends.count("billm") == 3 * 7 and backends.count("gptq") == 5 * 7
@@ -70,7 +74,10 @@ def test_changed_recipe_invalidates_downstream(toy_dir, tmp_path):
     run_all(str(toy_dir), _recipe(tmp_path), out, progress=False, say=lambda m: None, stop_after="export")
     first = _sha(out / "model" / "quantized.safetensors")
     stats_mtime = (out / "stats" / "stats.safetensors").stat().st_mtime
-    run_all(str(toy_dir), _recipe(tmp_path, k=5), out, progress=False, say=lambda m: None, stop_after="export")
+    said: list[str] = []
+    run_all(str(toy_dir), _recipe(tmp_path, k=5), out, progress=False, say=said.append, stop_after="export")
+    assert any("plan: inputs changed since the last run" in m for m in said), said  # the user is told
+    assert "WARNING quantlab.pipeline: plan: inputs changed" in (out / "run.log").read_text()  # and it is logged
     assert (out / "stats" / "stats.safetensors").stat().st_mtime == stats_mtime  # calibration reused
     assert _sha(out / "model" / "quantized.safetensors") != first
     plan = yaml.safe_load((out / "plan.yaml").read_text())

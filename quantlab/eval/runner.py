@@ -191,7 +191,8 @@ def load_items(task: str, data_dir: Path | None, *, limit: int | None, seed: int
     get_task(task)
     if task == "shapes-vqa" and (data_dir is None or not (Path(data_dir) / "shapes-vqa" / "test").is_dir()):
         n = DEFAULT_SHAPES_N if limit is None else limit
-        logger.info("shapes-vqa: no shapes-vqa/test split under %s; generating %d test items in memory", data_dir, n)
+        where = "no data_dir" if data_dir is None else f"no shapes-vqa/test split under {data_dir}"
+        logger.info("shapes-vqa: %s; generating %d test items in memory (seeded, deterministic)", where, n)
         return shapes_items(n), f"generated: shapes-vqa test split, items 0..{n - 1}"
     if data_dir is None:
         raise ValueError(f"task {task!r} reads files: pass data_dir (CLI: --data-dir)")
