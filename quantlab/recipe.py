@@ -24,8 +24,11 @@ class StatsSpec(_Strict):
 
     entropy_k: int = Field(default=100, ge=2, description="k-means clusters for LUQ entropy")
     entropy_max_tokens: int = Field(default=4096, ge=16, description="token subsample cap for k-means")
-    hook: Literal["block_input_norm", "block_output"] = "block_input_norm"
-    hessians: bool = False
+    hook: Literal["block_input_norm", "block_output"] = Field(
+        default="block_input_norm", description="the LUQ tensor: the block's input_layernorm output (the "
+        "reference code's hook) or the block's output hidden state (the paper's wording)")
+    hessians: bool = Field(default=False, description="keep per-Linear Hessians in stats/ (always on for the "
+                           "budget planner and the luq KL search)")
 
 
 class RuleSpec(_Strict):
@@ -34,43 +37,54 @@ class RuleSpec(_Strict):
     ``match`` is ``component:<vision|projector|decoder|embed|head>``, ``re:<regex>`` or an exact name.
     """
 
-    match: str
-    scheme: QuantScheme | None
+    match: str = Field(description="component:<vision|projector|decoder|embed|head>, re:<regex> or an exact "
+                       "module name; a pattern that matches no module is an error")
+    scheme: QuantScheme | None = Field(description="the scheme to pin, or null to keep the modules unquantized")
 
 
 class PlanSpec(_Strict):
     """How schemes are chosen per layer."""
 
-    planner: Literal["luq", "budget", "uniform"] = "luq"
+    planner: Literal["luq", "budget", "uniform"] = Field(
+        default="luq", description="luq: entropy ranking; budget: measured sensitivity + MILP; uniform: one scheme")
     scheme: QuantScheme | None = Field(default=None, description="uniform planner: the one scheme")
     low: QuantScheme | None = Field(default=None, description="luq: the ultra-low scheme")
     high: QuantScheme | None = Field(default=None, description="luq: the default scheme")
     candidates: list[QuantScheme] = Field(default_factory=list, description="budget: allowed schemes")
     k: int | None = Field(default=None, description="luq: number of low-entropy blocks to quantize low")
-    target_avg_bits: float | None = None
+    target_avg_bits: float | None = Field(default=None, description="luq: the smallest k whose nominal average "
+                                          "bits is at most this; budget: the decoder Linears' stored bits per weight")
     search_max_kl: float | None = Field(default=None, description="luq: binary-search the largest k whose "
                                         "logit KL to the full-precision model stays below this")
-    budget_gb: float | None = None
-    entropy_modality: Literal["all", "image", "text"] = "all"
+    budget_gb: float | None = Field(default=None, description="whole-model budget in GB (1e9 bytes)")
+    entropy_modality: Literal["all", "image", "text"] = Field(default="all", description="luq: which tokens' "
+                                                              "entropy ranks the blocks")
     sensitivity_samples: int = Field(default=32, ge=1, description="budget: calibration samples used to measure damage")
-    rules: list[RuleSpec] = Field(default_factory=list)
+    rules: list[RuleSpec] = Field(default_factory=list, description="pins applied before the planner, first "
+                                  "match wins (e.g. keep component:vision)")
 
 
 class ExportSpec(_Strict):
-    format: Literal["compressed-tensors", "gptq", "native", "auto"] = "auto"
+    """Which checkpoint format the run writes."""
+
+    format: Literal["compressed-tensors", "gptq", "native", "auto"] = Field(
+        default="auto", description="auto: compressed-tensors, or native when the plan holds BiLLM layers")
 
 
 class EvalSpec(_Strict):
-    tasks: list[str] = Field(default_factory=lambda: ["shapes-vqa"])
+    """What the eval stage measures, on the base and the quantized model alike."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["shapes-vqa"], description="shapes-vqa, vqav2, textvqa, "
+                             "gqa, pope, mme, scienceqa")
     data_dir: str | None = Field(default=None, description="root of the benchmark folders (not needed for shapes-vqa)")
-    limit: int = 500
-    batch_size: int = 32
+    limit: int = Field(default=500, description="seeded subset of this many items per task")
+    batch_size: int = Field(default=32, description="generation batch size")
 
 
 class Recipe(_Strict):
     """A whole quantization run, stage by stage."""
 
-    name: str = "recipe"
+    name: str = Field(default="recipe", description="a label, written to the model card")
     calibration: CalibDataOptions = Field(default_factory=CalibDataOptions)
     stats: StatsSpec = Field(default_factory=StatsSpec)
     plan: PlanSpec = Field(default_factory=PlanSpec)

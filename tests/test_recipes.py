@@ -29,3 +29,14 @@ def test_overrides_and_missing_file(tmp_path):
     assert r.calibration.num_samples == 8
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         Recipe.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_recipe_reference_is_current():
+    """docs/recipes.md is generated from the pydantic models; regenerate it when a field changes."""
+    from quantlab.recipe_reference import reference
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
+    assert doc.read_text() == reference(), "run: python -m quantlab.recipe_reference > docs/recipes.md"
+    for key in ("num_samples", "alpha", "entropy_k", "planner", "budget_gb", "sensitivity_samples", "format",
+                "tasks", "group_size", "act_order", "max_salient"):
+        assert f"`{key}`" in doc.read_text(), key

@@ -40,11 +40,12 @@ class CalibSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(description="shapes | jsonl | folder | text | hf")
-    path: str | None = None
-    prompt: str = "Describe the image."
-    image_column: str = "image"
-    text_column: str = "text"
+    kind: str = Field(description="shapes (built-in generator) | jsonl | folder (images) | text (one sample per "
+                                  "line) | hf (a `datasets` dataset)")
+    path: str | None = Field(default=None, description="file, folder or dataset name (every kind but shapes)")
+    prompt: str = Field(default="Describe the image.", description="prompt for images that come without one")
+    image_column: str = Field(default="image", description="jsonl / hf: the image field")
+    text_column: str = Field(default="text", description="jsonl / hf: the text field")
 
 
 class CalibDataOptions(BaseModel):
@@ -52,13 +53,15 @@ class CalibDataOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_samples: int = Field(default=64, ge=1)
+    num_samples: int = Field(default=64, ge=1, description="calibration samples in all (raise it for real models)")
     alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="share of image+text samples (LUQ)")
-    max_tokens: int = Field(default=512, ge=8)
+    max_tokens: int = Field(default=512, ge=8, description="tokens per sample at most (longer ones are cut)")
     max_pixels: int = Field(default=448 * 448, ge=1, description="images larger than this are downscaled")
-    seed: int = 0
-    image_sources: list[CalibSource] = Field(default_factory=lambda: [CalibSource(kind="shapes")])
-    text_sources: list[CalibSource] = Field(default_factory=lambda: [CalibSource(kind="shapes")])
+    seed: int = Field(default=0, description="seeds sampling and shuffling")
+    image_sources: list[CalibSource] = Field(default_factory=lambda: [CalibSource(kind="shapes")],
+                                             description="where image+text samples come from")
+    text_sources: list[CalibSource] = Field(default_factory=lambda: [CalibSource(kind="shapes")],
+                                            description="where text-only samples come from")
 
 
 @dataclass
