@@ -116,6 +116,8 @@ def calibrate(
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: a.b=value")] = None,
     device: Device = None,
+    stream: bool = typer.Option(False, help="read decoder and vision blocks from the checkpoint's safetensors "
+                                "one at a time instead of loading the model (for models larger than memory)"),
 ) -> None:
     """Stream calibration samples block by block and write activation statistics (+ entropy plot)."""
     from quantlab.calib.data import build_calibration_set
@@ -129,11 +131,21 @@ def calibrate(
     if out.exists() and not overwrite:
         console.print(f"[red]{out} exists; pass --overwrite to replace it[/]")
         raise typer.Exit(code=1)
-    loaded = load_model(model)
+    weights = None
+    if stream:
+        import torch
+
+        from quantlab.calib.weights import load_streaming
+        from quantlab.models.load import resolve
+
+        # toys ship in fp16 and compute in fp32 (as load_model does); real checkpoints in their own dtype
+        loaded, weights = load_streaming(resolve(model), dtype=torch.float32 if model.startswith("toy-") else "auto")
+    else:
+        loaded = load_model(model)
     cs = build_calibration_set(loaded, r.calibration)
     from quantlab.calib.collect import calibrate as run_calibrate
 
-    stats = run_calibrate(loaded, cs, options=stats_options(r), device=device)
+    stats = run_calibrate(loaded, cs, options=stats_options(r), device=device, weights=weights)
     stats.save(out, overwrite=overwrite)
     plot_entropy(stats, out / "entropy.png")
     table = Table(title=f"{model}: per-block statistics ({cs.n_image} image+text, {cs.n_text} text-only samples)")

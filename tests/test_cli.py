@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,13 @@ def test_bad_device_fails_before_anything_is_written(tmp_path, command):
     assert res.exit_code == 2, res.output
     assert "--device" in res.output and "'tpu:0'" in res.output
     assert not out.exists()
+
+
+def test_calibrate_stream_equals_in_memory(tmp_path):
+    recipe = str(ROOT / "recipes" / "luq.yaml")
+    args = ["--recipe", recipe, "--set", "calibration.num_samples=8", "--set", "stats.entropy_k=8"]
+    for name, extra in (("memory", []), ("stream", ["--stream"])):
+        res = runner.invoke(app, ["calibrate", "toy-llava", *args, "--out", str(tmp_path / name), *extra])
+        assert res.exit_code == 0, res.output
+    a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("memory", "stream"))
+    assert len(a["blocks"]) == 8 and a["blocks"] == b["blocks"]  # every per-block statistic, to the last digit

@@ -93,12 +93,13 @@ class SafetensorsWeights:
         self._handles.clear()
 
 
-def load_streaming(directory: str | Path, *, dtype: torch.dtype = torch.float32, with_processor: bool = True):
+def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.float32, with_processor: bool = True):
     """A model whose decoder and vision blocks stay on the meta device until streamed.
 
     Everything else (embeddings, norms, projector; the head when untied) is read now. Vision blocks are
     loaded by forward hooks just before they run and dropped right after, so the vision tower also holds
     one block at a time; decoder blocks are left to :func:`quantlab.calib.executor.stream_decoder`.
+    ``dtype="auto"`` takes the checkpoint's (``config.dtype``, float32 when it names none).
     Returns ``(LoadedModel, SafetensorsWeights)``.
     """
     from accelerate import init_empty_weights
@@ -111,6 +112,9 @@ def load_streaming(directory: str | Path, *, dtype: torch.dtype = torch.float32,
     directory = Path(directory)
     config = load_config(directory)
     adapter = get_adapter(config)
+    if dtype == "auto":
+        named = getattr(config, "dtype", None) or getattr(getattr(config, "text_config", None), "dtype", None)
+        dtype = getattr(torch, named) if isinstance(named, str) else (named or torch.float32)
     with init_empty_weights(include_buffers=False):  # buffers (rotary inv_freq) must stay real
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     tied = {}
