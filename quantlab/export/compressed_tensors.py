@@ -96,11 +96,14 @@ def quantization_config(adapter: Adapter, results: Mapping[str, object], linears
 
 
 def write_compressed_tensors(loaded: LoadedModel, results: Mapping[str, object], out: Path,
-                             dtype: torch.dtype = torch.float16) -> None:
-    """Write model tensors, ``config.json`` with ``quantization_config``, processor and generation config."""
+                             dtype: torch.dtype = torch.float16, *, weights=None) -> None:
+    """Write model tensors, ``config.json`` with ``quantization_config``, processor and generation config.
+
+    ``weights``: for a streamed model, where its meta-device tensors are read from (``load_streaming``).
+    """
     linears = [n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)]
     qcfg = quantization_config(loaded.adapter, results, linears)  # validates before anything is written
-    tensors = dense_tensors(loaded, set(results), dtype)
+    tensors = dense_tensors(loaded, set(results), dtype, weights=weights)
     for name, r in results.items():
         tensors.update(packed_tensors(r, loaded.adapter.legacy_name(name), dtype))
     write_model_dir(loaded, tensors, qcfg, out, dtype)

@@ -93,15 +93,18 @@ def gptq_config(results: Mapping[str, object], linears: list[str], component_of)
 
 
 def write_gptq(loaded: LoadedModel, results: Mapping[str, object], out: Path,
-               dtype: torch.dtype = torch.float16) -> None:
-    """Write a GPTQ v1 checkpoint (tensors, config.json + quantize_config.json, processor)."""
+               dtype: torch.dtype = torch.float16, *, weights=None) -> None:
+    """Write a GPTQ v1 checkpoint (tensors, config.json + quantize_config.json, processor).
+
+    ``weights``: for a streamed model, where its meta-device tensors are read from (``load_streaming``).
+    """
     for name, r in results.items():
         check_result(name, r)
     linears = [n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)]
     qcfg = gptq_config(results, linears, loaded.adapter.component_of)
     # transformers 5's module names, as GPTQModel itself writes them: its loader checks ``qweight`` names
     # literally and rejects the hub-legacy layout; transformers 5 and vLLM accept both (formats.md §6.2).
-    tensors = dense_tensors(loaded, set(results), dtype, legacy_names=False)
+    tensors = dense_tensors(loaded, set(results), dtype, legacy_names=False, weights=weights)
     for name, r in results.items():
         tensors.update(gptq_tensors(r, name))
     write_model_dir(loaded, tensors, qcfg, out, dtype)

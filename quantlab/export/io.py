@@ -6,8 +6,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 
 def write_dir_atomic(out_dir: str | Path, build: Callable[[Path], None], *, overwrite: bool = False) -> Path:
@@ -42,21 +43,41 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def dense_tensors(loaded, quantized: set[str], dtype, *, legacy_names: bool = True) -> dict:
+def model_tensors(loaded, skip: Callable[[str], bool], weights=None) -> Iterator[tuple[str, Any]]:
+    """``(name, tensor)`` of the model's state dict, but for names ``skip`` rejects.
+
+    A streamed model (``quantlab.load_streaming``) keeps its blocks on the meta device: their tensors are
+    read from ``weights`` (its second value), one at a time, so an export needs no more memory than that.
+    """
+    for name, t in loaded.model.state_dict().items():
+        if skip(name):
+            continue
+        if t.device.type == "meta":
+            if weights is None:
+                raise ValueError(f"{name} is on the meta device (a streamed model): pass weights=, the second "
+                                 "value of quantlab.load_streaming, so the export can read it from the checkpoint")
+            t = weights.tensor(name)
+        yield name, t
+    if weights is not None:
+        weights.close()
+
+
+def dense_tensors(loaded, quantized: set[str], dtype, *, legacy_names: bool = True, weights=None) -> dict:
     """Every checkpoint tensor except the weights of ``quantized`` Linears, under hub-legacy names
     (or transformers 5's module names with ``legacy_names=False``).
 
     Floating tensors are cast to ``dtype``; a head tied to the embeddings is written once (as the embedding).
+    ``weights``: where a streamed model's meta tensors are read from (see :func:`model_tensors`).
     """
     model, adapter = loaded.model, loaded.adapter
     tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
-    tensors = {}
-    for name, t in model.state_dict().items():
+
+    def skip(name: str) -> bool:
         module_name, _, leaf = name.rpartition(".")
-        if (module_name in quantized and leaf == "weight") or (tied and name == f"{adapter.lm_head}.weight"):
-            continue
-        tensors[adapter.legacy_name(name) if legacy_names else name] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
-    return tensors
+        return (module_name in quantized and leaf == "weight") or (tied and name == f"{adapter.lm_head}.weight")
+
+    return {adapter.legacy_name(name) if legacy_names else name: (t.to(dtype) if t.is_floating_point() else t).contiguous()
+            for name, t in model_tensors(loaded, skip, weights)}
 
 
 def write_model_dir(loaded, tensors: dict, quantization_config: dict, out: Path, dtype) -> None:

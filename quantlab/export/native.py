@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantlab.export.io import write_json
+from quantlab.export.io import model_tensors, write_json
 from quantlab.models.load import LoadedModel
 
 FORMAT = "native"
@@ -76,11 +76,11 @@ def decode(sc: dict, t: dict[str, torch.Tensor], shape: tuple[int, int], dtype: 
 
 
 def write_native(loaded: LoadedModel, results: Mapping[str, object], out: Path,
-                 dtype: torch.dtype = torch.float16) -> None:
-    """Write a native checkpoint."""
+                 dtype: torch.dtype = torch.float16, *, weights=None) -> None:
+    """Write a native checkpoint (``weights``: a streamed model's source, see ``io.model_tensors``)."""
     model = loaded.model
-    dense = {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in model.state_dict().items()
-             if not (n.rpartition(".")[0] in results and n.endswith(".weight"))}
+    dense = {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in model_tensors(
+        loaded, lambda n: n.rpartition(".")[0] in results and n.endswith(".weight"), weights)}
     save_file(dense, str(out / "model.safetensors"), metadata={"format": "pt"})
     tensors, scalars = {}, {}
     for name, r in results.items():
