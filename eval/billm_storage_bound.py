@@ -23,7 +23,6 @@ import math
 import torch
 
 from quantlab.apply import quantize
-from quantlab.calib.collect import calibrate
 from quantlab.calib.data import CalibDataOptions, build_calibration_set
 from quantlab.models import Component, load_model
 from quantlab.plan.cost import model_size
@@ -61,7 +60,6 @@ def main() -> None:
     torch.manual_seed(a.seed)
     loaded = load_model(a.model)
     calib = build_calibration_set(loaded, CalibDataOptions(num_samples=a.samples, alpha=0.5, seed=a.seed))
-    calibrate(loaded, calib, hessians=True, progress=False)  # same calls as luq_table.py (same RNG use)
     billm = QuantScheme(backend="billm", bits=1, group_size=128)
     plan = {n: billm for n, _ in loaded.adapter.iter_linears(loaded.model, Component.DECODER)}
     w4 = QuantScheme(backend="gptq", bits=4, group_size=128)
