@@ -19,6 +19,11 @@ Device = Annotated[Optional[str], typer.Option(
          "the model stays in host memory (default: cpu)")]
 
 
+Stream = Annotated[bool, typer.Option(
+    help="read decoder and vision blocks from the checkpoint's safetensors one at a time instead of loading "
+         "the model (a local directory; for models larger than memory). Same results")]
+
+
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
@@ -116,8 +121,7 @@ def calibrate(
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: a.b=value")] = None,
     device: Device = None,
-    stream: bool = typer.Option(False, help="read decoder and vision blocks from the checkpoint's safetensors "
-                                "one at a time instead of loading the model (for models larger than memory)"),
+    stream: Stream = False,
 ) -> None:
     """Stream calibration samples block by block and write activation statistics (+ entropy plot)."""
     from quantlab.calib.data import build_calibration_set
@@ -167,13 +171,17 @@ def quantize(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: a.b=value")] = None,
     push_to_hub: Annotated[Optional[str], typer.Option(help="ORG/NAME to upload the exported model to")] = None,
     device: Device = None,
+    stream: Stream = False,
 ) -> None:
-    """Run calibrate -> plan -> quantize -> export -> eval -> report in a run directory."""
+    """Run calibrate -> plan -> quantize -> export -> eval -> report in a run directory.
+
+    With --stream, evaluation still loads the models it compares; --set 'eval.tasks=[]' skips it.
+    """
     from quantlab.pipeline import run_all
 
     _check_device(device)
     summary = run_all(model, recipe, out, overwrite=overwrite, overrides=_overrides(set_),
-                      say=lambda m: console.print(f"[bold cyan]{m}[/]"), device=device)
+                      say=lambda m: console.print(f"[bold cyan]{m}[/]"), device=device, stream=stream)
     console.print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
     for key, rep in summary.get("eval", {}).items():
         console.print(f"{key}: " + ", ".join(f"{t} {r.score:.3f}" for t, r in rep.tasks.items()))
@@ -187,7 +195,7 @@ def quantize(
             raise typer.Exit(code=1) from None
 
 
-def _stage_on_run(run_dir: Path, stop_after: str | None, device: str | None = None) -> None:
+def _stage_on_run(run_dir: Path, stop_after: str | None, device: str | None = None, stream: bool = False) -> None:
     from quantlab.pipeline import run_all
 
     _check_device(device)
@@ -198,7 +206,7 @@ def _stage_on_run(run_dir: Path, stop_after: str | None, device: str | None = No
         raise typer.Exit(code=1)
     model = json.loads(state.read_text())["_model"]
     summary = run_all(model, run_dir / "recipe.yaml", run_dir, stop_after=stop_after,
-                      say=lambda m: console.print(f"[bold cyan]{m}[/]"), device=device)
+                      say=lambda m: console.print(f"[bold cyan]{m}[/]"), device=device, stream=stream)
     console.print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
 
 
@@ -265,15 +273,17 @@ def _print_plan(loaded, made, st, out: Path) -> None:
 
 
 @app.command()
-def export(run_dir: Annotated[Path, typer.Argument(help="run directory")], device: Device = None) -> None:
+def export(run_dir: Annotated[Path, typer.Argument(help="run directory")], device: Device = None,
+           stream: Stream = False) -> None:
     """Quantize (resuming) and export RUN/model in the recipe's format."""
-    _stage_on_run(run_dir, "export", device)
+    _stage_on_run(run_dir, "export", device, stream)
 
 
 @app.command()
-def report(run_dir: Annotated[Path, typer.Argument(help="run directory")], device: Device = None) -> None:
+def report(run_dir: Annotated[Path, typer.Argument(help="run directory")], device: Device = None,
+           stream: Stream = False) -> None:
     """Evaluate baseline vs quantized and write RUN/report.{md,json}."""
-    _stage_on_run(run_dir, None, device)
+    _stage_on_run(run_dir, None, device, stream)
 
 
 def main() -> None:

@@ -142,13 +142,23 @@ class StageContext:
     _samples: Any = None
     say: Callable[[str], None] = print
     device: str | None = None  # where decoder blocks, solvers and evaluation compute (None: the CPU)
+    stream: bool = False  # read blocks from the checkpoint one at a time instead of loading the model
+    weights: Any = None  # the streamed model's weight source (set when the model is loaded)
 
     @property
     def loaded(self):
         if self._loaded is None:
-            from quantlab.models import load_model
+            if self.stream:
+                from quantlab.calib.weights import load_streaming
+                from quantlab.models.load import resolve
 
-            self._loaded = load_model(self.model_name)
+                # toys ship in fp16 and compute in fp32 (as load_model does); checkpoints in their dtype
+                dtype = "float32" if self.model_name.startswith("toy-") else "auto"
+                self._loaded, self.weights = load_streaming(resolve(self.model_name), dtype=dtype)
+            else:
+                from quantlab.models import load_model
+
+                self._loaded = load_model(self.model_name)
         return self._loaded
 
     def fresh_model(self):
@@ -210,12 +220,14 @@ def run_log(path: Path, say: Callable[[str], None]) -> Iterator[Callable[[str], 
 def run_all(model: str, recipe_path: str | Path, out: str | Path, *, overwrite: bool = False,
             overrides: dict[str, Any] | None = None, progress: bool = True,
             say: Callable[[str], None] = print, stop_after: str | None = None,
-            device: str | None = None) -> dict[str, Any]:
+            device: str | None = None, stream: bool = False) -> dict[str, Any]:
     """calibrate -> plan -> quantize -> export -> eval -> report in ``out``; returns a summary.
 
     ``device`` (``"cuda"``, ``"cuda:1"``, ...) is where calibration, the planner's measurements, the
     solvers and evaluation compute; the model is held in host memory and moved one block at a time.
     It is a property of the machine, not of the recipe: a run resumed on another device continues.
+    ``stream``: calibrate, quantize and export read the decoder and vision blocks from the checkpoint's
+    safetensors one at a time (a local directory; same results); evaluation loads the models it compares.
     """
     from quantlab import stages
     from quantlab.device import resolve_device
@@ -225,9 +237,11 @@ def run_all(model: str, recipe_path: str | Path, out: str | Path, *, overwrite: 
     run = RunDir.open(out, model, recipe, overwrite=overwrite)
     with run_log(run.root / "run.log", say) as tell:
         env = stages.compute_env(device)
-        log.info("quantlab run: model %s, recipe %s (%s), stop after %s, torch %s, %d threads, device %s",
-                 model, recipe_path, recipe.name, stop_after or "report", env["torch"], env["threads"], env["device"])
-        return _stages(StageContext(model, recipe, run, progress=progress, say=tell, device=device), stop_after)
+        log.info("quantlab run: model %s, recipe %s (%s), stop after %s, torch %s, %d threads, device %s%s",
+                 model, recipe_path, recipe.name, stop_after or "report", env["torch"], env["threads"], env["device"],
+                 ", streamed" if stream else "")
+        ctx = StageContext(model, recipe, run, progress=progress, say=tell, device=device, stream=stream)
+        return _stages(ctx, stop_after)
 
 
 def _stages(ctx: StageContext, stop_after: str | None) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def stage_calibrate(ctx: StageContext):
         ctx.say("calibrate: up to date, loading stats/")
         return CalibrationStats.load(run.stats)
     stats = calibrate(ctx.loaded, ctx.samples, options=stats_options(ctx.recipe), progress=ctx.progress,
-                      device=ctx.device)
+                      device=ctx.device, weights=ctx.weights)
     stats.save(run.stats, overwrite=True)
     from quantlab.calib.plot import plot_entropy
 
@@ -58,6 +58,11 @@ def stage_plan(ctx: StageContext, stats):
     if run.fresh("plan", fp) and run.plan.is_file():
         ctx.say("plan: up to date, loading plan.yaml")
         return Plan.from_yaml(run.plan)
+    spec = ctx.recipe.plan
+    if ctx.stream and (spec.planner == "budget" or spec.search_max_kl is not None):
+        raise ValueError(f"plan: the {spec.planner} planner{' with search_max_kl' if spec.planner == 'luq' else ''} "
+                         "measures the model's output with every block in memory; run without --stream, or "
+                         "plan with luq (k / target_avg_bits) or uniform")
     plan = make_plan(ctx.loaded, stats, ctx.recipe.plan, export_format=ctx.recipe.export.format,
                      samples=ctx.samples.samples, progress=ctx.progress, device=ctx.device)
     plan.to_yaml(run.plan, overwrite=True)
@@ -141,7 +146,7 @@ def stage_quantize(ctx: StageContext, plan):
         env_file.write_text(json.dumps(env) + "\n")
     results = quantize(ctx.loaded, plan.layers, ctx.samples.samples, progress=ctx.progress,
                        load_block=load_block, save_block=lambda i, r: save_results(run.block_file(i), r),
-                       device=ctx.device)
+                       device=ctx.device, weights=ctx.weights)
     run.done("quantize", modules=len(results))
     return results
 
@@ -168,7 +173,7 @@ def stage_export(ctx: StageContext, plan, results) -> Path:
         return run.model
     if fmt == "native" and ctx.recipe.export.format == "auto":
         ctx.say("export: the plan has BiLLM layers, which no third-party format holds: writing the native format")
-    write_dir_atomic(run.model, lambda d: writers[fmt](ctx.loaded, results, d), overwrite=True)
+    write_dir_atomic(run.model, lambda d: writers[fmt](ctx.loaded, results, d, weights=ctx.weights), overwrite=True)
     from quantlab.export.card import write_model_card
 
     write_model_card(run.model, ctx.model_name, ctx.recipe, plan, fmt, ctx.loaded.adapter)
@@ -187,6 +192,10 @@ def _exported_or(ctx: StageContext, fake_quant):
         try:
             import gptqmodel  # noqa: F401
         except ImportError:
+            if ctx.stream:
+                raise RuntimeError("eval: a GPTQ checkpoint needs gptqmodel to load, and a streamed run has no "
+                                   "in-memory model to evaluate instead; install gptqmodel or set "
+                                   "eval.tasks: []") from None
             ctx.say("eval: a GPTQ checkpoint needs gptqmodel to load; evaluating the in-memory fake-quant "
                     "model instead (it matches the export's dequantized weights)")
             return fake_quant
@@ -207,6 +216,11 @@ def stage_eval(ctx: StageContext, quantized_loaded) -> dict:
     run.eval.mkdir(exist_ok=True)
     out = {}
     for key in ("quantized", "baseline"):
+        if not spec.tasks:  # nothing to evaluate: load nothing (a streamed run's baseline may not fit)
+            out[key] = EvalReport(model=key, seed=0, limit=spec.limit, batch_size=spec.batch_size,
+                                  max_new_tokens=0, tasks={})
+            out[key].save_json(files[key])
+            continue
         loaded = _exported_or(ctx, quantized_loaded) if key == "quantized" else load_model(ctx.model_name)
         if ctx.device is not None:
             loaded.model.to(ctx.device)  # generation runs whole models: they must fit on the device
@@ -228,11 +242,13 @@ def stage_report(ctx: StageContext, plan, results, evals: dict) -> Path:
     run = ctx.run
     run.fresh("report", fingerprint(run.state["eval"]["fingerprint"]))
     base_dir = Path(resolve(ctx.model_name))
+    # Measuring the baseline's run-time memory loads it whole: not for a streamed run, or a run that evaluates nothing
+    measure_base = base_dir.is_dir() and not ctx.stream and bool(ctx.recipe.eval.tasks)
     base_bytes = model_size(ctx.loaded.model, ctx.loaded.adapter, {}, plan.format, dtype_bytes=2).total_bytes
     memory = {
         "baseline": memory_report("baseline (fp16)", predicted=base_bytes,
                                   directory=base_dir if base_dir.is_dir() else None,
-                                  runtime_source=base_dir if base_dir.is_dir() else None),
+                                  runtime_source=base_dir if measure_base else None),
         "quantized": memory_report(f"quantized ({run.state['export']['format']})", predicted=plan.predicted_bytes,
                                    directory=run.model, runtime_source=run.model),
     }

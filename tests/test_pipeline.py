@@ -133,3 +133,24 @@ def test_sigkill_during_quantize_resumes_byte_identical(toy_dir, tmp_path):
     assert (out / "quant" / "block_000.safetensors").stat().st_mtime_ns == first_block  # resumed, not redone
     for f in ("model.safetensors", "quantized.safetensors"):
         assert _sha(out / "model" / f) == _sha(ref / "model" / f), f
+
+
+def test_streamed_run_is_byte_identical(toy_dir, tmp_path):
+    ref, out = tmp_path / "memory", tmp_path / "stream"
+    run_all(str(toy_dir), _recipe(tmp_path), ref, progress=False, say=lambda m: None, stop_after="export")
+    run_all(str(toy_dir), _recipe(tmp_path), out, progress=False, say=lambda m: None, stop_after="export",
+            stream=True)
+    for f in ("stats/stats.safetensors", "plan.yaml", "model/model.safetensors", "model/quantized.safetensors"):
+        assert _sha(out / f) == _sha(ref / f), f
+    assert ", streamed" in (out / "run.log").read_text()
+    summary = run_all(str(toy_dir), _recipe(tmp_path), out, progress=False, say=lambda m: None, stream=True,
+                      overrides={"eval.tasks": []})  # nothing evaluated, nothing loaded whole
+    assert (out / "report.md").is_file() and summary["eval"]["quantized"].tasks == {}
+
+
+def test_streamed_run_refuses_the_budget_planner(toy_dir, tmp_path):
+    recipe = _recipe(tmp_path, planner="budget", k=None, candidates=[{"backend": "gptq", "bits": 4, "group_size": 128}],
+                     target_avg_bits=4.2)
+    with pytest.raises(ValueError, match="budget planner measures .* without --stream"):
+        run_all(str(toy_dir), recipe, tmp_path / "run", progress=False, say=lambda m: None, stream=True,
+                stop_after="plan")

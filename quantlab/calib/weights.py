@@ -99,7 +99,8 @@ def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.fl
     Everything else (embeddings, norms, projector; the head when untied) is read now. Vision blocks are
     loaded by forward hooks just before they run and dropped right after, so the vision tower also holds
     one block at a time; decoder blocks are left to :func:`quantlab.calib.executor.stream_decoder`.
-    ``dtype="auto"`` takes the checkpoint's (``config.dtype``, float32 when it names none).
+    ``dtype``: a torch dtype or its name; ``"auto"`` takes the checkpoint's (``config.dtype``, float32 when
+    it names none).
     Returns ``(LoadedModel, SafetensorsWeights)``.
     """
     from accelerate import init_empty_weights
@@ -113,8 +114,10 @@ def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.fl
     config = load_config(directory)
     adapter = get_adapter(config)
     if dtype == "auto":
-        named = getattr(config, "dtype", None) or getattr(getattr(config, "text_config", None), "dtype", None)
-        dtype = getattr(torch, named) if isinstance(named, str) else (named or torch.float32)
+        dtype = getattr(config, "dtype", None) or getattr(getattr(config, "text_config", None), "dtype", None)
+        dtype = dtype or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
     with init_empty_weights(include_buffers=False):  # buffers (rotary inv_freq) must stay real
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     tied = {}
