@@ -221,6 +221,7 @@ def plan(
     overwrite: bool = typer.Option(False, help="replace an existing --out"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: a.b=value")] = None,
     device: Device = None,
+    stream: Stream = False,
 ) -> None:
     """Make a plan: on a run directory, (re)make RUN/plan.yaml; on a MODEL, write --out plan.yaml.
 
@@ -228,7 +229,7 @@ def plan(
     7B architecture is enough. The budget planner (and luq without --stats) calibrates the model first.
     """
     if (Path(target) / "state.json").is_file() and recipe is None:
-        _stage_on_run(Path(target), "plan", device)
+        _stage_on_run(Path(target), "plan", device, stream)
         return
     if recipe is None or out is None:
         console.print("[red]quantlab plan MODEL needs --recipe and --out (or pass a run directory)[/]")
