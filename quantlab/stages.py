@@ -248,9 +248,9 @@ def stage_report(ctx: StageContext, plan, results, evals: dict) -> Path:
     memory = {
         "baseline": memory_report("baseline (fp16)", predicted=base_bytes,
                                   directory=base_dir if base_dir.is_dir() else None,
-                                  runtime_source=base_dir if measure_base else None),
+                                  runtime_source=base_dir if measure_base else None, device=ctx.device),
         "quantized": memory_report(f"quantized ({run.state['export']['format']})", predicted=plan.predicted_bytes,
-                                   directory=run.model, runtime_source=run.model),
+                                   directory=run.model, runtime_source=run.model, device=ctx.device),
     }
     comparison = compare(evals["baseline"], evals["quantized"], memory)
     paths = write_report(run.root, comparison)

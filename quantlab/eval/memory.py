@@ -105,7 +105,7 @@ def rss():
         pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
-src, generate, dtype = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+src, generate, dtype, device = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
@@ -126,35 +126,47 @@ else:
     model, processor = loaded.model, loaded.processor
 loaded_rss = rss()
 batch = build_inputs(processor, ["What color is the circle?"], [Image.new("RGB", (64, 64), (200, 30, 30))])
+on_gpu = device.startswith("cuda")
+if on_gpu:
+    from accelerate.utils import send_to_device
+    torch.cuda.reset_peak_memory_stats(device)
+    model.to(device)
+    batch = send_to_device(batch, device)
 with torch.no_grad():
     if generate:
         model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
     else:
         model(**batch)
-print("QUANTLAB_RSS " + json.dumps({"import_rss": import_rss, "loaded_rss": loaded_rss, "peak_rss": rss()}))
+device_peak = torch.cuda.max_memory_allocated(device) if on_gpu else None
+print("QUANTLAB_RSS " + json.dumps({"import_rss": import_rss, "loaded_rss": loaded_rss, "peak_rss": rss(),
+                                    "device_peak": device_peak}))
 """
 
 
 @dataclass(frozen=True)
 class RuntimeMemory:
-    """Peak RSS (bytes) of the measuring process after imports, after loading, and overall."""
+    """Peak RSS (bytes) of the measuring process after imports, after loading, and overall; with a CUDA
+    device, the peak of memory allocated on it (torch's allocator: weights and activations, not the
+    CUDA context)."""
 
     import_rss: int
     loaded_rss: int
     peak_rss: int
+    device_peak: int | None = None
 
 
 def measure_runtime(model_dir_or_alias: str | Path, *, generate: bool = True, dtype: str = "auto",
-                    timeout: float = 1800.0) -> RuntimeMemory:
+                    timeout: float = 1800.0, device: str | None = None) -> RuntimeMemory:
     """Load a model in a fresh Python process, run one generate (or forward) on a tiny input, report RSS.
 
     Directories load with ``AutoModelForImageTextToText.from_pretrained`` (quantlab-native checkpoints with
-    ``load_quantized``); aliases and hub ids with :func:`quantlab.models.load.load_model`.
+    ``load_quantized``); aliases and hub ids with :func:`quantlab.models.load.load_model`. With a CUDA
+    ``device``, the model and the input are moved there and the device's peak allocation is reported too.
 
     Raises:
         RuntimeError: if the child process fails (its stderr tail is included).
     """
-    cmd = [sys.executable, "-c", _CHILD, str(model_dir_or_alias), "1" if generate else "0", dtype]
+    cmd = [sys.executable, "-c", _CHILD, str(model_dir_or_alias), "1" if generate else "0", dtype, str(device or "cpu")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("QUANTLAB_RSS ")), None)
     if proc.returncode != 0 or line is None:
@@ -232,10 +244,12 @@ class MemoryReport:
     runtime_peak_bytes: int | None = None
     runtime_import_bytes: int | None = None
     fits: dict[str, Any] | None = None
+    runtime_device_peak_bytes: int | None = None
 
     ROWS = (("predicted (cost model)", "predicted_bytes"), ("on disk: tensors", "disk_tensor_bytes"),
             ("on disk: files", "disk_file_bytes"), ("run time: peak RSS", "runtime_peak_bytes"),
-            ("run time: RSS after imports", "runtime_import_bytes"))
+            ("run time: RSS after imports", "runtime_import_bytes"),
+            ("run time: peak GPU memory (allocated)", "runtime_device_peak_bytes"))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -258,12 +272,14 @@ class MemoryReport:
 
 def memory_report(label: str, *, predicted: int | None = None, directory: str | Path | None = None,
                   runtime_source: str | Path | None = None, generate: bool = True,
-                  fits_result: dict[str, Any] | None = None) -> MemoryReport:
-    """Gather a :class:`MemoryReport`: disk sizes of ``directory`` and run-time RSS of ``runtime_source``."""
+                  fits_result: dict[str, Any] | None = None, device: str | None = None) -> MemoryReport:
+    """Gather a :class:`MemoryReport`: disk sizes of ``directory`` and run-time memory of ``runtime_source``
+    (host RSS; with a CUDA ``device``, also the device's peak allocation)."""
     disk = disk_bytes(directory) if directory is not None else None
-    rt = measure_runtime(runtime_source, generate=generate) if runtime_source is not None else None
+    rt = measure_runtime(runtime_source, generate=generate, device=device) if runtime_source is not None else None
     return MemoryReport(label=label, predicted_bytes=predicted,
                         disk_tensor_bytes=disk.tensor_bytes if disk else None,
                         disk_file_bytes=disk.total_file_bytes if disk else None,
                         runtime_peak_bytes=rt.peak_rss if rt else None,
-                        runtime_import_bytes=rt.import_rss if rt else None, fits=fits_result)
+                        runtime_import_bytes=rt.import_rss if rt else None, fits=fits_result,
+                        runtime_device_peak_bytes=rt.device_peak if rt else None)

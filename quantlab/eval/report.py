@@ -121,7 +121,8 @@ def markdown(c: Comparison) -> str:
         out += ["", "## Memory (MiB)", "", "| measure | " + " | ".join(labels) + " |",
                 "|---|" + "---:|" * len(labels)]
         out += [f"| {name} | " + " | ".join(_mib(getattr(c.memory[lb], attr)) for lb in labels) + " |"
-                for name, attr in MemoryReport.ROWS]
+                for name, attr in MemoryReport.ROWS
+                if any(getattr(m, attr) is not None for m in c.memory.values())]  # measured rows only
         for lb, m in c.memory.items():
             if m.fits is not None:
                 f = m.fits

@@ -104,3 +104,11 @@ def test_runtime_rss_of_saved_toy(tmp_path):
     again = measure_runtime(tmp_path, generate=True)
     assert big.numel() and again.peak_rss < 1.5 * GIB
     assert abs(again.peak_rss - rt.peak_rss) < 64 * 2**20, (rt, again)
+    assert rt.device_peak is None  # nothing measured on a device unless one is asked for
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runtime_device_peak_on_cuda():
+    rt = measure_runtime("toy-llava", device="cuda")
+    assert rt.device_peak is not None and 4 * 2**20 < rt.device_peak < 2 * GIB  # fp32 weights are 8.8 MiB
