@@ -111,6 +111,10 @@ def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.fl
     from quantlab.models.processors import load_processor
 
     directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: streaming reads a local checkpoint directory's safetensors; "
+                                f"download the model first (huggingface-cli download {directory} --local-dir DIR) "
+                                "and pass DIR")
     config = load_config(directory)
     adapter = get_adapter(config)
     if dtype == "auto":
