@@ -82,6 +82,11 @@ def as_stored(result, dtype: torch.dtype = torch.float16):
     return dataclasses.replace(rounded, dequantized=rounded.dequantize())
 
 
+def _light(result):
+    """The result without its dense weight (exports need codes and scales only; ``dequantize()`` rebuilds it)."""
+    return dataclasses.replace(result, dequantized=result.dequantized.new_empty(0))
+
+
 def _quantize_module(name: str, module: nn.Linear, scheme: QuantScheme, hessian: torch.Tensor | None):
     from quantlab.quant import quantize_weight
 
@@ -112,10 +117,15 @@ def quantize(
     block instead of quantizing it again; ``save_block(i, results)`` is called after each block.
     ``device`` (e.g. ``"cuda"``): each decoder block, its Hessians and its solves are computed there.
 
+    With ``weights`` (a streamed model), each finished block's results drop their dense ``dequantized``
+    copy (left as an empty tensor of its dtype; ``dequantize()`` rebuilds it): the results then hold codes
+    and scales, not a second full-precision decoder.
+
     Returns:
         module name -> QuantResult (codes, scales, zeros, g_idx, bits per weight, relative output error).
     """
     adapter, model = loaded.adapter, loaded.model
+    streamed = weights is not None
     modules = dict(model.named_modules())
     planned = {n: s for n, s in plan.items() if s is not None}
     unknown = [n for n in planned if not isinstance(modules.get(n), nn.Linear)]
@@ -136,7 +146,7 @@ def quantize(
         if saved is not None:
             for n in names:
                 modules[n].weight.data.copy_(saved[n].dequantized)
-                results[n] = saved[n]
+                results[n] = _light(saved[n]) if streamed else saved[n]
             return run()
         for step in sequential_steps(names, adapter.fused_groups):
             hooks = {n: _HessianHook(modules[n]) for n in step}
@@ -149,6 +159,8 @@ def quantize(
                 results[n] = _quantize_module(n, modules[n], planned[n], hooks[n].h)
         if save_block is not None:
             save_block(index, {n: results[n] for n in names})
+        if streamed:
+            results.update({n: _light(results[n]) for n in names})
         return run()
 
     n_blocks = len(adapter.blocks(model))

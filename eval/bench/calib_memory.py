@@ -43,6 +43,17 @@ the shards are unmapped after the resident reads. Measured with ``VmHWM`` (the `
 turned out to carry the parent's peak, 2.27 GiB here, whenever the child stays below it; the earlier
 figures were above it, so they stand): 18 layers 1.69 GiB (ratio 0.382), **36 layers 1.69 GiB (ratio
 0.241)**, 18 -> 36 layers +2 MiB; RSS after ``load_streaming`` 1.04 GiB (was 2.27).
+
+``--stage quantize`` (GPTQ W4 g128 on every decoder Linear, weights streamed, results kept for the
+export; 2026-11-29, ``--layers 4,8``), before and after streamed results drop their dense copy:
+
+| results          | layers | model    | peak (VmHWM) | results held | per extra block |
+|------------------|--------|----------|--------------|--------------|-----------------|
+| with dense copy  | 4 / 8  | 2.40 / 2.97 GiB | 4.93 / 5.93 GiB | 0.87 / 1.74 GiB | +257 MiB |
+| codes + scales   | 4 / 8  | 2.40 / 2.97 GiB | 4.47 / 4.82 GiB | 0.30 / 0.59 GiB | +89 MiB  |
+
+The depth-independent part (~4.1 GiB) is the resident tensors plus GPTQ's float32 workspace for the
+widest Linear (``down_proj``, in_features 11008: Hessian, its Cholesky factors and inverse, ~0.5 GB each).
 """
 
 from __future__ import annotations
@@ -226,7 +237,7 @@ class ClosingWeights:
 
 
 def measure(directory: Path, n_image: int, n_text: int, text_len: int, threads: int,
-            close_handles: bool = False) -> dict:
+            close_handles: bool = False, stage: str = "calibrate") -> dict:
     torch.set_num_threads(threads)
     sampler = PeakSampler()
     sampler.start()
@@ -241,19 +252,34 @@ def measure(directory: Path, n_image: int, n_text: int, text_len: int, threads: 
     samples = hand_samples(loaded.config, n_image, n_text, text_len)
     t0 = time.time()
     source = ClosingWeights(weights) if close_handles else weights
-    stats = calibrate(loaded, samples, weights=source, progress=False)
+    results_bytes = None
+    if stage == "quantize":  # GPTQ W4 g128 on every decoder Linear, weights streamed, results kept for export
+        from quantlab.apply import quantize
+        from quantlab.models import Component
+        from quantlab.quant.scheme import QuantScheme
+
+        w4 = QuantScheme(backend="gptq", bits=4, group_size=128)
+        plan = {n: w4 for n, _ in loaded.adapter.iter_linears(loaded.model, Component.DECODER)}
+        results = quantize(loaded, plan, samples, weights=source, progress=False)
+        results_bytes = sum(t.numel() * t.element_size() for r in results.values()
+                            for t in (r.codes, r.scales, r.zeros, r.g_idx, r.dequantized, *r.extra.values())
+                            if t is not None)
+        tokens = None
+    else:
+        stats = calibrate(loaded, samples, weights=source, progress=False)
+        tokens = stats.meta["tokens"]
     t_cal = time.time() - t0
     peak = sampler.stop()
     return {
         "dir": str(directory), "layers": loaded.config.text_config.num_hidden_layers, "close_handles": close_handles,
-        "tokens": stats.meta["tokens"], "seconds_load": t_load, "seconds_calibrate": t_cal,
+        "stage": stage, "results_bytes": results_bytes,
+        "tokens": tokens, "seconds_load": t_load, "seconds_calibrate": t_cal,
         "after_import": after_import, "after_load": after_load, "peak": peak,
         # VmHWM: the kernel's peak RSS of this process's own address space. ru_maxrss is not that: Linux
         # carries the parent's peak across fork/vfork + exec, so after the parent wrote the checkpoint it
         # reports the parent's size whenever the child stays below it.
         "peak_rss": _status()["VmHWM"],
         "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "entropy_all": stats.block_entropy("all"),
     }
 
 
@@ -271,11 +297,13 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint for the next run")
     ap.add_argument("--close-handles", action="store_true",
                     help="also measure with the safetensors handles closed after every block (see ClosingWeights)")
+    ap.add_argument("--stage", choices=("calibrate", "quantize"), default="calibrate",
+                    help="what to stream: calibration (statistics) or quantization (GPTQ W4 g128, results kept)")
     ap.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     if args.measure is not None:
         print("RESULT " + json.dumps(measure(args.measure, args.images, args.texts, args.text_len, args.threads,
-                                             args.close_handles)))
+                                             args.close_handles, args.stage)))
         return
 
     full = args.workdir / "full"
@@ -299,7 +327,7 @@ def run_depths(args, full: Path, close: bool) -> None:
         make_variant(full, var, layers)
         total, block = model_bytes(var)
         cmd = [sys.executable, __file__, "--measure", str(var), "--images", str(args.images), "--texts",
-               str(args.texts), "--text-len", str(args.text_len), "--threads", str(args.threads)]
+               str(args.texts), "--text-len", str(args.text_len), "--threads", str(args.threads), "--stage", args.stage]
         cmd += ["--close-handles"] if close else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -311,7 +339,10 @@ def run_depths(args, full: Path, close: bool) -> None:
         results.append(r)
         p = r["peak"]
         print(f"\nlayers={layers} model_bytes={total / GiB:.2f} GiB block_bytes={block / 2**20:.0f} MiB "
-              f"tokens={r['tokens']} load={r['seconds_load']:.1f}s calibrate={r['seconds_calibrate']:.1f}s")
+              f"tokens={r['tokens']} load={r['seconds_load']:.1f}s {r['stage']}={r['seconds_calibrate']:.1f}s")
+        if r["results_bytes"] is not None:
+            print(f"  results held for export: {r['results_bytes'] / GiB:.2f} GiB "
+                  f"({r['results_bytes'] / total:.3f} of the model's bf16 bytes)")
         print(f"  after import: rss {r['after_import']['VmRSS'] / GiB:.2f} GiB; after load_streaming: rss "
               f"{r['after_load']['VmRSS'] / GiB:.2f} GiB (anon {r['after_load']['RssAnon'] / GiB:.2f})")
         print(f"  peak: VmHWM {r['peak_rss'] / GiB:.2f} GiB, sampled VmRSS {p['VmRSS'] / GiB:.2f} GiB, "
