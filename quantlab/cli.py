@@ -137,13 +137,9 @@ def calibrate(
         raise typer.Exit(code=1)
     weights = None
     if stream:
-        import torch
+        from quantlab.calib.weights import stream_model
 
-        from quantlab.calib.weights import load_streaming
-        from quantlab.models.load import resolve
-
-        # toys ship in fp16 and compute in fp32 (as load_model does); real checkpoints in their own dtype
-        loaded, weights = load_streaming(resolve(model), dtype=torch.float32 if model.startswith("toy-") else "auto")
+        loaded, weights = stream_model(model)
     else:
         loaded = load_model(model)
     cs = build_calibration_set(loaded, r.calibration)

@@ -149,12 +149,9 @@ class StageContext:
     def loaded(self):
         if self._loaded is None:
             if self.stream:
-                from quantlab.calib.weights import load_streaming
-                from quantlab.models.load import resolve
+                from quantlab.calib.weights import stream_model
 
-                # toys ship in fp16 and compute in fp32 (as load_model does); checkpoints in their dtype
-                dtype = "float32" if self.model_name.startswith("toy-") else "auto"
-                self._loaded, self.weights = load_streaming(resolve(self.model_name), dtype=dtype)
+                self._loaded, self.weights = stream_model(self.model_name)
             else:
                 from quantlab.models import load_model
 

@@ -93,6 +93,14 @@ class SafetensorsWeights:
         self._handles.clear()
 
 
+def stream_model(name_or_path: str | Path, *, with_processor: bool = True):
+    """:func:`load_streaming` for a model as :func:`quantlab.models.load.load_model` names it: aliases
+    resolved, and the same default dtype (toys in fp32, checkpoints in their own)."""
+    from quantlab.models.load import default_dtype, resolve
+
+    return load_streaming(resolve(name_or_path), dtype=default_dtype(name_or_path), with_processor=with_processor)
+
+
 def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.float32, with_processor: bool = True):
     """A model whose decoder and vision blocks stay on the meta device until streamed.
 

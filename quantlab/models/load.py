@@ -124,6 +124,12 @@ def _check_hub(repo_id: str) -> None:
         )
 
 
+def default_dtype(name_or_path: str | Path) -> torch.dtype | str:
+    """The compute dtype a model is loaded in when none is asked for: the toys ship in fp16 but are
+    evaluated in fp32; every other checkpoint keeps its own (``"auto"``)."""
+    return torch.float32 if str(name_or_path).startswith("toy-") else "auto"
+
+
 def load_model(
     name_or_path: str | Path,
     *,
@@ -154,9 +160,7 @@ def load_model(
     is_local = Path(src).is_dir()
     if not is_local:
         _check_hub(src)
-    if dtype is None and str(name_or_path).startswith("toy-"):
-        dtype = torch.float32  # toys ship in fp16 but are evaluated in fp32
-    model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype if dtype is not None else "auto")
+    model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype if dtype is not None else default_dtype(name_or_path))
     processor = None
     if with_processor:
         cls = _processor_class(Path(src)) if is_local else None
