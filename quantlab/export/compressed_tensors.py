@@ -34,6 +34,7 @@ from torch import nn
 from quantlab.export.io import dense_tensors, write_model_dir
 from quantlab.models.adapter import Adapter
 from quantlab.models.load import LoadedModel
+from quantlab.quant.result import g_idx_is_trivial
 
 FORMAT = "compressed-tensors"
 
@@ -58,11 +59,9 @@ def quant_args(bits: int, group_size: int, sym: bool) -> QuantizationArgs:
 def packed_tensors(result, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The tensors one quantized Linear stores (names under ``prefix``)."""
     bits = result.bits
-    if result.g_idx is not None and result.group_size != -1:
-        trivial = torch.arange(result.codes.shape[1]) // result.group_size
-        if not torch.equal(result.g_idx.long(), trivial):
-            raise ValueError(f"{prefix}: act-order without static groups needs a group index, which "
-                             "compressed-tensors no longer stores; use static_groups=True or the gptq format")
+    if result.group_size != -1 and not g_idx_is_trivial(result.g_idx, result.codes.shape[1], result.group_size):
+        raise ValueError(f"{prefix}: act-order without static groups needs a group index, which "
+                         "compressed-tensors no longer stores; use static_groups=True or the gptq format")
     offset = 1 << (bits - 1)
     out = {
         f"{prefix}.weight_packed": pack_to_int32((result.codes.to(torch.int32) - offset).to(torch.int8), bits),

@@ -29,8 +29,8 @@ MARKER = "quantlab.json"
 
 def encode(r) -> dict[str, torch.Tensor]:
     """What one result stores on disk: bit-packed codes, fp16 scales (and means), packed zeros, g_idx."""
-    from quantlab.quant import grid
     from quantlab.quant.pack import pack_int32
+    from quantlab.quant.result import g_idx_is_trivial
 
     out = {"scales": r.scales.to(torch.float16)}
     if r.backend == "billm":  # codes are the two bit planes BiLLM already packs
@@ -40,7 +40,7 @@ def encode(r) -> dict[str, torch.Tensor]:
     out["codes_packed"] = pack_int32(r.codes, r.bits)
     if r.zeros is not None:
         out["zeros_packed"] = pack_int32(r.zeros.round().to(torch.int64), r.bits, dim=0)
-    if r.g_idx is not None and not torch.equal(r.g_idx.long(), grid.trivial_g_idx(r.codes.shape[1], r.group_size, r.g_idx.device).long()):
+    if not g_idx_is_trivial(r.g_idx, r.codes.shape[1], r.group_size):
         out["g_idx"] = r.g_idx.to(torch.int32)
     return out
 
