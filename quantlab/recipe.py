@@ -5,6 +5,7 @@ The same recipe serves toys and real models; only the MODEL argument of the comm
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,28 +120,25 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field annotation refers to (``X``, ``X | None``, ``list[X]``), in order."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
+
+
 def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that owns the field at ``loc`` (for listing valid keys)."""
-    model: Any = Recipe
+    model: type[BaseModel] = Recipe
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
+        field = model.model_fields.get(part)
+        inner = models_in(field.annotation) if field is not None else []
+        if not inner:
             return None
-        ann = field.annotation
-        for cand in (ann, *getattr(ann, "__args__", ())):
-            inner = getattr(cand, "__args__", None)
-            for c in (cand, *(inner or ())):
-                if isinstance(c, type) and issubclass(c, BaseModel):
-                    model = c
-                    break
-            else:
-                continue
-            break
-        else:
-            return None
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+        model = inner[0]
+    return model
 
 
 def _explain(err: ValidationError, source: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from quantlab.recipe import Recipe
+from quantlab.recipe import Recipe, models_in
 
 HEADER = """# Recipe reference
 
@@ -23,13 +23,6 @@ edit by hand. A recipe is YAML; every section and key is optional (the defaults 
 key is an error that names it and lists the valid ones. Any key can be overridden from the command line
 with `--set section.key=value` (the value is read as YAML). The files under `recipes/` are examples.
 """
-
-
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    """The pydantic models an annotation refers to (``X``, ``X | None``, ``list[X]``)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
 def type_name(annotation: Any) -> str:
@@ -64,7 +57,7 @@ def _section(model: type[BaseModel], title: str) -> list[str]:
     lines = [f"## {title}", "", doc, "", "| key | type | default | meaning |", "|---|---|---|---|"]
     for name, field in model.model_fields.items():
         meaning = (field.description or "").replace("|", "\\|")
-        if not meaning and _models_in(field.annotation) and model is Recipe:
+        if not meaning and models_in(field.annotation) and model is Recipe:
             meaning = f"section `{name}`, below"
         lines.append(f"| `{name}` | {type_name(field.annotation)} | {_default(field)} | {meaning} |")
     return [*lines, ""]
@@ -77,7 +70,7 @@ def _usage() -> dict[type[BaseModel], list[str]]:
     while queue:
         model = queue.pop(0)
         for name, field in model.model_fields.items():
-            for sub in _models_in(field.annotation):
+            for sub in models_in(field.annotation):
                 if sub not in used:
                     used[sub] = []
                     queue.append(sub)
