@@ -19,16 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from luq_table import W4, seeded_setup  # noqa: E402
 
-from quantlab.apply import quantize
-from quantlab.calib.data import CalibDataOptions, build_calibration_set
-from quantlab.models import Component, load_model
-from quantlab.plan.cost import model_size
-from quantlab.quant.binary import unpack_bits
-from quantlab.quant.scheme import QuantScheme
-
+from quantlab.apply import quantize  # noqa: E402
+from quantlab.models import Component  # noqa: E402
+from quantlab.plan.cost import model_size  # noqa: E402
+from quantlab.quant.binary import unpack_bits  # noqa: E402
+from quantlab.quant.scheme import QuantScheme  # noqa: E402
 
 
 def h2(p: float) -> float:
@@ -57,13 +58,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    torch.manual_seed(a.seed)
-    loaded = load_model(a.model)
-    calib = build_calibration_set(loaded, CalibDataOptions(num_samples=a.samples, alpha=0.5, seed=a.seed))
+    loaded, calib = seeded_setup(a.model, a.samples, a.seed)
     billm = QuantScheme(backend="billm", bits=1, group_size=128)
     plan = {n: billm for n, _ in loaded.adapter.iter_linears(loaded.model, Component.DECODER)}
-    w4 = QuantScheme(backend="gptq", bits=4, group_size=128)
-    w4_bits = model_size(loaded.model, loaded.adapter, dict.fromkeys(plan, w4), "compressed-tensors",
+    w4_bits = model_size(loaded.model, loaded.adapter, dict.fromkeys(plan, W4), "compressed-tensors",
                          dtype_bytes=2).avg_bits
     results = quantize(loaded, plan, calib.samples, progress=False)
     rows = [code_bits(results[n]) for n in plan]

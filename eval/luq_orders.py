@@ -20,16 +20,15 @@ import random
 import sys
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from luq_table import BUDGET_CANDIDATES, KEEP, W4, evaluate_row, sizes  # noqa: E402
+from luq_table import BUDGET_CANDIDATES, KEEP, W4, evaluate_row, seeded_setup, sizes  # noqa: E402
 
 from quantlab.apply import quantize  # noqa: E402
 from quantlab.calib.collect import calibrate  # noqa: E402
 from quantlab.calib.data import CalibDataOptions, build_calibration_set  # noqa: E402
 from quantlab.eval.runner import evaluate  # noqa: E402
-from quantlab.models import Component, load_model  # noqa: E402
+from quantlab.models import Component  # noqa: E402
 from quantlab.plan import planners  # noqa: E402
 from quantlab.plan.plan import Plan  # noqa: E402
 from quantlab.plan.sensitivity import _log_probs, kl_damage  # noqa: E402
@@ -66,10 +65,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    torch.manual_seed(a.seed)
     low, fmt = LOWS[a.low]
-    base = load_model(a.model)
-    calib = build_calibration_set(base, CalibDataOptions(num_samples=a.samples, alpha=0.5, seed=a.seed))
+    base, calib = seeded_setup(a.model, a.samples, a.seed)
     stats = calibrate(base, calib, hessians=True, progress=False)
     held_set = build_calibration_set(base, CalibDataOptions(num_samples=64, alpha=1.0, seed=a.seed + 1))
     held = (held_set.samples, _log_probs(base, held_set.samples))

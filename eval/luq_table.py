@@ -60,6 +60,13 @@ def rows() -> dict[str, PlanSpec]:
 BUDGET_CANDIDATES = [QuantScheme(backend="gptq", bits=b, group_size=g) for b, g in ((2, 64), (3, 128), (4, 128), (8, 128))]
 
 
+def seeded_setup(model: str, samples: int, seed: int):
+    """The model and the calibration set every row starts from (64 samples, alpha = 0.5, seeded)."""
+    torch.manual_seed(seed)
+    base = load_model(model)
+    return base, build_calibration_set(base, CalibDataOptions(num_samples=samples, alpha=0.5, seed=seed))
+
+
 def evaluate_row(name: str, base, samples, stats, spec: PlanSpec, *, limit: int, budget_bytes: int | None = None,
                  held=None) -> dict:
     loaded = copy.deepcopy(base)
@@ -92,9 +99,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
-    torch.manual_seed(a.seed)
-    base = load_model(a.model)
-    calib = build_calibration_set(base, CalibDataOptions(num_samples=a.samples, alpha=0.5, seed=a.seed))
+    base, calib = seeded_setup(a.model, a.samples, a.seed)
     stats = calibrate(base, calib, hessians=True, progress=False)
     # held-out image+text samples (other seed) for the logit-KL column: a continuous damage measure
     held_set = build_calibration_set(base, CalibDataOptions(num_samples=64, alpha=1.0, seed=a.seed + 1))
