@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python eval/bench/calib_memory.py [--workdir /tmp/calib_memory] [--layers 18,36] [--keep]
-        [--close-handles]
+        [--stage calibrate|quantize]
 
 1. Writes a random-weight checkpoint of the real architecture (``shared/configs/qwen2.5-vl-3b-instruct.json``,
    36 decoder layers) straight into safetensors shards under the hub-legacy tensor names that
@@ -19,11 +19,10 @@ Usage::
 Prints, per depth, ``peak_rss/model_bytes=<ratio>`` (target < 0.35; ``model_bytes`` = the variant's bf16
 parameter bytes) and the peak of anonymous memory separately: RssFile counts the checkpoint's
 memory-mapped pages the process touched (clean page cache the kernel can drop), RssAnon what it allocated.
-``--close-handles`` repeats the measurement with :class:`ClosingWeights` (shard handles closed after
-every decoder block).
 
 Observed before the fix in ``weights.py`` (2-core shared CPU, 4 samples / 132 tokens; "open" = shard
-handles kept open for the whole run, "closed" = the :class:`ClosingWeights` experiment):
+handles kept open for the whole run, "closed" = a bench-side wrapper that closed them after every block,
+removed since ``SafetensorsWeights.release`` does it):
 
 | handles         | layers | model   | ru_maxrss | ratio | RssAnon peak | RssFile peak |
 |-----------------|--------|---------|-----------|-------|--------------|--------------|
@@ -219,27 +218,8 @@ def hand_samples(config, n_image: int, n_text: int, text_len: int, seed: int = 0
     return samples
 
 
-class ClosingWeights:
-    """Bench-side experiment: drop ``SafetensorsWeights``' open safetensors handles after every block.
-
-    safetensors returns tensors backed by the file's memory map, and ``SafetensorsWeights`` keeps each
-    shard open for the whole run, so every page it has read stays mapped (RssFile). Closing the handles
-    unmaps them. Uses a private attribute; the real fix belongs in ``quantlab/calib/weights.py``.
-    """
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def load(self, module, prefix: str) -> None:
-        self.inner.load(module, prefix)
-
-    def release(self, module, prefix: str) -> None:
-        self.inner.release(module, prefix)
-        self.inner._handles.clear()
-
-
 def measure(directory: Path, n_image: int, n_text: int, text_len: int, threads: int,
-            close_handles: bool = False, stage: str = "calibrate") -> dict:
+            stage: str = "calibrate") -> dict:
     torch.set_num_threads(threads)
     sampler = PeakSampler()
     sampler.start()
@@ -253,7 +233,6 @@ def measure(directory: Path, n_image: int, n_text: int, text_len: int, threads: 
     t_load = time.time() - t0
     samples = hand_samples(loaded.config, n_image, n_text, text_len)
     t0 = time.time()
-    source = ClosingWeights(weights) if close_handles else weights
     results_bytes = None
     if stage == "quantize":  # GPTQ W4 g128 on every decoder Linear, weights streamed, results kept for export
         from quantlab.apply import quantize
@@ -262,18 +241,18 @@ def measure(directory: Path, n_image: int, n_text: int, text_len: int, threads: 
 
         w4 = QuantScheme(backend="gptq", bits=4, group_size=128)
         plan = {n: w4 for n, _ in loaded.adapter.iter_linears(loaded.model, Component.DECODER)}
-        results = quantize(loaded, plan, samples, weights=source, progress=False)
+        results = quantize(loaded, plan, samples, weights=weights, progress=False)
         results_bytes = sum(t.numel() * t.element_size() for r in results.values()
                             for t in (r.codes, r.scales, r.zeros, r.g_idx, r.dequantized, *r.extra.values())
                             if t is not None)
         tokens = None
     else:
-        stats = calibrate(loaded, samples, weights=source, progress=False)
+        stats = calibrate(loaded, samples, weights=weights, progress=False)
         tokens = stats.meta["tokens"]
     t_cal = time.time() - t0
     peak = sampler.stop()
     return {
-        "dir": str(directory), "layers": loaded.config.text_config.num_hidden_layers, "close_handles": close_handles,
+        "dir": str(directory), "layers": loaded.config.text_config.num_hidden_layers,
         "stage": stage, "results_bytes": results_bytes,
         "tokens": tokens, "seconds_load": t_load, "seconds_calibrate": t_cal,
         "after_import": after_import, "after_load": after_load, "peak": peak,
@@ -297,15 +276,13 @@ def main() -> None:
     ap.add_argument("--text-len", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint for the next run")
-    ap.add_argument("--close-handles", action="store_true",
-                    help="also measure with the safetensors handles closed after every block (see ClosingWeights)")
     ap.add_argument("--stage", choices=("calibrate", "quantize"), default="calibrate",
                     help="what to stream: calibration (statistics) or quantization (GPTQ W4 g128, results kept)")
     ap.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)  # child mode
     args = ap.parse_args()
     if args.measure is not None:
         print("RESULT " + json.dumps(measure(args.measure, args.images, args.texts, args.text_len, args.threads,
-                                             args.close_handles, args.stage)))
+                                             args.stage)))
         return
 
     full = args.workdir / "full"
@@ -314,15 +291,12 @@ def main() -> None:
         print(f"writing random checkpoint to {full} (free disk {free / 1e9:.0f} GB)", flush=True)
         info = write_random_checkpoint(args.config, full)
         print(f"checkpoint: {info['params']:,} params, {info['bytes'] / 1e9:.2f} GB in {info['seconds']:.0f}s")
-    for close in ([False, True] if args.close_handles else [False]):
-        mode = "closed after every block" if close else "kept open (weights.py as is)"
-        print(f"\n=== safetensors handles {mode} ===")
-        run_depths(args, full, close)
+    run_depths(args, full)
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
 
 
-def run_depths(args, full: Path, close: bool) -> None:
+def run_depths(args, full: Path) -> None:
     results = []
     for layers in (int(v) for v in args.layers.split(",")):
         var = args.workdir / f"layers{layers}"
@@ -330,7 +304,6 @@ def run_depths(args, full: Path, close: bool) -> None:
         total, block = model_bytes(var)
         cmd = [sys.executable, __file__, "--measure", str(var), "--images", str(args.images), "--texts",
                str(args.texts), "--text-len", str(args.text_len), "--threads", str(args.threads), "--stage", args.stage]
-        cmd += ["--close-handles"] if close else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not line:

@@ -39,6 +39,7 @@ from accelerate.utils import send_to_device
 from quantlab.calib.collect import CollectOptions, calibrate
 from quantlab.calib.executor import CalibSample
 from quantlab.data import shapes
+from quantlab.device import placed, resolve_device
 from quantlab.models import get_adapter
 from quantlab.models.inputs import build_inputs
 from quantlab.models.load import ALIASES, LoadedModel, load_model
@@ -122,14 +123,10 @@ def best_of(fn, repeat: int) -> float:
 
 def resident_forward_time(loaded: LoadedModel, samples: list[CalibSample], repeat: int, device: str | None) -> float:
     """The baseline: a plain forward with the whole model on ``device`` (None: where it is)."""
-    if device is None:
+    with placed([loaded.model], resolve_device(device)):
+        if device is not None:
+            plain_forward(loaded, samples[:2])  # warm-up on the device
         return best_of(lambda: plain_forward(loaded, samples), repeat)
-    loaded.model.to(device)
-    try:
-        plain_forward(loaded, samples[:2])  # warm-up on the device
-        return best_of(lambda: plain_forward(loaded, samples), repeat)
-    finally:
-        loaded.model.to("cpu")
 
 
 def main() -> None:
