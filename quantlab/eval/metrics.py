@@ -4,7 +4,7 @@ Definitions follow the reference implementations summarised in ``luq.md`` Part 4
 
 | metric                | reference                                                                  |
 |-----------------------|----------------------------------------------------------------------------|
-| ``normalize_answer``  | GT-Vision-Lab/VQA ``vqaEval.py`` @07aecec (processPunctuation + processDigitArticle) |
+| ``normalize_answer``  | GT-Vision-Lab/VQA ``vqaEval.py`` @c4e6a0e (processPunctuation + processDigitArticle) |
 | ``vqa_accuracy``      | same file: leave-one-out ``min(1, matches/3)``, GT punctuation only if answers disagree |
 | ``exact_match``       | lmms-eval GQA: exact match with ``ignore_case`` and ``ignore_punctuation``  |
 | ``yes_no``            | POPE / LLaVA ``eval_pope.py``: first sentence, commas removed, 'No'/'not'/'no' word |
@@ -19,7 +19,7 @@ import string
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
-# --- VQAv2 answer processing (official evaluator, commit 07aecec) ---------------------------------------
+# --- VQAv2 answer processing (official evaluator, commit c4e6a0e) ---------------------------------------
 # The official table writes most values with a typographic apostrophe (an encoding artefact); we use "'".
 CONTRACTIONS: dict[str, str] = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -54,9 +54,11 @@ NUMBER_WORDS: dict[str, str] = {  # the official ``manualMap``
     "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }
 ARTICLES: frozenset[str] = frozenset({"a", "an", "the"})
-# Official list (luq.md §4.1). lmms-eval/MMF add - ! { } and drop : ' (luq.md §4.6).
-PUNCTUATION: tuple[str, ...] = (";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\", "_", ">", "<", "@",
-                                "`", ",", "?")
+# The official list as of GT-Vision-Lab/VQA master (PythonEvaluationTools/vqaEvaluation/vqaEval.py @c4e6a0e):
+# ':' and "'" were dropped (contractions such as "don't" must survive) and '{', '}', '-', '!' added. The older
+# 07aecec list (; : / ' [ ] " ( ) = + \ _ > < @ ` , ?) is what some third-party copies still carry.
+PUNCTUATION: tuple[str, ...] = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
+                                "@", "`", ",", "?", "!")
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official look-"behind" is a look-ahead
 
@@ -80,7 +82,9 @@ def process_punctuation(text: str) -> str:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    return _PERIOD_STRIP.sub("", out)
+    # The official call is ``periodStrip.sub("", outText, re.UNICODE)``: the flag lands in ``count``, so at
+    # most re.UNICODE (32) periods are stripped. Kept for agreement on pathological answers.
+    return _PERIOD_STRIP.sub("", out, count=int(re.UNICODE))
 
 
 def process_digit_article(text: str) -> str:

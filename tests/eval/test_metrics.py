@@ -26,11 +26,52 @@ from quantlab.eval import metrics as M
         ("dont", "don't"),  # contractions table
         ("whats", "what's"),
         ("  Yes\n", "yes"),  # \n -> space, strip
-        ("hot-dog", "hot-dog"),  # '-' is not in the official list (lmms-eval's is different, luq.md §4.6)
+        ("hot-dog", "hot dog"),  # '-' is in the official list (since c4e6a0e)
     ],
 )
 def test_normalize_answer(raw, expected):
     assert M.normalize_answer(raw) == expected
+
+
+# Every mark of the official list, and its neighbours, against values computed by running the official
+# vqaEval.py (GT-Vision-Lab/VQA @c4e6a0e) processPunctuation + processDigitArticle on the same strings.
+OFFICIAL_NORMALISED = [
+    ("red-ball", "red ball"), ("dont know", "don't know"), ("an apple!", "apple"), ("{x}", "x"),
+    ("a;b", "b"),  # ';' -> ' ', then the article 'a' goes
+    ("a:b", "a:b"),  # ':' is not in the list (it was before c4e6a0e)
+    ("it's", "it's"),  # nor is "'"
+    ("1,000", "1000"), ("1,000 dogs!", "1000 dogs"),  # digit,digit anywhere: every mark is removed
+    ("1, 2", "1 2"), ("3.5.", "3.5"), ("(a) dog", "dog"), ("hello, world", "hello world"), ("wait...", "wait"),
+    ("x=y", "x y"), ("a+b", "b"), ("c\\d", "c d"), ("_x_", "x"), ("<b>", "b"), ("@home", "home"), ("`q`", "q"),
+    ("what?", "what"), ("yes!", "yes"), ("no !", "no"), ("[1]", "1"), ('"quoted"', "quoted"),
+    ("left/right", "left right"), ("hot-dog", "hot dog"),
+    ("Ten", "10"), ("none", "0"), ("The  Two  cats.", "2 cats"),  # number words, articles, spaces
+    ("Im", "im"),  # the table's key is "Im": the lowercased word misses it, as in the official code
+    ("isnt", "isn't"), ("a b c", "b c"),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), OFFICIAL_NORMALISED)
+def test_normalize_answer_matches_the_official_evaluator(raw, expected):
+    assert M.normalize_answer(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "expected"),
+    [
+        ("red-ball", ["red ball"] * 3 + ["blue"] * 7, 0.9),  # scored 0 with the old punctuation list
+        ("dont know", ["don't know"] * 3 + ["no"] * 7, 0.9),  # idem
+        ("an apple!", ["apple"] * 10, 1.0),  # idem
+        ("red-ball", ["red-ball"] * 10, 0.0),  # identical answers are compared unprocessed
+        ("Yes", ["yes"] * 10, 1.0),
+        ("two", ["2"] * 10, 1.0),
+        ("two", ["two"] * 10, 0.0),
+        ("red ball", ["red-ball"] * 4 + ["red"] * 6, 1.0),  # disagreeing answers get processPunctuation
+        ("1,000", ["1000"] * 2 + ["1,000"] * 2 + ["many"] * 6, 1.0),  # digit,digit in answers and prediction
+    ],
+)
+def test_vqa_accuracy_matches_the_official_evaluator(prediction, answers, expected):
+    assert M.vqa_accuracy(prediction, answers) == pytest.approx(expected)
 
 
 # --- vqa_accuracy ----------------------------------------------------------------------------------------
