@@ -2,17 +2,58 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+from quantlab.errors import USER_ERRORS
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress vision-language models to a memory budget and measure what it cost.")
 console = Console()
+err_console = Console(stderr=True)
+log = logging.getLogger(__name__)
+
+Debug = Annotated[bool, typer.Option("--debug", help="show the full traceback of an error on the console "
+                                                     "(it is always written to RUN/run.log)")]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(fn: F) -> F:
+    """Run a command; an error becomes a short message and an exit code instead of a traceback.
+
+    User errors (bad recipe, model, flag, file, full disk: :data:`quantlab.errors.USER_ERRORS`) exit 2;
+    anything else is a bug in quantlab and exits 1. The traceback is in the run log when a run directory
+    was open (the pipeline writes it there) and on the console only with ``--debug``.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as err:  # noqa: BLE001 - the one place errors meet the user
+            if kwargs.get("debug"):
+                err_console.print_exception()
+            user = isinstance(err, USER_ERRORS)
+            where = getattr(err, "quantlab_log", None)
+            err_console.print(f"[red]error:[/] {err}" if user else
+                              f"[red]internal error ({type(err).__name__}):[/] {err}\n"
+                              "this is a bug in quantlab; please report it with the traceback")
+            if not kwargs.get("debug"):
+                err_console.print(f"(traceback in {where})" if where else "(rerun with --debug for the traceback)",
+                                  style="dim")
+            raise typer.Exit(code=2 if user else 1) from None
+
+    return wrapper  # type: ignore[return-value]
 
 Device = Annotated[Optional[str], typer.Option(
     help="compute device: cpu, cuda or cuda:N. Decoder blocks, statistics, solvers and evaluation run there; "
@@ -28,18 +69,43 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def _check_device(device: str | None) -> None:
-    from quantlab.device import resolve_device
+def _say(message: str) -> None:
+    console.print(f"[bold cyan]{message}[/]")
 
-    try:
-        resolve_device(device)
-    except ValueError as err:
-        console.print(f"[red]--device: {err}[/]")
-        raise typer.Exit(code=2) from None
+
+def _overrides(sets: list[str] | None) -> dict:
+    import yaml
+
+    from quantlab.errors import UserError
+
+    out = {}
+    for item in sets or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set calibration.num_samples=16")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise UserError(f"--set {item!r}: the value is not valid YAML ({err})") from None
+    return out
+
+
+def _refuse_existing(path: Path, overwrite: bool, is_ours: Callable[[Path], bool], what: str) -> None:
+    """An existing output is replaced only with --overwrite, and only when it is quantlab's own ``what``."""
+    from quantlab.errors import NotOurs
+
+    if not path.exists():
+        return
+    if not overwrite:
+        raise NotOurs(f"{path} exists", "pass --overwrite to replace it, or choose another path")
+    if not is_ours(path):
+        raise NotOurs(f"{path} exists and is not {what}; quantlab replaces only its own output",
+                      "choose another path")
 
 
 @app.command()
-def models() -> None:
+@friendly_errors
+def models(debug: Debug = False) -> None:
     """List the supported architecture families and the built-in model aliases."""
     from quantlab.models import ADAPTERS, ALIASES
 
@@ -59,7 +125,26 @@ def models() -> None:
     console.print(al)
 
 
+@app.command()
+@friendly_errors
+def recipes(debug: Debug = False) -> None:
+    """List the built-in recipes (pass a name to --recipe, or copy one from the path shown and edit it)."""
+    from quantlab.recipe import Recipe, builtin_recipes, recipe_summary
+
+    from quantlab.recipe import BUILTIN_RECIPES
+
+    table = Table(title="Built-in recipes (--recipe NAME)")
+    for col in ("name", "planner", "format", "what"):
+        table.add_column(col, overflow="fold")
+    for name, path in builtin_recipes().items():
+        r = Recipe.from_yaml(path)
+        table.add_row(name, r.plan.planner, r.export.format, recipe_summary(path))
+    console.print(table)
+    console.print(f"files: {BUILTIN_RECIPES} (copy one to edit it)")
+
+
 @app.command("eval")
+@friendly_errors
 def eval_(
     model: Annotated[str, typer.Argument(help="alias, checkpoint directory (any format) or hub id")],
     tasks: Annotated[str, typer.Option(help="comma-separated task names")] = "shapes-vqa",
@@ -68,14 +153,27 @@ def eval_(
     batch_size: Annotated[int, typer.Option()] = 32,
     seed: Annotated[int, typer.Option()] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write results as JSON here")] = None,
+    overwrite: bool = typer.Option(False, help="replace an existing --json written by quantlab"),
     device: Device = None,
+    debug: Debug = False,
 ) -> None:
     """Evaluate a model (built-in toy, local checkpoint, quantlab native checkpoint or hub id) on VQA tasks."""
-    from quantlab.eval.runner import evaluate
+    from quantlab.errors import UserError, problems_error
+    from quantlab.eval.runner import EvalReport, evaluate
+    from quantlab.eval.tasks import TASKS
     from quantlab.models.load import open_model
+    from quantlab.preflight import check_device
 
-    _check_device(device)
+    check_device(device)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if unknown or not names:
+        raise problems_error("--tasks", [f"unknown task {t!r}" for t in unknown] or ["no task given"],
+                             f"valid tasks: {', '.join(sorted(TASKS))}")
+    if json_out is not None:
+        _refuse_existing(json_out, overwrite, lambda p: _loads(EvalReport.load_json, p), "a quantlab evaluation")
+    if data_dir is not None and not data_dir.is_dir():
+        raise UserError(f"--data-dir {data_dir} is not a directory")
     loaded = open_model(model)
     if device is not None:
         loaded.model.to(device)
@@ -94,47 +192,45 @@ def eval_(
         console.print(f"wrote {json_out}")
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def _overrides(sets: list[str]) -> dict:
-    out = {}
-    for item in sets or []:
-        if "=" not in item:
-            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
-        key, value = item.split("=", 1)
-        import yaml
-
-        out[key] = yaml.safe_load(value)
-    return out
+def _loads(reader: Callable[[Path], Any], path: Path) -> bool:
+    """True when ``reader`` reads ``path`` (it is quantlab's own artifact)."""
+    try:
+        reader(path)
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not ours"
+        return False
 
 
 @app.command()
+@friendly_errors
 def calibrate(
     model: Annotated[str, typer.Argument(help="alias, checkpoint directory or hub id")],
-    recipe: Annotated[Path, typer.Option(help="recipe YAML (calibration + stats sections)")],
+    recipe: Annotated[str, typer.Option(help="recipe YAML, or a built-in name (quantlab recipes)")],
     out: Annotated[Path, typer.Option(help="directory for the statistics artifact")],
-    overwrite: bool = typer.Option(False, help="replace an existing --out"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out written by quantlab calibrate"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: a.b=value")] = None,
     device: Device = None,
     stream: Stream = False,
+    debug: Debug = False,
 ) -> None:
     """Stream calibration samples block by block and write activation statistics (+ entropy plot)."""
+    from quantlab.calib.artifact import is_stats_dir
     from quantlab.calib.data import build_calibration_set
     from quantlab.calib.plot import plot_entropy
+    from quantlab.errors import problems_error
     from quantlab.models import load_model
+    from quantlab.preflight import calibration_problems, check_device, check_out, open_skeleton
     from quantlab.recipe import Recipe
     from quantlab.stages import stats_options
 
-    _check_device(device)
+    check_device(device)
     r = Recipe.from_yaml(recipe, _overrides(set_))
-    if out.exists() and not overwrite:
-        console.print(f"[red]{out} exists; pass --overwrite to replace it[/]")
-        raise typer.Exit(code=1)
+    check_out(out, model=model)
+    _refuse_existing(out, overwrite, is_stats_dir, "a statistics directory written by quantlab calibrate")
+    open_skeleton(model, stream=stream)
+    problems = calibration_problems(r)
+    if problems:
+        raise problems_error(f"{r.name}: the calibration section cannot run", problems)
     weights = None
     if stream:
         from quantlab.calib.weights import stream_model
@@ -159,15 +255,17 @@ def calibrate(
 
 
 @app.command()
+@friendly_errors
 def quantize(
     model: Annotated[str, typer.Argument(help="alias, checkpoint directory or hub id")],
-    recipe: Annotated[Path, typer.Option(help="recipe YAML")],
+    recipe: Annotated[str, typer.Option(help="recipe YAML, or a built-in name (quantlab recipes)")],
     out: Annotated[Path, typer.Option(help="run directory (created, or resumed if it holds this run)")],
-    overwrite: bool = typer.Option(False, help="start over in --out instead of resuming"),
+    overwrite: bool = typer.Option(False, help="start over in --out (a quantlab run directory) instead of resuming"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: a.b=value")] = None,
     push_to_hub: Annotated[Optional[str], typer.Option(help="ORG/NAME to upload the exported model to")] = None,
     device: Device = None,
     stream: Stream = False,
+    debug: Debug = False,
 ) -> None:
     """Run calibrate -> plan -> quantize -> export -> eval -> report in a run directory.
 
@@ -175,68 +273,72 @@ def quantize(
     """
     from quantlab.pipeline import run_all
 
-    _check_device(device)
-    summary = run_all(model, recipe, out, overwrite=overwrite, overrides=_overrides(set_),
-                      say=lambda m: console.print(f"[bold cyan]{m}[/]"), device=device, stream=stream)
+    summary = run_all(model, recipe, out, overwrite=overwrite, overrides=_overrides(set_), say=_say,
+                      device=device, stream=stream, push_to_hub=push_to_hub)
     console.print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
     for key, rep in summary.get("eval", {}).items():
         console.print(f"{key}: " + ", ".join(f"{t} {r.score:.3f}" for t, r in rep.tasks.items()))
     if push_to_hub:
         from quantlab.export.hub import push_to_hub as push
 
-        try:
-            console.print(f"pushed: {push(summary['model_dir'], push_to_hub)}")
-        except ConnectionError as err:
-            console.print(f"[red]{err}[/]")
-            raise typer.Exit(code=1) from None
+        console.print(f"pushed: {push(summary['model_dir'], push_to_hub)}")
 
 
 def _stage_on_run(run_dir: Path, stop_after: str | None, device: str | None = None, stream: bool = False) -> None:
+    from quantlab.errors import UserError
     from quantlab.pipeline import run_all
+    from quantlab.rundir import read_state
 
-    _check_device(device)
-    state = run_dir / "state.json"
-    if not state.is_file():
-        console.print(f"[red]{run_dir} is not a quantlab run directory (no state.json); "
-                      "start one with `quantlab quantize MODEL --recipe R --out DIR`[/]")
-        raise typer.Exit(code=1)
-    model = json.loads(state.read_text())["_model"]
-    summary = run_all(model, run_dir / "recipe.yaml", run_dir, stop_after=stop_after,
-                      say=lambda m: console.print(f"[bold cyan]{m}[/]"), device=device, stream=stream)
+    state = read_state(run_dir)
+    if state is None:
+        raise UserError(f"{run_dir} is not a quantlab run directory (no quantlab state.json)",
+                        "start one with `quantlab quantize MODEL --recipe R --out DIR`")
+    summary = run_all(state["_model"], run_dir / "recipe.yaml", run_dir, stop_after=stop_after, say=_say,
+                      device=device, stream=stream)
     console.print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
 
 
 @app.command()
+@friendly_errors
 def plan(
     target: Annotated[str, typer.Argument(help="a run directory, or MODEL: alias, checkpoint dir or config.json")],
-    recipe: Annotated[Optional[Path], typer.Option(help="recipe YAML (MODEL mode)")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="recipe YAML or built-in name (MODEL mode)")] = None,
     stats: Annotated[Optional[Path], typer.Option(help="statistics from `quantlab calibrate` (MODEL mode)")] = None,
     budget_gb: Annotated[Optional[float], typer.Option(help="whole-model budget in GB (1e9 bytes)")] = None,
     avg_bits: Annotated[Optional[float], typer.Option(help="target average bits of the decoder Linears")] = None,
     out: Annotated[Optional[Path], typer.Option(help="plan.yaml to write (MODEL mode)")] = None,
-    overwrite: bool = typer.Option(False, help="replace an existing --out"),
+    overwrite: bool = typer.Option(False, help="replace an existing --out plan written by quantlab"),
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: a.b=value")] = None,
     device: Device = None,
     stream: Stream = False,
+    debug: Debug = False,
 ) -> None:
     """Make a plan: on a run directory, (re)make RUN/plan.yaml; on a MODEL, write --out plan.yaml.
 
     MODEL mode needs no weights for the uniform planner, or for luq given --stats: a config.json of a real
     7B architecture is enough. The budget planner (and luq without --stats) calibrates the model first.
     """
+    from quantlab.calib.artifact import is_stats_dir
+    from quantlab.errors import UserError
+    from quantlab.plan.plan import Plan
+    from quantlab.preflight import check_device
+
     if (Path(target) / "state.json").is_file() and recipe is None:
         _stage_on_run(Path(target), "plan", device, stream)
         return
     if recipe is None or out is None:
-        console.print("[red]quantlab plan MODEL needs --recipe and --out (or pass a run directory)[/]")
-        raise typer.Exit(code=1)
+        raise UserError("quantlab plan MODEL needs --recipe and --out (or pass a run directory)")
     if budget_gb is not None and avg_bits is not None:
-        console.print("[red]pass --budget-gb or --avg-bits, not both[/]")
-        raise typer.Exit(code=1)
-    if out.exists() and not overwrite:
-        console.print(f"[red]{out} exists; pass --overwrite to replace it[/]")
-        raise typer.Exit(code=1)
-    _check_device(device)
+        raise UserError("pass --budget-gb or --avg-bits, not both")
+    if stats is not None and not is_stats_dir(stats):
+        raise UserError(f"--stats {stats} is not a statistics directory written by quantlab calibrate "
+                        "(stats.safetensors + summary.json)")
+    check_device(device)
+    _refuse_existing(out, overwrite, lambda p: _loads(Plan.from_yaml, p), "a quantlab plan")
+    png = out.with_suffix(".png")
+    if png.exists() and not out.exists():
+        raise UserError(f"{png} exists (the plan's plot goes there) and is not beside a quantlab plan",
+                        "choose another --out")
     from quantlab.stages import plan_for_model
 
     overrides = _overrides(set_)
@@ -244,8 +346,7 @@ def plan(
         overrides.update({"plan.budget_gb": budget_gb, "plan.target_avg_bits": None, "plan.k": None})
     if avg_bits is not None:
         overrides.update({"plan.target_avg_bits": avg_bits, "plan.budget_gb": None, "plan.k": None})
-    loaded, made, st = plan_for_model(target, recipe, overrides, stats_dir=stats,
-                                      say=lambda m: console.print(f"[bold cyan]{m}[/]"), device=device)
+    loaded, made, st = plan_for_model(target, recipe, overrides, stats_dir=stats, say=_say, device=device)
     made.to_yaml(out, overwrite=overwrite)
     _print_plan(loaded, made, st, out)
 
@@ -266,19 +367,26 @@ def _print_plan(loaded, made, st, out: Path) -> None:
     console.print(f"predicted size {t.total_bytes / 1e9:.4f} GB ({t.total_bytes:,} bytes); decoder Linears "
                   f"{t.avg_bits:.3f} stored bits/weight ({t.nominal_bits:.2f} nominal); saving vs fp16 "
                   f"{100 * t.saving_vs_fp16:.1f}%, vs uniform W4 g128 {100 * t.saving_vs_w4:.1f}%")
+    fallbacks = made.info.get("fallbacks", {})
+    if fallbacks:
+        console.print(f"shape fallbacks ({len(fallbacks)} module(s), plan.shape_fallback): "
+                      + "; ".join(f"{n}: {why}" for n, why in list(fallbacks.items())[:5])
+                      + (" ..." if len(fallbacks) > 5 else ""))
     console.print(f"wrote {out} and {png}")
 
 
 @app.command()
+@friendly_errors
 def export(run_dir: Annotated[Path, typer.Argument(help="run directory")], device: Device = None,
-           stream: Stream = False) -> None:
+           stream: Stream = False, debug: Debug = False) -> None:
     """Quantize (resuming) and export RUN/model in the recipe's format."""
     _stage_on_run(run_dir, "export", device, stream)
 
 
 @app.command()
+@friendly_errors
 def report(run_dir: Annotated[Path, typer.Argument(help="run directory")], device: Device = None,
-           stream: Stream = False) -> None:
+           stream: Stream = False, debug: Debug = False) -> None:
     """Evaluate baseline vs quantized and write RUN/report.{md,json}."""
     _stage_on_run(run_dir, None, device, stream)
 

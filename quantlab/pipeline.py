@@ -1,17 +1,9 @@
 """The whole run, stage by stage, in a run directory a user can stop, inspect, edit and resume.
 
-    RUN/recipe.yaml        the recipe used (validated copy)
-    RUN/state.json         per stage: the fingerprint of what it depended on, and whether it finished
-    RUN/stats/             calibration statistics (CalibrationStats)
-    RUN/plan.yaml          the plan (editable: a hand edit is picked up by the next stages)
-    RUN/quant/block_*.safetensors   per-block quantization results (resume point)
-    RUN/model/             the exported checkpoint
-    RUN/eval/*.json        baseline and quantized evaluation
-    RUN/report.{md,json,png}
-    RUN/run.log            every invocation's messages and quantlab's log records, appended, timestamped
-
-A stage re-runs when its fingerprint (the recipe sections and upstream artifacts it depends on) changes;
-everything downstream is invalidated with it, and the run log says so.
+The directory's layout, lock and replacement rules are in :mod:`quantlab.rundir`. Before anything is
+written, :func:`quantlab.preflight.preflight` checks the recipe, the model's config and the flags. A stage
+re-runs when its fingerprint (the recipe sections and upstream artifacts it depends on) changes; every
+later stage re-runs with it, and the run log says so.
 """
 
 from __future__ import annotations
@@ -19,17 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from quantlab.preflight import preflight
 from quantlab.recipe import Recipe
+from quantlab.rundir import STAGES, RunDir, locked
 
 log = logging.getLogger(__name__)
-STAGES = ("calibrate", "plan", "quantize", "export", "eval", "report")
+__all__ = ["STAGES", "RunDir", "StageContext", "fingerprint", "file_hash", "run_all", "run_log"]
 
 
 def fingerprint(*parts: Any) -> str:
@@ -47,90 +40,6 @@ def file_hash(path: Path) -> str:
 
 
 @dataclass
-class RunDir:
-    """Paths of a run directory and its ``state.json`` bookkeeping."""
-
-    root: Path
-    state: dict[str, dict] = field(default_factory=dict)
-
-    @property
-    def stats(self) -> Path:
-        return self.root / "stats"
-
-    @property
-    def plan(self) -> Path:
-        return self.root / "plan.yaml"
-
-    @property
-    def quant(self) -> Path:
-        return self.root / "quant"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "model"
-
-    @property
-    def eval(self) -> Path:
-        return self.root / "eval"
-
-    def block_file(self, i: int) -> Path:
-        return self.quant / f"block_{i:03d}.safetensors"
-
-    @classmethod
-    def open(cls, root: str | Path, model: str, recipe: Recipe, *, overwrite: bool = False) -> RunDir:
-        """Create or reopen a run directory; a different model needs ``overwrite``."""
-        root = Path(root)
-        state_file = root / "state.json"
-        if root.exists() and overwrite:
-            shutil.rmtree(root)
-        if root.exists() and not state_file.is_file() and any(root.iterdir()):
-            raise FileExistsError(f"{root} exists and is not a quantlab run directory; choose another --out "
-                                  "or pass --overwrite")
-        root.mkdir(parents=True, exist_ok=True)
-        run = cls(root, json.loads(state_file.read_text()) if state_file.is_file() else {})
-        if run.state.get("_model", model) != model:
-            raise FileExistsError(f"{root} holds a run of {run.state['_model']!r}, not {model!r}; "
-                                  "pass --overwrite to replace it")
-        run.state["_model"] = model
-        (root / "recipe.yaml").write_text(recipe.to_yaml())
-        run.save()
-        return run
-
-    def save(self) -> None:
-        tmp = self.root / ".state.json.tmp"
-        tmp.write_text(json.dumps(self.state, indent=2, sort_keys=True) + "\n")
-        tmp.replace(self.root / "state.json")
-
-    def fresh(self, stage: str, fp: str) -> bool:
-        """True when ``stage`` finished with this fingerprint; otherwise invalidate it and what follows."""
-        entry = self.state.get(stage, {})
-        if entry.get("fingerprint") == fp and entry.get("done"):
-            return True
-        if entry.get("fingerprint") not in (None, fp):
-            log.warning("%s: inputs changed since the last run; redoing %s and every later stage", stage, stage)
-            for later in STAGES[STAGES.index(stage):]:
-                self.state.pop(later, None)
-            self._remove_artifacts(stage)
-        self.state[stage] = {"fingerprint": fp, "done": False}
-        self.save()
-        return False
-
-    def done(self, stage: str, **info: Any) -> None:
-        self.state[stage].update(done=True, **info)
-        self.save()
-
-    def _remove_artifacts(self, stage: str) -> None:
-        paths = {"calibrate": [self.stats], "plan": [self.plan], "quantize": [self.quant],
-                 "export": [self.model], "eval": [self.eval]}
-        for later in STAGES[STAGES.index(stage):]:
-            for p in paths.get(later, []):
-                if p.is_dir():
-                    shutil.rmtree(p)
-                elif p.exists():
-                    p.unlink()
-
-
-@dataclass
 class StageContext:
     """What the stages share: the loaded model, its calibration samples, the recipe, the run dir."""
 
@@ -144,6 +53,7 @@ class StageContext:
     device: str | None = None  # where decoder blocks, solvers and evaluation compute (None: the CPU)
     stream: bool = False  # read blocks from the checkpoint one at a time instead of loading the model
     weights: Any = None  # the streamed model's weight source (set when the model is loaded)
+    skeleton: Any = None  # the model's meta-device skeleton from the preflight (shapes, names; no weights)
 
     @property
     def loaded(self):
@@ -157,11 +67,6 @@ class StageContext:
 
                 self._loaded = load_model(self.model_name)
         return self._loaded
-
-    def fresh_model(self):
-        """Reload the model (after quantization modified the in-memory copy)."""
-        self._loaded = None
-        return self.loaded
 
     @property
     def samples(self):
@@ -204,8 +109,12 @@ def run_log(path: Path, say: Callable[[str], None]) -> Iterator[Callable[[str], 
 
     try:
         yield tell
-    except BaseException:
+    except BaseException as err:
         run_logger.exception("the run stopped with an error")
+        try:
+            err.quantlab_log = str(path)  # the CLI points the user here for the traceback
+        except AttributeError:
+            pass
         raise
     finally:
         logger.removeHandler(file)
@@ -217,7 +126,7 @@ def run_log(path: Path, say: Callable[[str], None]) -> Iterator[Callable[[str], 
 def run_all(model: str, recipe_path: str | Path, out: str | Path, *, overwrite: bool = False,
             overrides: dict[str, Any] | None = None, progress: bool = True,
             say: Callable[[str], None] = print, stop_after: str | None = None,
-            device: str | None = None, stream: bool = False) -> dict[str, Any]:
+            device: str | None = None, stream: bool = False, push_to_hub: str | None = None) -> dict[str, Any]:
     """calibrate -> plan -> quantize -> export -> eval -> report in ``out``; returns a summary.
 
     ``device`` (``"cuda"``, ``"cuda:1"``, ...) is where calibration, the planner's measurements, the
@@ -225,19 +134,25 @@ def run_all(model: str, recipe_path: str | Path, out: str | Path, *, overwrite: 
     It is a property of the machine, not of the recipe: a run resumed on another device continues.
     ``stream``: calibrate, quantize and export read the decoder and vision blocks from the checkpoint's
     safetensors one at a time (a local directory; same results); evaluation loads the models it compares.
+    ``push_to_hub``: only checked here (a malformed id fails before any work); the CLI uploads.
+
+    Raises:
+        UserError: anything wrong with the recipe, the model, the flags or ``out``, before anything is
+            written; :class:`quantlab.errors.RunDirBusy` when another process works in ``out``.
     """
     from quantlab import stages
-    from quantlab.device import resolve_device
 
-    resolve_device(device)  # a bad device fails before anything is loaded or written
     recipe = Recipe.from_yaml(recipe_path, overrides)
-    run = RunDir.open(out, model, recipe, overwrite=overwrite)
-    with run_log(run.root / "run.log", say) as tell:
+    skeleton = preflight(model, recipe, out=out, stream=stream, device=device, push_to_hub=push_to_hub)
+    RunDir.check(out, model, overwrite=overwrite)
+    with locked(out), run_log(Path(out) / "run.log", say) as tell:
+        run = RunDir.open(out, model, recipe.to_yaml(), overwrite=overwrite)
         env = stages.compute_env(device)
         log.info("quantlab run: model %s, recipe %s (%s), stop after %s, torch %s, %d threads, device %s%s",
                  model, recipe_path, recipe.name, stop_after or "report", env["torch"], env["threads"], env["device"],
                  ", streamed" if stream else "")
-        ctx = StageContext(model, recipe, run, progress=progress, say=tell, device=device, stream=stream)
+        ctx = StageContext(model, recipe, run, progress=progress, say=tell, device=device, stream=stream,
+                           skeleton=skeleton)
         return _stages(ctx, stop_after)
 
 

@@ -13,7 +13,47 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from quantlab.calib.data import CalibDataOptions
+from quantlab.errors import NotFound, UserError
 from quantlab.quant.scheme import QuantScheme
+
+BUILTIN_RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """The recipes shipped with quantlab (package data): name -> file."""
+    return {p.stem: p for p in sorted(BUILTIN_RECIPES.glob("*.yaml"))}
+
+
+def resolve_recipe(spec: str | Path) -> Path:
+    """A recipe file from a path, or a built-in recipe's name (``luq`` or ``luq.yaml``).
+
+    An existing file wins over a built-in of the same name.
+
+    Raises:
+        UserError: neither a file nor a built-in name (the message lists the built-ins).
+    """
+    path = Path(spec)
+    if path.is_file():
+        return path
+    if path.exists():
+        raise UserError(f"recipe {path} is a directory, not a YAML file")
+    builtin = builtin_recipes()
+    name = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if len(path.parts) == 1 and name in builtin:
+        return builtin[name]
+    raise NotFound(f"recipe {spec}: no such file, and not the name of a built-in recipe "
+                    f"({', '.join(builtin)})", "pass a path to a recipe YAML, or a built-in name "
+                    "(`quantlab recipes` lists them)")
+
+
+def recipe_summary(path: Path) -> str:
+    """The leading comment block of a recipe file (its description), as one line; '' if none."""
+    words = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        words.append(line.lstrip("# ").strip())
+    return " ".join(w for w in words if w)
 
 
 class _Strict(BaseModel):
@@ -63,6 +103,11 @@ class PlanSpec(_Strict):
     sensitivity_samples: int = Field(default=32, ge=1, description="budget: calibration samples used to measure damage")
     rules: list[RuleSpec] = Field(default_factory=list, description="pins applied before the planner, first "
                                   "match wins (e.g. keep component:vision)")
+    shape_fallback: Literal["smaller_group", "per_channel", "keep", "error"] = Field(
+        default="smaller_group", description="a Linear whose shape a scheme cannot take (group size not dividing "
+        "in_features, GPTQ packing): smaller_group (largest of 128/64/32 that divides, else per channel, else "
+        "keep), per_channel (else keep), keep (fp16), or error (refuse before calibration, naming every module); "
+        "each fallback is recorded in plan.yaml and the report")
 
 
 class ExportSpec(_Strict):
@@ -94,18 +139,26 @@ class Recipe(_Strict):
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
-        """Load and validate a recipe file; ``overrides`` maps dotted keys to values (CLI ``--set``)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        """Load and validate a recipe file or built-in name (:func:`resolve_recipe`); ``overrides`` maps
+        dotted keys to values (CLI ``--set``).
+
+        Raises:
+            UserError: no such recipe, bad YAML, or an invalid key or value (named, with the valid ones).
+        """
+        path = resolve_recipe(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: not valid YAML: {err}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: a recipe must be a mapping at the top level")
+            raise UserError(f"{path}: a recipe must be a mapping at the top level")
         for dotted, value in (overrides or {}).items():
             node = data
             *parents, leaf = dotted.split(".")
             for key in parents:
                 node = node.setdefault(key, {})
+                if not isinstance(node, dict):
+                    raise UserError(f"--set {dotted}: {key!r} is not a section of the recipe")
             node[leaf] = value
         return cls.validate_data(data, source=str(path))
 
@@ -114,7 +167,7 @@ class Recipe(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            raise ValueError(_explain(err, source)) from None
+            raise UserError(_explain(err, source), "see docs/recipes.md for every key and its values") from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

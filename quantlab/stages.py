@@ -7,6 +7,7 @@ additionally resumes from the last finished block.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -57,17 +58,36 @@ def stage_plan(ctx: StageContext, stats):
     fp = fingerprint(calibrate_fp(ctx), ctx.recipe.plan.model_dump(mode="json"), ctx.recipe.export.format)
     if run.fresh("plan", fp) and run.plan.is_file():
         ctx.say("plan: up to date, loading plan.yaml")
-        return Plan.from_yaml(run.plan)
-    spec = ctx.recipe.plan
-    if ctx.stream and (spec.planner == "budget" or spec.search_max_kl is not None):
-        raise ValueError(f"plan: the {spec.planner} planner{' with search_max_kl' if spec.planner == 'luq' else ''} "
-                         "measures the model's output with every block in memory; run without --stream, or "
-                         "plan with luq (k / target_avg_bits) or uniform")
+        plan = Plan.from_yaml(run.plan)
+        check_plan(plan, ctx.skeleton or ctx.loaded, run.plan)  # a hand edit is checked before any later artifact is touched
+        return plan
     plan = make_plan(ctx.loaded, stats, ctx.recipe.plan, export_format=ctx.recipe.export.format,
                      samples=ctx.samples.samples, progress=ctx.progress, device=ctx.device)
     plan.to_yaml(run.plan, overwrite=True)
     run.done("plan", predicted_bytes=plan.predicted_bytes, format=plan.format)
     return plan
+
+
+def check_plan(plan, loaded, source: Path) -> None:
+    """Refuse a plan (e.g. hand-edited) that names modules this model lacks or schemes they cannot take.
+
+    Raises:
+        UserError: every bad module, with the reason.
+    """
+    from torch import nn
+
+    from quantlab.errors import problems_error
+    from quantlab.models.adapter import Component
+    from quantlab.plan.fit import plan_problems
+
+    adapter = loaded.adapter
+    linears = {n: m for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)}
+    outside = {n for n in linears if adapter.component_of(n) != Component.DECODER}
+    problems = plan_problems(plan.layers, linears, plan.format, outside)
+    if problems:
+        raise problems_error(f"{source}: the plan cannot be applied to {loaded.source}", problems,
+                             f"edit {source} (docs/recipes.md lists each backend's bits and options), or delete it "
+                             "to have it made again from the recipe")
 
 
 def plan_for_model(model: str, recipe_path, overrides: dict | None = None, *, stats_dir=None,
@@ -85,7 +105,10 @@ def plan_for_model(model: str, recipe_path, overrides: dict | None = None, *, st
     from quantlab.plan.make import make_plan
     from quantlab.recipe import Recipe
 
+    from quantlab.preflight import preflight
+
     recipe = Recipe.from_yaml(recipe_path, overrides)
+    preflight(model, recipe, device=device)
     spec = recipe.plan
     stats = CalibrationStats.load(stats_dir) if stats_dir is not None else None
     measures = spec.planner == "budget" or spec.search_max_kl is not None
@@ -127,8 +150,18 @@ def stage_quantize(ctx: StageContext, plan):
 
     run = ctx.run
     fp = fingerprint(file_hash(run.plan), ctx.recipe.calibration.model_dump(mode="json"), calibrate_fp(ctx))
+    previous = run.state.get("quantize", {}).get("fingerprint")
     finished = run.fresh("quantize", fp)
+    marker = run.quant / "fingerprint"
+    recorded = marker.read_text().strip() if marker.is_file() else previous
+    if run.quant.is_dir() and recorded != fp:
+        # Blocks of another plan: set them aside (not deleted) until this quantization is complete.
+        stash = run.root / "quant.previous"
+        if stash.exists():
+            shutil.rmtree(stash)
+        run.quant.rename(stash)
     run.quant.mkdir(exist_ok=True)
+    marker.write_text(fp + "\n")
 
     def load_block(i: int):
         f = run.block_file(i)
@@ -148,6 +181,7 @@ def stage_quantize(ctx: StageContext, plan):
                        load_block=load_block, save_block=lambda i, r: save_results(run.block_file(i), r),
                        device=ctx.device, weights=ctx.weights)
     run.done("quantize", modules=len(results))
+    shutil.rmtree(run.root / "quant.previous", ignore_errors=True)
     return results
 
 
@@ -173,12 +207,16 @@ def stage_export(ctx: StageContext, plan, results) -> Path:
         return run.model
     if fmt == "native" and ctx.recipe.export.format == "auto":
         ctx.say("export: the plan has BiLLM layers, which no third-party format holds: writing the native format")
-    write_dir_atomic(run.model, lambda d: writers[fmt](ctx.loaded, results, d, weights=ctx.weights), overwrite=True)
     from quantlab.export.card import write_model_card
 
-    write_model_card(run.model, ctx.model_name, ctx.recipe, plan, fmt, ctx.loaded.adapter)
-    (run.model / "recipe.yaml").write_text(ctx.recipe.to_yaml())
-    plan.to_yaml(run.model / "plan.yaml", overwrite=True)
+    def build(d: Path) -> None:
+        writers[fmt](ctx.loaded, results, d, weights=ctx.weights)
+        write_model_card(d, ctx.model_name, ctx.recipe, plan, fmt, ctx.loaded.adapter)
+        (d / "recipe.yaml").write_text(ctx.recipe.to_yaml())
+        plan.to_yaml(d / "plan.yaml", overwrite=True)
+
+    # The old model stays until the new one is complete; its evaluation and report go as it is replaced.
+    write_dir_atomic(run.model, build, overwrite=True, before_replace=run.discard_evaluation)
     run.done("export", format=fmt)
     return run.model
 
@@ -252,7 +290,7 @@ def stage_report(ctx: StageContext, plan, results, evals: dict) -> Path:
         "quantized": memory_report(f"quantized ({run.state['export']['format']})", predicted=plan.predicted_bytes,
                                    directory=run.model, runtime_source=run.model, device=ctx.device),
     }
-    comparison = compare(evals["baseline"], evals["quantized"], memory)
+    comparison = compare(evals["baseline"], evals["quantized"], memory, fallbacks=plan.info.get("fallbacks"))
     paths = write_report(run.root, comparison)
     scores = {k: {"task": t, "accuracy": r.score} for k, e in evals.items() for t, r in e.tasks.items()}
     write_model_card(run.model, ctx.model_name, ctx.recipe, plan, run.state["export"]["format"],

@@ -40,7 +40,7 @@ def test_plan_real_config_without_weights(tmp_path):
     assert "saving vs fp16" in res.output and "vs uniform W4 g128" in res.output
     again = runner.invoke(app, ["plan", str(cfg), "--recipe", str(ROOT / "recipes" / "w2a16-g64.yaml"),
                                 "--out", str(out)])
-    assert again.exit_code == 1 and "--overwrite" in again.output
+    assert again.exit_code == 2 and "--overwrite" in again.output  # a user error
 
 
 def test_plan_luq_from_saved_stats_and_budget_flag(tmp_path):
@@ -61,7 +61,7 @@ def test_plan_luq_from_saved_stats_and_budget_flag(tmp_path):
 
 def test_plan_model_mode_needs_recipe_and_out(tmp_path):
     res = runner.invoke(app, ["plan", "toy-llava"])
-    assert res.exit_code == 1 and "--recipe and --out" in res.output
+    assert res.exit_code == 2 and "--recipe and --out" in res.output
 
 
 @pytest.mark.parametrize("command", ["quantize", "calibrate"])

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantlab.calib.stats import MODALITIES, TensorStats
+from quantlab.errors import NotOurs
 
 STATS_FILE = "stats.safetensors"
 SUMMARY_FILE = "summary.json"
@@ -157,6 +158,10 @@ class CalibrationStats:
         directory = Path(directory)
         if directory.exists() and not overwrite:
             raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+        if directory.exists() and not is_stats_dir(directory):
+            raise NotOurs(f"{directory} exists and is not a statistics directory written by quantlab (it holds "
+                            f"{sorted(p.name for p in directory.iterdir())[:5]}); quantlab replaces only its own",
+                            "choose another directory")
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
@@ -194,3 +199,15 @@ class CalibrationStats:
         hweight = dict(summary.get("hessian_weight", {}))
         hessians = {n: tensors[f"hessian/{n}"] for n in hweight}  # in the order they were collected
         return cls(blocks, linears, hessians, hweight, summary["meta"])
+
+
+STATS_DIR_FILES = (STATS_FILE, SUMMARY_FILE, "entropy.png")
+
+
+def is_stats_dir(directory: str | Path) -> bool:
+    """True when ``directory`` holds a statistics artifact and nothing else (so replacing it loses nothing)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return False
+    names = {p.name for p in directory.iterdir()}
+    return {STATS_FILE, SUMMARY_FILE} <= names and names <= set(STATS_DIR_FILES)

@@ -33,6 +33,8 @@ from quantlab.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+IMAGE_SOURCE_KINDS = ("shapes", "jsonl", "folder", "hf")  # what iter_image_source reads
+TEXT_SOURCE_KINDS = ("shapes", "text", "hf")  # what iter_text_source reads
 
 
 class CalibSource(BaseModel):
@@ -130,7 +132,7 @@ def iter_image_source(src: CalibSource, n: int, seed: int) -> Iterator[RawSample
         for i, rec in enumerate(_hf_records(src)):
             yield RawSample(f"hf:{i}", str(rec.get(src.text_column) or src.prompt), rec[src.image_column])
     else:
-        raise ValueError(f"unknown image calibration source kind {src.kind!r}; expected shapes, jsonl, folder or hf")
+        raise ValueError(f"unknown image calibration source kind {src.kind!r}; expected one of {IMAGE_SOURCE_KINDS}")
 
 
 def iter_text_source(src: CalibSource, n: int, seed: int) -> Iterator[RawSample]:
@@ -153,7 +155,7 @@ def iter_text_source(src: CalibSource, n: int, seed: int) -> Iterator[RawSample]
         for i, rec in enumerate(_hf_records(src)):
             yield RawSample(f"hf:{i}", str(rec[src.text_column]), None)
     else:
-        raise ValueError(f"unknown text calibration source kind {src.kind!r}; expected shapes, text or hf")
+        raise ValueError(f"unknown text calibration source kind {src.kind!r}; expected one of {TEXT_SOURCE_KINDS}")
 
 
 def _hf_records(src: CalibSource) -> Iterator[dict]:

@@ -56,6 +56,7 @@ class Comparison:
     failed: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> {"baseline", "quantized"}
     memory: dict[str, MemoryReport] = field(default_factory=dict)  # label -> report
     notes: list[str] = field(default_factory=list)
+    fallbacks: dict[str, str] = field(default_factory=dict)  # module -> the plan's shape fallback
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -72,9 +73,12 @@ def _task_rows(name: str, b: TaskResult, q: TaskResult) -> list[Row]:
     return rows
 
 
-def compare(baseline: EvalReport, quantized: EvalReport, memory: Mapping[str, MemoryReport] | None = None
-            ) -> Comparison:
-    """Join two evaluation reports task by task (tasks in only one report are left out, with a note)."""
+def compare(baseline: EvalReport, quantized: EvalReport, memory: Mapping[str, MemoryReport] | None = None,
+            fallbacks: Mapping[str, str] | None = None) -> Comparison:
+    """Join two evaluation reports task by task (tasks in only one report are left out, with a note).
+
+    ``fallbacks``: the plan's shape fallbacks (module -> what it got instead), reported as they are.
+    """
     notes: list[str] = []
     common = [t for t in baseline.tasks if t in quantized.tasks]
     for t in sorted(set(baseline.tasks) ^ set(quantized.tasks)):
@@ -91,7 +95,8 @@ def compare(baseline: EvalReport, quantized: EvalReport, memory: Mapping[str, Me
         failed[t] = {"baseline": b.n_failed, "quantized": q.n_failed}
     for note in notes:
         logger.warning(note)
-    return Comparison(baseline.model, quantized.model, rows, aggregates, failed, dict(memory or {}), notes)
+    return Comparison(baseline.model, quantized.model, rows, aggregates, failed, dict(memory or {}), notes,
+                      dict(fallbacks or {}))
 
 
 def _pct(x: float | None) -> str:
@@ -129,6 +134,9 @@ def markdown(c: Comparison) -> str:
                 out.append(f"\n{lb}: fits in {f['budget_bytes'] / 2**30:g} GiB with {f['images']} image(s) and "
                            f"{f['text_tokens']} text tokens: **{'yes' if f['fits'] else 'no'}** "
                            f"(need {_mib(f['total_bytes'])} MiB; at most {f['max_images']} images)")
+    if c.fallbacks:
+        out += ["", f"## Shape fallbacks ({len(c.fallbacks)} modules, plan.shape_fallback)", "",
+                "| module | what happened |", "|---|---|"] + [f"| {n} | {why} |" for n, why in c.fallbacks.items()]
     if c.notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in c.notes]
     return "\n".join(out) + "\n"

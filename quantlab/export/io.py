@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 
-def write_dir_atomic(out_dir: str | Path, build: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+def write_dir_atomic(out_dir: str | Path, build: Callable[[Path], None], *, overwrite: bool = False,
+                     before_replace: Callable[[], None] | None = None) -> Path:
     """Call ``build(tmp_dir)`` and move the result to ``out_dir``.
 
     An existing ``out_dir`` is refused unless ``overwrite``; even then it is only replaced once the new
     directory is complete, so an interrupted export never leaves a half-written model behind.
+    ``before_replace()`` runs once the new directory is complete, just before it takes ``out_dir``'s place
+    (the run directory drops the old model's evaluation there).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -24,6 +27,8 @@ def write_dir_atomic(out_dir: str | Path, build: Callable[[Path], None], *, over
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         build(tmp)
+        if before_replace is not None:
+            before_replace()
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}-old")
             shutil.rmtree(old, ignore_errors=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from quantlab.errors import problems_error
 from quantlab.export.io import model_tensors, write_json
 from quantlab.models.load import LoadedModel
 
@@ -101,16 +102,34 @@ def write_native(loaded: LoadedModel, results: Mapping[str, object], out: Path,
 
 
 def read_native_results(directory: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, object]:
-    """The quantization results stored in a native checkpoint."""
+    """The quantization results stored in a native checkpoint.
+
+    Raises:
+        UserError: a module of ``quantlab.json`` without its tensors, a tensor of no module, or tensors
+            that do not decode to the recorded shape (each named).
+    """
     from safetensors import safe_open
 
-    with safe_open(str(Path(directory) / "quantized.safetensors"), framework="pt") as f:
+    directory = Path(directory)
+    with safe_open(str(directory / "quantized.safetensors"), framework="pt") as f:
         scalars = json.loads(f.metadata()["quantlab_native"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    listed = json.loads((directory / MARKER).read_text()).get("modules", list(scalars))
+    problems = [f"missing: {n} (listed in {MARKER}, no tensors in quantized.safetensors)" for n in listed
+                if n not in scalars]
+    problems += [f"unexpected: {k}" for k in sorted(tensors) if k.split("|", 1)[0] not in scalars]
     out = {}
     for name, sc in scalars.items():
         mine = {k.split("|", 1)[1]: v for k, v in tensors.items() if k.split("|", 1)[0] == name}
-        out[name] = decode(sc, mine, tuple(sc["shape"]), dtype)
+        try:
+            out[name] = decode(sc, mine, tuple(sc["shape"]), dtype)
+        except KeyError as err:
+            problems.append(f"missing: {name}|{err.args[0]}")
+        except (RuntimeError, ValueError, IndexError) as err:
+            problems.append(f"wrong shape: {name}: its tensors do not decode to {tuple(sc['shape'])} ({err})")
+    if problems:
+        raise problems_error(f"{directory}: quantized.safetensors does not match {MARKER}", problems,
+                             "restore the checkpoint, or export it again (quantlab export RUN)")
     return out
 
 
@@ -130,11 +149,18 @@ def load_quantized(directory: str | Path, *, dtype: torch.dtype = torch.float32)
              for k, v in load_file(str(directory / "model.safetensors")).items()}
     for name, r in read_native_results(directory, dtype).items():
         state[f"{name}.weight"] = r.dequantized.to(dtype)
+    expected = model.state_dict()
+    wrong = [f"wrong shape: {k}: checkpoint {tuple(v.shape)}, config {tuple(expected[k].shape)}"
+             for k, v in sorted(state.items()) if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise problems_error(f"{directory}: the checkpoint's tensors do not match its config.json", wrong,
+                             "restore the checkpoint, or export it again (quantlab export RUN)")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not m.endswith("lm_head.weight") or not config.get_text_config().tie_word_embeddings]
     if missing or unexpected:
-        raise ValueError(f"{directory}: checkpoint does not match the config (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
+        raise problems_error(f"{directory}: the checkpoint's tensors do not match its config.json",
+                             [f"missing: {k}" for k in missing] + [f"unexpected: {k}" for k in unexpected],
+                             "restore the checkpoint, or export it again (quantlab export RUN)")
     if getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
     has_processor = any((directory / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText
 
+from quantlab.errors import NotFound, problems_error
 from quantlab.models.adapter import ADAPTERS, Adapter
 from quantlab.models.processors import load_processor
 
@@ -115,7 +116,12 @@ def load_config(name_or_path: str | Path):
 
 def _check_hub(repo_id: str) -> None:
     if str(repo_id).startswith(("/", ".", "~")) or str(repo_id).count("/") != 1:
-        raise FileNotFoundError(f"{repo_id}: no such file or directory (and not a hub id of the form org/name)")
+        import difflib
+
+        close = difflib.get_close_matches(str(repo_id), list(ALIASES), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise NotFound(f"model {repo_id!r}: no such file or directory, built-in alias or hub id (org/name)",
+                        f"{hint}`quantlab models` lists the aliases; or pass a checkpoint directory")
     if not _hub_cached(repo_id) and not _hub_reachable():
         raise ConnectionError(
             f"cannot load {repo_id!r}: the Hugging Face Hub is not reachable and the model is not in the local "
@@ -128,6 +134,28 @@ def default_dtype(name_or_path: str | Path) -> torch.dtype | str:
     """The compute dtype a model is loaded in when none is asked for: the toys ship in fp16 but are
     evaluated in fp32; every other checkpoint keeps its own (``"auto"``)."""
     return torch.float32 if str(name_or_path).startswith("toy-") else "auto"
+
+
+def load_checkpoint(src: str, *, dtype) -> nn.Module:
+    """``from_pretrained``, but a checkpoint whose tensors do not match its config is an error.
+
+    transformers initialises missing tensors at random and only logs it (an export with a deleted tensor
+    then scores 0.000 and looks fine); here any missing, unexpected or mis-shaped tensor is refused, named.
+
+    Raises:
+        UserError: every tensor that does not match (names as transformers 5 spells them).
+    """
+    model, info = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, output_loading_info=True,
+                                                              ignore_mismatched_sizes=True)
+    problems = [f"missing: {k}" for k in sorted(info.get("missing_keys", ()))]
+    problems += [f"unexpected: {k}" for k in sorted(info.get("unexpected_keys", ()))]
+    problems += [f"wrong shape: {k}: checkpoint {tuple(a)}, config {tuple(b)}"
+                 for k, a, b in sorted(info.get("mismatched_keys", ()), key=lambda m: m[0])]
+    problems += [str(e) for e in info.get("error_msgs", ())]
+    if problems:
+        raise problems_error(f"{src}: the checkpoint's tensors do not match its config.json", problems,
+                             "restore the checkpoint from its source, or export it again (quantlab export RUN)")
+    return model
 
 
 def load_model(
@@ -160,7 +188,7 @@ def load_model(
     is_local = Path(src).is_dir()
     if not is_local:
         _check_hub(src)
-    model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype if dtype is not None else default_dtype(name_or_path))
+    model = load_checkpoint(src, dtype=dtype if dtype is not None else default_dtype(name_or_path))
     processor = None
     if with_processor:
         cls = _processor_class(Path(src)) if is_local else None

@@ -21,7 +21,9 @@ from quantlab.calib.executor import CalibSample
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
 from quantlab.plan import planners
+from quantlab.errors import problems_error
 from quantlab.plan.cost import linear_bytes, model_size, nominal_bits
+from quantlab.plan.fit import Fitted, ShapeFallback, fit_scheme
 from quantlab.plan.plan import Plan, apply_rules
 from quantlab.plan.sensitivity import measure_damage, units_of
 from quantlab.quant.scheme import QuantScheme
@@ -39,9 +41,30 @@ def _linears(loaded: LoadedModel) -> dict[str, nn.Linear]:
     return {n: m for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def _bytes(mod: nn.Linear, scheme: QuantScheme | None, fmt: str) -> int:
+def _bytes(mod: nn.Linear, scheme: QuantScheme | None, fmt: str, fallback: ShapeFallback = "smaller_group") -> int:
+    """Stored bytes of one Linear under ``scheme`` after the shape fallback (what the plan will assign)."""
+    fitted = fit_scheme(mod.out_features, mod.in_features, scheme, fmt, fallback)
+    scheme = fitted.scheme if fallback != "error" else scheme
     return linear_bytes(mod.out_features, mod.in_features, scheme, fmt, bias=mod.bias is not None,
                         dtype_bytes=2)
+
+
+def fit_shapes(mapping: dict[str, QuantScheme | None], linears: dict[str, nn.Linear], fmt: str,
+               fallback: ShapeFallback) -> tuple[dict[str, QuantScheme | None], dict[str, str]]:
+    """Apply ``plan.shape_fallback`` to every module: the mapping to use, and a note per changed module.
+
+    Raises:
+        UserError: ``fallback="error"`` and some module's shape cannot take its scheme (all are named).
+    """
+    fitted: dict[str, Fitted] = {n: fit_scheme(linears[n].out_features, linears[n].in_features, s, fmt, fallback)
+                                 for n, s in mapping.items()}
+    notes = {n: f.note for n, f in fitted.items() if f.note is not None}
+    if fallback == "error" and notes:
+        raise problems_error(f"{len(notes)} module(s) cannot take their scheme in {fmt}",
+                             [f"{n}: {why}" for n, why in notes.items()],
+                             "set plan.shape_fallback to smaller_group, per_channel or keep, or pin these "
+                             "modules with a rule")
+    return {n: f.scheme for n, f in fitted.items()}, notes
 
 
 def make_plan(loaded: LoadedModel, stats, spec: PlanSpec, *, export_format: str = "auto",
@@ -76,6 +99,9 @@ def make_plan(loaded: LoadedModel, stats, spec: PlanSpec, *, export_format: str 
 
     full = {n: pinned.get(n, layers.get(n)) for n in linears}
     fmt = plan_format(list(full.values()), export_format)
+    full, fallbacks = fit_shapes(full, linears, fmt, spec.shape_fallback)
+    if fallbacks:
+        info["fallbacks"] = fallbacks
     size = model_size(loaded.model, adapter, full, fmt, dtype_bytes=2)
     return Plan(model=loaded.source, format=fmt, planner=spec.planner, layers=full,
                 predicted_bytes=size.total_bytes, avg_bits=size.avg_bits, info=info, budget_bytes=budget_bytes)
@@ -87,7 +113,7 @@ def _fixed_bytes(loaded: LoadedModel, linears: dict[str, nn.Linear], planned: se
     return total - sum(_bytes(linears[n], None, fmt) for n in planned)
 
 
-def _luq_search(loaded, stats, spec: PlanSpec, order, blocks, samples):
+def _luq_search(loaded, stats, spec: PlanSpec, order, blocks, samples, linears, fmt):
     """LUQ's search: the largest k whose logit KL (fp vs quantized, Hessian-based proxy) <= the threshold."""
     from quantlab.plan.sensitivity import quantized_kl
 
@@ -97,7 +123,8 @@ def _luq_search(loaded, stats, spec: PlanSpec, order, blocks, samples):
     def score(k: int) -> float:
         lows = set(order[:k])
         mapping = {n: spec.low if b in lows else spec.high for b, ns in blocks.items() for n in ns}
-        return -quantized_kl(loaded, samples, mapping, stats.hessians)
+        fitted, _ = fit_shapes(mapping, linears, fmt, spec.shape_fallback)
+        return -quantized_kl(loaded, samples, {n: s for n, s in fitted.items() if s is not None}, stats.hessians)
 
     k, probes = planners.luq_search(order, score, -spec.search_max_kl)
     return (k or 0), [{"k": kk, "kl": -s} for kk, s in probes]
@@ -114,15 +141,15 @@ def _luq(loaded, stats, spec: PlanSpec, blocks, linears, export_format, budget_b
     if spec.k is not None:
         k = spec.k
     elif spec.search_max_kl is not None:
-        k, probes = _luq_search(loaded, stats, spec, order, blocks, samples)
+        k, probes = _luq_search(loaded, stats, spec, order, blocks, samples, linears, fmt)
     else:
         budget = budget_bytes if budget_bytes is not None else (
             int(spec.budget_gb * 1e9) if spec.budget_gb is not None else None)
         planned = {n for ns in blocks.values() for n in ns}
         k = planners.k_for_budget(
             order,
-            {b: sum(_bytes(linears[n], spec.low, fmt) for n in ns) for b, ns in blocks.items()},
-            {b: sum(_bytes(linears[n], spec.high, fmt) for n in ns) for b, ns in blocks.items()},
+            {b: sum(_bytes(linears[n], spec.low, fmt, spec.shape_fallback) for n in ns) for b, ns in blocks.items()},
+            {b: sum(_bytes(linears[n], spec.high, fmt, spec.shape_fallback) for n in ns) for b, ns in blocks.items()},
             fixed_bytes=_fixed_bytes(loaded, linears, planned, fmt), budget_bytes=budget,
             block_numel={b: sum(linears[n].weight.numel() for n in ns) for b, ns in blocks.items()},
             low=spec.low, high=spec.high, target_bits=spec.target_avg_bits)
@@ -166,7 +193,8 @@ def _budget(loaded, stats, spec: PlanSpec, blocks, linears, export_format, sampl
     fmt = plan_format(spec.candidates, export_format)
     names = [n for ns in blocks.values() for n in ns]
     units = units_of(blocks, planners.fused_groups(names, loaded.adapter))
-    cost = {(u, c.label()): sum(_bytes(linears[n], c, fmt) for n in u) for u in units for c in spec.candidates}
+    cost = {(u, c.label()): sum(_bytes(linears[n], c, fmt, spec.shape_fallback) for n in u) for u in units
+            for c in spec.candidates}
     fixed = _fixed_bytes(loaded, linears, set(names), fmt)
     if budget_bytes is not None:
         unit_budget = budget_bytes - fixed
@@ -182,7 +210,8 @@ def _budget(loaded, stats, spec: PlanSpec, blocks, linears, export_format, sampl
     stride = max(1, len(samples) // spec.sensitivity_samples)
     subset = list(samples)[::stride][: spec.sensitivity_samples]
     damage = measure_damage(loaded, subset, units, spec.candidates, stats.hessians, progress=progress,
-                            device=device)
+                            device=device, fit=lambda n, c: fit_scheme(linears[n].out_features, linears[n].in_features,
+                                                                       c, fmt, spec.shape_fallback).scheme)
     by_label = {c.label(): c for c in spec.candidates}
     sol = planners.budget(units, list(by_label), damage, cost, unit_budget)
     layers = {n: by_label[sol.choice[u]] for u in units for n in u}

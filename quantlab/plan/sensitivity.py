@@ -13,7 +13,7 @@ each measurement, so the model is left as it was.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,7 @@ def measure_damage(
     *,
     progress: bool = True,
     device: str | torch.device | None = None,
+    fit: Callable[[str, QuantScheme], QuantScheme | None] | None = None,
 ) -> dict[tuple[Unit, str], float]:
     """``{(unit, scheme label): KL damage}`` with only ``unit`` quantized by the scheme.
 
@@ -132,6 +133,7 @@ def measure_damage(
 
     ``device`` (e.g. ``"cuda"``): the decoder, final norm and head are moved there for the measurement
     (the whole decoder must fit on it), hidden states and log-probabilities stay on the CPU.
+    ``fit(name, scheme)``: the scheme a module really gets (the plan's shape fallback; None keeps it).
     """
     device = resolve_device(device)
     modules = dict(loaded.model.named_modules())
@@ -155,7 +157,9 @@ def measure_damage(
                 originals = {n: modules[n].weight.data.clone() for n in unit}
                 for scheme in candidates:
                     for n in unit:
-                        _fake_quantize(modules[n], originals[n], scheme, hessians.get(n))
+                        used = scheme if fit is None else fit(n, scheme)
+                        if used is not None:
+                            _fake_quantize(modules[n], originals[n], used, hessians.get(n))
                     damage[unit, scheme.label()] = kl_damage(ref, _suffix_log_probs(loaded, calls, hidden, b, device))
                     for n in unit:
                         modules[n].weight.data.copy_(originals[n])

@@ -1,0 +1,129 @@
+"""Which schemes a Linear's shape and the export format can take, and the fallback when one cannot.
+
+A scheme can be wrong in two ways:
+
+- for every Linear (a recipe error, refused before any work): the backend is unknown, does not take the
+  bits or the options, or the export format cannot store the backend's codes (BiLLM outside ``native``,
+  3/5/6/7-bit in GPTQ tensors);
+- for some shapes only: the group size does not divide ``in_features`` (a LLaVA variant with hidden 192 and
+  group 128), or GPTQ packing needs ``in_features % 32 == 0``.
+
+The second kind is handled per module by the recipe's ``plan.shape_fallback``:
+
+| policy          | a Linear the scheme does not fit gets                                                 |
+|-----------------|----------------------------------------------------------------------------------------|
+| ``smaller_group`` | the largest of 128, 64, 32 (the group sizes vLLM's GPTQ/Marlin kernels take) below the requested one that divides ``in_features``; else per channel; else kept |
+| ``per_channel`` | ``group_size: -1`` (one scale per output row); else kept                               |
+| ``keep``        | no quantization (fp16)                                                                  |
+| ``error``       | nothing: the run is refused before calibration, naming every such module                |
+
+Every fallback is recorded per module in ``plan.yaml`` (``info.fallbacks``) and in the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from quantlab.plan.cost import GPTQ_BITS, linear_layout
+from quantlab.quant.registry import BACKENDS
+from quantlab.quant.scheme import QuantScheme
+
+ShapeFallback = Literal["smaller_group", "per_channel", "keep", "error"]
+ENGINE_GROUP_SIZES = (128, 64, 32)
+
+
+def scheme_problem(scheme: QuantScheme, fmt: str) -> str | None:
+    """Why ``scheme`` cannot be used on any Linear when exporting to ``fmt`` (None: it can)."""
+    backend = BACKENDS.get(scheme.backend)
+    if backend is None:
+        return f"unknown backend {scheme.backend!r}; registered: {sorted(BACKENDS)}"
+    if scheme.bits not in backend.bits:
+        return f"backend {scheme.backend!r} takes bits in {list(backend.bits)}, got {scheme.bits}"
+    unknown = sorted(set(scheme.args) - set(backend.options))
+    if unknown:
+        return f"unknown option(s) {unknown} for backend {scheme.backend!r}; valid: {sorted(backend.options)}"
+    if scheme.backend == "billm" and fmt not in ("native", "auto"):
+        return f"BiLLM codes are not a uniform grid: export format {fmt!r} cannot hold them (use native or auto)"
+    if fmt == "gptq" and scheme.bits not in GPTQ_BITS:
+        return f"GPTQ tensors store bits in {list(GPTQ_BITS)}, got {scheme.bits}"
+    return None
+
+
+def shape_problem(out_features: int, in_features: int, scheme: QuantScheme, fmt: str) -> str | None:
+    """Why a Linear of this shape cannot take ``scheme`` in ``fmt`` (None: it can)."""
+    g = scheme.group_size
+    if g != -1 and in_features % g:
+        return f"group_size {g} does not divide in_features {in_features}"
+    try:
+        linear_layout(out_features, in_features, scheme, "compressed-tensors" if fmt == "auto" else fmt, bias=False)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """The scheme a Linear gets after the shape fallback, and what changed (``note`` None: nothing)."""
+
+    scheme: QuantScheme | None
+    note: str | None = None
+
+
+def fit_scheme(out_features: int, in_features: int, scheme: QuantScheme | None, fmt: str,
+               policy: ShapeFallback) -> Fitted:
+    """Apply the shape fallback (module table) to one Linear; ``policy="error"`` returns the scheme unchanged
+    with the reason in ``note`` (the caller refuses)."""
+    if scheme is None:
+        return Fitted(None)
+    why = shape_problem(out_features, in_features, scheme, fmt)
+    if why is None:
+        return Fitted(scheme)
+    if policy == "error":
+        return Fitted(scheme, why)
+    tries: list[int] = []
+    if policy == "smaller_group":
+        tries = [g for g in ENGINE_GROUP_SIZES if scheme.group_size == -1 or g < scheme.group_size]
+    if policy in ("smaller_group", "per_channel") and scheme.group_size != -1:
+        tries.append(-1)
+    for g in tries:
+        candidate = scheme.model_copy(update={"group_size": g})
+        if shape_problem(out_features, in_features, candidate, fmt) is None:
+            return Fitted(candidate, f"{why}: {scheme.label()} -> {candidate.label()}")
+    return Fitted(None, f"{why}: {scheme.label()} -> kept in fp16")
+
+
+def outside_decoder_problem(scheme: QuantScheme) -> str | None:
+    """Why ``scheme`` cannot run on a Linear outside the decoder blocks (None: it can)."""
+    if not BACKENDS[scheme.backend].needs_hessian:
+        return None
+    data_free = sorted(b.name for b in BACKENDS.values() if not b.needs_hessian)
+    return (f"backend {scheme.backend!r} needs calibration data, which quantlab streams only through decoder "
+            f"blocks; use one of {data_free} outside the decoder")
+
+
+def plan_problems(layers: dict[str, QuantScheme | None], linears: dict, fmt: str, outside_decoder: set[str]) -> list[str]:
+    """Everything wrong with a (possibly hand-edited) plan for this model, one line per module.
+
+    Args:
+        layers: module name -> scheme (None keeps it).
+        linears: the model's ``{name: nn.Linear}`` (meta-device modules are fine).
+        fmt: the export format the plan is written for.
+        outside_decoder: Linears outside the decoder blocks: calibration reaches only decoder blocks, so
+            backends that need a Hessian cannot run there.
+    """
+    problems = []
+    for name, scheme in layers.items():
+        if name not in linears:
+            problems.append(f"{name}: not a Linear layer of this model")
+            continue
+        if scheme is None:
+            continue
+        why = scheme_problem(scheme, fmt)
+        if why is None:
+            why = shape_problem(linears[name].out_features, linears[name].in_features, scheme, fmt)
+        if why is None and name in outside_decoder:
+            why = outside_decoder_problem(scheme)
+        if why is not None:
+            problems.append(f"{name} ({scheme.label()}): {why}")
+    return problems

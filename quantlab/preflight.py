@@ -1,0 +1,264 @@
+"""Checks before any work: everything the recipe, the model's config and the flags decide is checked before
+the first calibration sample is loaded, and every problem found is reported at once.
+
+Nothing here loads weights or writes a file: the model is a meta-device skeleton built from its config.
+
+| check                 | what is refused                                                                     |
+|-----------------------|-------------------------------------------------------------------------------------|
+| model                 | no such alias/directory/hub id (offline and not cached), no config.json, an unsupported architecture, pickle-only weights, ``--stream`` on anything but a local safetensors checkpoint |
+| recipe                | a planner without its schemes or target, a scheme its backend or the export format cannot take, ``--stream`` with a planner that needs every block in memory, unknown eval tasks, task data or calibration files that do not exist |
+| recipe x model        | rules that match nothing, shapes a scheme cannot take under ``shape_fallback: error``, Hessian backends outside the decoder, a budget below the smallest reachable size |
+| output location       | ``--out`` equal to, inside or containing the model directory, or the working directory or one above it |
+| flags                 | a malformed ``--push-to-hub`` id                                                    |
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from torch import nn
+
+from quantlab.calib.data import IMAGE_SOURCE_KINDS, TEXT_SOURCE_KINDS, CalibSource
+from quantlab.device import resolve_device
+from quantlab.errors import UserError, problems_error
+from quantlab.eval.tasks import TASKS
+from quantlab.models.adapter import Component
+from quantlab.models.load import LoadedModel, load_model, resolve
+from quantlab.plan.cost import model_size, nominal_bits
+from quantlab.plan.fit import fit_scheme, outside_decoder_problem, scheme_problem
+from quantlab.plan.make import plan_format
+from quantlab.plan.plan import apply_rules
+from quantlab.quant.scheme import QuantScheme
+from quantlab.recipe import Recipe
+
+
+def group_by_block(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``(module, message)`` pairs folded over block indices, so every module is named in a few lines:
+    ``layers.0.mlp.down_proj`` ... ``layers.7.mlp.down_proj`` with one message -> ``layers.{0-7}.mlp.down_proj``."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    order: list[tuple[str, str]] = []
+    for name, why in items:
+        m = re.search(r"\.(\d+)\.", name)
+        key = (name[:m.start(1)] + "{}" + name[m.end(1):], why) if m else (name, why)
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        if m:
+            groups[key].append(int(m.group(1)))
+    out = []
+    for pattern, why in order:
+        idx = sorted(set(groups[(pattern, why)]))
+        runs, start = [], None
+        for i, v in enumerate(idx):
+            start = v if start is None else start
+            if i + 1 == len(idx) or idx[i + 1] != v + 1:
+                runs.append(str(start) if start == v else f"{start}-{v}")
+                start = None
+        out.append((pattern.replace("{}", "{" + ",".join(runs) + "}") if idx else pattern, why))
+    return out
+
+
+def _suggest(word: str, valid) -> str:
+    close = difflib.get_close_matches(word, list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def recipe_schemes(recipe: Recipe) -> Iterator[tuple[str, QuantScheme]]:
+    """Every scheme a recipe names, with its key path (``plan.low``, ``plan.candidates[1]``, ...)."""
+    spec = recipe.plan
+    for key in ("scheme", "low", "high"):
+        if getattr(spec, key) is not None:
+            yield f"plan.{key}", getattr(spec, key)
+    for i, c in enumerate(spec.candidates):
+        yield f"plan.candidates[{i}]", c
+    for i, r in enumerate(spec.rules):
+        if r.scheme is not None:
+            yield f"plan.rules[{i}].scheme", r.scheme
+
+
+def planner_schemes(recipe: Recipe) -> list[QuantScheme]:
+    """The schemes the recipe's planner may give a decoder Linear that no rule pins."""
+    spec = recipe.plan
+    picks = {"uniform": [spec.scheme], "luq": [spec.low, spec.high], "budget": list(spec.candidates)}
+    return [s for s in picks[spec.planner] if s is not None]
+
+
+def _source_problems(key: str, sources: list[CalibSource], kinds: tuple[str, ...]) -> list[str]:
+    out = []
+    for i, src in enumerate(sources):
+        where = f"calibration.{key}[{i}]"
+        if src.kind not in kinds:
+            out.append(f"{where}.kind: unknown kind {src.kind!r}{_suggest(src.kind, kinds)}; valid: {list(kinds)}")
+        elif src.kind != "shapes" and not src.path:
+            out.append(f"{where}.path: kind {src.kind!r} needs a path")
+        elif src.path and not Path(src.path).expanduser().exists() and src.kind != "hf":
+            out.append(f"{where}.path: {src.path} does not exist")
+    return out
+
+
+def calibration_problems(recipe: Recipe) -> list[str]:
+    """What is wrong with the recipe's calibration sources (unknown kinds, missing files)."""
+    return (_source_problems("image_sources", recipe.calibration.image_sources, IMAGE_SOURCE_KINDS)
+            + _source_problems("text_sources", recipe.calibration.text_sources, TEXT_SOURCE_KINDS))
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device string torch cannot use here (``tpu:0``, ``cuda`` without CUDA)."""
+    try:
+        resolve_device(device)
+    except ValueError as err:
+        raise UserError(f"--device: {err}", "pass cpu, cuda or cuda:N") from None
+
+
+def recipe_problems(recipe: Recipe, *, stream: bool = False) -> list[str]:
+    """What is wrong with a recipe whatever the model (empty: nothing)."""
+    spec, fmt = recipe.plan, recipe.export.format
+    problems: list[str] = []
+    if spec.planner == "uniform" and spec.scheme is None:
+        problems.append("plan.scheme: the uniform planner needs the one scheme to apply")
+    if spec.planner == "luq":
+        if spec.low is None or spec.high is None:
+            problems.append("plan.low / plan.high: the luq planner needs both schemes (the ultra-low one and the default)")
+        if all(v is None for v in (spec.k, spec.target_avg_bits, spec.search_max_kl, spec.budget_gb)):
+            problems.append("plan: the luq planner needs how many blocks go low: k, target_avg_bits, search_max_kl "
+                            "or budget_gb")
+    if spec.planner == "budget":
+        if not spec.candidates:
+            problems.append("plan.candidates: the budget planner needs at least one candidate scheme")
+        if spec.budget_gb is None and spec.target_avg_bits is None:
+            problems.append("plan: the budget planner needs budget_gb or target_avg_bits")
+    for key, scheme in recipe_schemes(recipe):
+        why = scheme_problem(scheme, fmt)
+        if why is not None:
+            problems.append(f"{key} ({scheme.label()}): {why}")
+    if stream and (spec.planner == "budget" or spec.search_max_kl is not None):
+        what = "plan.search_max_kl: the luq planner's KL search" if spec.planner == "luq" else \
+            "plan.planner: the budget planner"
+        problems.append(f"{what} measures the model's output with every block in memory, which --stream does not "
+                        "hold; run without --stream, or plan with luq (k / target_avg_bits / budget_gb) or uniform")
+    for task in recipe.eval.tasks:
+        if task not in TASKS:
+            problems.append(f"eval.tasks: unknown task {task!r}{_suggest(task, TASKS)}; valid: {sorted(TASKS)}")
+        elif task != "shapes-vqa":
+            if recipe.eval.data_dir is None:
+                problems.append(f"eval.data_dir: task {task!r} reads benchmark files; set eval.data_dir")
+            elif not (Path(recipe.eval.data_dir) / task).is_dir():
+                problems.append(f"eval.data_dir: {Path(recipe.eval.data_dir) / task} does not exist (task {task!r})")
+    return problems + calibration_problems(recipe)
+
+
+def _cheapest(fmt: str, schemes: list[QuantScheme], out_f: int, in_f: int, policy: str) -> QuantScheme | None:
+    from quantlab.plan.cost import linear_bytes
+
+    fitted = [fit_scheme(out_f, in_f, s, fmt, policy).scheme for s in schemes]  # type: ignore[arg-type]
+    return min(fitted, key=lambda s: linear_bytes(out_f, in_f, s, fmt, bias=False), default=None)
+
+
+def model_problems(skeleton: LoadedModel, recipe: Recipe) -> list[str]:
+    """What is wrong with a recipe for this model (from its config alone)."""
+    spec = recipe.plan
+    adapter = skeleton.adapter
+    linears = {n: m for n, m in skeleton.model.named_modules() if isinstance(m, nn.Linear)}
+    try:
+        pinned = apply_rules(list(linears), [r.model_dump() for r in spec.rules], adapter)
+    except ValueError as err:
+        return [f"plan.rules: {err}"]
+    free = [n for n in linears if n not in pinned and adapter.component_of(n) == Component.DECODER]
+    choices = planner_schemes(recipe)
+    fmt = plan_format([*choices, *pinned.values()], recipe.export.format)
+    problems = [f"{n} ({s.label()}, pinned by plan.rules): {outside_decoder_problem(s)}" for n, s in pinned.items()
+                if s is not None and adapter.component_of(n) != Component.DECODER and outside_decoder_problem(s)]
+    if spec.shape_fallback == "error":
+        wanted = [(n, s) for n, s in pinned.items() if s is not None] + [(n, s) for n in free for s in choices]
+        bad = [(n, f"({s.label()}): {note} (plan.shape_fallback is 'error')") for n, s in wanted
+               if (note := fit_scheme(linears[n].out_features, linears[n].in_features, s, fmt, "error").note)]
+        problems += [f"{names} {why}" for names, why in group_by_block(bad)]
+    budget = spec.budget_gb
+    if budget is not None and choices and not problems:
+        cheapest = {n: _cheapest(fmt, choices, linears[n].out_features, linears[n].in_features, spec.shape_fallback)
+                    for n in free}
+        mapping = {**{n: fit_scheme(linears[n].out_features, linears[n].in_features, s, fmt,
+                                    spec.shape_fallback).scheme for n, s in pinned.items()}, **cheapest}
+        smallest = model_size(skeleton.model, adapter, mapping, fmt, dtype_bytes=2).total_bytes
+        if smallest > budget * 1e9:
+            problems.append(f"plan.budget_gb: {budget} GB ({int(budget * 1e9):,} bytes) is below the smallest size "
+                            f"this recipe reaches on this model, {smallest / 1e9:.6f} GB ({smallest:,} bytes, every "
+                            "planned Linear at its cheapest scheme)")
+    if spec.planner == "luq" and spec.target_avg_bits is not None and spec.low is not None and \
+            nominal_bits(spec.low) > spec.target_avg_bits:
+        problems.append(f"plan.target_avg_bits: {spec.target_avg_bits} is below the low scheme's own nominal width "
+                        f"{nominal_bits(spec.low)}: no k reaches it")
+    return problems
+
+
+def open_skeleton(model: str, *, stream: bool = False) -> LoadedModel:
+    """The model's meta-device skeleton (config only), refusing what later loading would refuse."""
+    src = Path(resolve(model))
+    if src.is_dir():
+        if not any(src.glob("*.safetensors")):
+            pickles = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
+            if pickles or (src / "config.json").is_file():
+                raise UserError(f"{src}: no *.safetensors weights" + (f" (found {pickles[:3]})" if pickles else ""),
+                                "quantlab reads safetensors only (pickle files can run code): convert the checkpoint "
+                                "with transformers' save_pretrained(..., safe_serialization=True)")
+    elif stream:
+        raise UserError(f"--stream reads a local checkpoint directory's safetensors; {model!r} is not one",
+                        "download the model to a directory and pass that directory")
+    return load_model(model, weights=False)
+
+
+def check_out(out: str | Path, *, model: str | None, flag: str = "--out") -> None:
+    """Refuse an output location that would put the user's files at risk.
+
+    ``out`` may not be the working directory or one above it, nor the model's directory, inside it or above
+    it; an existing file is not a directory.
+    """
+    o = Path(out).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if o == cwd or cwd.is_relative_to(o):
+        raise UserError(f"{flag} {out}: this is the working directory{'' if o == cwd else ' or one above it'} "
+                        f"({o}); quantlab writes a directory of its own there", f"pass a new directory, e.g. {flag} runs/NAME")
+    if model is not None:
+        src = Path(resolve(model)).expanduser()
+        if src.exists():
+            m = src.resolve() if src.is_dir() else src.resolve().parent
+            if o == m or o.is_relative_to(m) or m.is_relative_to(o):
+                where = "is" if o == m else ("is inside" if o.is_relative_to(m) else "contains")
+                raise UserError(f"{flag} {out} {where} the model directory {m}", f"pass a directory outside "
+                                f"the model's, e.g. {flag} runs/NAME")
+    if o.exists() and not o.is_dir():
+        raise UserError(f"{flag} {out} is a file, not a directory", f"pass a directory for {flag}")
+
+
+def check_hub_id(repo_id: str) -> None:
+    """Refuse a malformed ``--push-to-hub`` id before any work (the upload comes hours later)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        if repo_id.count("/") != 1:
+            raise HFValidationError("expected exactly one '/', as in ORG/NAME")
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UserError(f"--push-to-hub {repo_id!r} is not a hub repository id: {err}",
+                        "pass ORG/NAME (letters, digits, '-', '_', '.'; at most 96 characters)") from None
+
+
+def preflight(model: str, recipe: Recipe, *, out: str | Path | None = None, stream: bool = False,
+              device: str | None = None, push_to_hub: str | None = None, model_checks: bool = True) -> LoadedModel:
+    """Every check above; returns the model's skeleton. Raises :class:`UserError` listing all problems."""
+    check_device(device)
+    if push_to_hub is not None:
+        check_hub_id(push_to_hub)
+    if out is not None:
+        check_out(out, model=model)
+    skeleton = open_skeleton(model, stream=stream)
+    problems = recipe_problems(recipe, stream=stream)
+    if not problems and model_checks:
+        problems = model_problems(skeleton, recipe)
+    if problems:
+        raise problems_error(f"{recipe.name}: the recipe cannot run on {model}", problems,
+                             "fix these keys in the recipe (or with --set); docs/recipes.md lists every key")
+    return skeleton
