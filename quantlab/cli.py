@@ -38,8 +38,12 @@ def friendly_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        except (typer.Exit, typer.Abort):
             raise
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]: rerun the same command to resume (finished stages and "
+                              "quantized blocks are kept)")
+            raise typer.Exit(code=130) from None
         except Exception as err:  # noqa: BLE001 - the one place errors meet the user
             if kwargs.get("debug"):
                 err_console.print_exception()
@@ -129,9 +133,7 @@ def models(debug: Debug = False) -> None:
 @friendly_errors
 def recipes(debug: Debug = False) -> None:
     """List the built-in recipes (pass a name to --recipe, or copy one from the path shown and edit it)."""
-    from quantlab.recipe import Recipe, builtin_recipes, recipe_summary
-
-    from quantlab.recipe import BUILTIN_RECIPES
+    from quantlab.recipe import BUILTIN_RECIPES, Recipe, builtin_recipes, recipe_summary
 
     table = Table(title="Built-in recipes (--recipe NAME)")
     for col in ("name", "planner", "format", "what"):
@@ -219,7 +221,12 @@ def calibrate(
     from quantlab.calib.plot import plot_entropy
     from quantlab.errors import problems_error
     from quantlab.models import load_model
-    from quantlab.preflight import calibration_problems, check_device, check_out, open_skeleton
+    from quantlab.preflight import (
+        calibration_problems,
+        check_device,
+        check_out,
+        open_skeleton,
+    )
     from quantlab.recipe import Recipe
     from quantlab.stages import stats_options
 

@@ -121,7 +121,8 @@ def recipe_problems(recipe: Recipe, *, stream: bool = False) -> list[str]:
         problems.append("plan.scheme: the uniform planner needs the one scheme to apply")
     if spec.planner == "luq":
         if spec.low is None or spec.high is None:
-            problems.append("plan.low / plan.high: the luq planner needs both schemes (the ultra-low one and the default)")
+            problems.append("plan.low / plan.high: the luq planner needs both schemes (the ultra-low one and the "
+                            "default)")
         if all(v is None for v in (spec.k, spec.target_avg_bits, spec.search_max_kl, spec.budget_gb)):
             problems.append("plan: the luq planner needs how many blocks go low: k, target_avg_bits, search_max_kl "
                             "or budget_gb")
@@ -220,7 +221,8 @@ def check_out(out: str | Path, *, model: str | None, flag: str = "--out") -> Non
     cwd = Path.cwd().resolve()
     if o == cwd or cwd.is_relative_to(o):
         raise UserError(f"{flag} {out}: this is the working directory{'' if o == cwd else ' or one above it'} "
-                        f"({o}); quantlab writes a directory of its own there", f"pass a new directory, e.g. {flag} runs/NAME")
+                        f"({o}); quantlab writes a directory of its own there",
+                        f"pass a new directory, e.g. {flag} runs/NAME")
     if model is not None:
         src = Path(resolve(model)).expanduser()
         if src.exists():

@@ -59,7 +59,8 @@ def stage_plan(ctx: StageContext, stats):
     if run.fresh("plan", fp) and run.plan.is_file():
         ctx.say("plan: up to date, loading plan.yaml")
         plan = Plan.from_yaml(run.plan)
-        check_plan(plan, ctx.skeleton or ctx.loaded, run.plan)  # a hand edit is checked before any later artifact is touched
+        # a hand edit is checked before any later artifact is touched
+        check_plan(plan, ctx.skeleton or ctx.loaded, run.plan)
         return plan
     plan = make_plan(ctx.loaded, stats, ctx.recipe.plan, export_format=ctx.recipe.export.format,
                      samples=ctx.samples.samples, progress=ctx.progress, device=ctx.device)
@@ -103,9 +104,8 @@ def plan_for_model(model: str, recipe_path, overrides: dict | None = None, *, st
     from quantlab.calib.data import build_calibration_set
     from quantlab.models import load_model
     from quantlab.plan.make import make_plan
-    from quantlab.recipe import Recipe
-
     from quantlab.preflight import preflight
+    from quantlab.recipe import Recipe
 
     recipe = Recipe.from_yaml(recipe_path, overrides)
     preflight(model, recipe, device=device)

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from quantlab.calib.stats import MODALITIES, TensorStats
 from quantlab.errors import NotOurs
+from quantlab.fileperm import as_if_created
 
 STATS_FILE = "stats.safetensors"
 SUMMARY_FILE = "summary.json"
@@ -163,7 +164,7 @@ class CalibrationStats:
                             f"{sorted(p.name for p in directory.iterdir())[:5]}); quantlab replaces only its own",
                             "choose another directory")
         directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        tmp = as_if_created(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
             save_file(self._tensors(), str(tmp / STATS_FILE))
             (tmp / SUMMARY_FILE).write_text(json.dumps(self._summary(), indent=1, allow_nan=False) + "\n")

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from quantlab.fileperm import as_if_created
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
     "green": (30, 200, 40),
@@ -202,7 +204,7 @@ def write_split(out_dir: str | Path, split: str, n: int, **kwargs) -> Path:
     if final.exists():
         raise FileExistsError(f"{final} already exists; remove it or choose another directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{split}-", dir=out_dir))
+    tmp = as_if_created(tempfile.mkdtemp(prefix=f".{split}-", dir=out_dir))
     (tmp / "images").mkdir()
     with open(tmp / "questions.jsonl", "w") as f:
         for s in iter_samples(split, n, **kwargs):

@@ -53,6 +53,7 @@ from quantlab.eval.readers import (
     read_vqav2,
 )
 from quantlab.eval.tasks import Task, format_prompt, get_task, score, seeded_subset
+from quantlab.fileperm import as_if_created
 from quantlab.models.load import LoadedModel
 from quantlab.progress import block_progress
 
@@ -137,6 +138,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    as_if_created(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from quantlab.fileperm import as_if_created
+
 
 def write_dir_atomic(out_dir: str | Path, build: Callable[[Path], None], *, overwrite: bool = False,
                      before_replace: Callable[[], None] | None = None) -> Path:
@@ -24,7 +26,7 @@ def write_dir_atomic(out_dir: str | Path, build: Callable[[Path], None], *, over
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True (CLI: --overwrite) to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp = as_if_created(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
         build(tmp)
         if before_replace is not None:

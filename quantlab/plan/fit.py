@@ -102,7 +102,8 @@ def outside_decoder_problem(scheme: QuantScheme) -> str | None:
             f"blocks; use one of {data_free} outside the decoder")
 
 
-def plan_problems(layers: dict[str, QuantScheme | None], linears: dict, fmt: str, outside_decoder: set[str]) -> list[str]:
+def plan_problems(layers: dict[str, QuantScheme | None], linears: dict, fmt: str,
+                  outside_decoder: set[str]) -> list[str]:
     """Everything wrong with a (possibly hand-edited) plan for this model, one line per module.
 
     Args:

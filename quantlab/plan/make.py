@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from quantlab.calib.executor import CalibSample
+from quantlab.errors import problems_error
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
 from quantlab.plan import planners
-from quantlab.errors import problems_error
 from quantlab.plan.cost import linear_bytes, model_size, nominal_bits
 from quantlab.plan.fit import Fitted, ShapeFallback, fit_scheme
 from quantlab.plan.plan import Plan, apply_rules

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from quantlab.fileperm import as_if_created
 from quantlab.models.adapter import Adapter, Component
 from quantlab.plan.cost import FORMATS
 from quantlab.quant.scheme import QuantScheme
@@ -69,6 +70,7 @@ class Plan(BaseModel):
                          allow_unicode=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        as_if_created(tmp)
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(text)
