@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "quantlab.models.load",
-    "open_model": "quantlab.models.load",
+    "open_model": "quantlab.export.open",
     "load_streaming": "quantlab.calib.weights",
     "CalibDataOptions": "quantlab.calib.data",
     "build_calibration_set": "quantlab.calib.data",

@@ -163,7 +163,7 @@ def eval_(
     from quantlab.errors import UserError, problems_error
     from quantlab.eval.runner import EvalReport, evaluate
     from quantlab.eval.tasks import TASKS
-    from quantlab.models.load import open_model
+    from quantlab.export.open import open_model
     from quantlab.preflight import check_device
 
     check_device(device)

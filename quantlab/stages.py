@@ -223,7 +223,7 @@ def stage_export(ctx: StageContext, plan, results) -> Path:
 
 def _exported_or(ctx: StageContext, fake_quant):
     """The exported checkpoint as a loader opens it, or (GPTQ without gptqmodel here) the fake-quant model."""
-    from quantlab.models.load import open_model
+    from quantlab.export.open import open_model
 
     fmt = ctx.run.state["export"].get("format")
     if fmt == "gptq":

@@ -317,6 +317,29 @@ def test_user_errors_on_the_real_console(tmp_path):
     assert res.returncode == 2 and "Traceback" in res.stderr
 
 
+@pytest.mark.parametrize(("args", "words"), [
+    (["--set", "plan.shceme.bits=4"], ["unknown key 'plan.shceme'", "valid keys here"]),
+    (["--set", "plan.budget_gb=0.00001", "--set", "plan.planner=budget",
+      "--set", "plan.candidates=[{backend: gptq, bits: 2, group_size: 64}]"], ["plan.budget_gb", "below the smallest size"]),
+    (["--set", "calibration.num_samples"], ["--set 'calibration.num_samples'", "key=value"]),
+])
+def test_bad_keys_and_budgets_are_messages(tmp_path, args, words):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["quantize", "toy-llava", "--recipe", "w4a16", "--out", str(out), *args])
+    refused(res, *words)
+    assert not out.exists()
+
+
+def test_an_offline_hub_id_is_a_message(tmp_path, monkeypatch):
+    import quantlab.models.load as load
+
+    monkeypatch.setattr(load, "_hub_reachable", lambda timeout=3.0: False)
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["quantize", "someorg/some-vlm", "--recipe", "w4a16", "--out", str(out)])
+    refused(res, "'someorg/some-vlm'", "not reachable", "local directory")
+    assert not out.exists()
+
+
 def test_a_failure_inside_a_run_puts_its_traceback_in_run_log(tmp_path, monkeypatch):
     import quantlab.stages as stages
 

@@ -10,7 +10,7 @@ Layers (``out x in``): ``full`` = 4096x4096 and 11008x4096 (LLaVA-1.5-7B / LLaMA
 128, symmetric, damp 0.01, block 128, float32 on the CPU, no act-order.
 
 The reference is llm-compressor 0.14.0.1 (``llmcompressor.modifiers.gptq.gptq_quantize.quantize_weight``)
-in its own venv (it pins transformers<=5.17, environment.md §9), created at ``--venv`` on first use. Its
+in its own venv (it pins transformers<=5.17, docs/formats.md#loader-quirks), created at ``--venv`` on first use. Its
 scales come from its memoryless min-max observer on the original weight, i.e. static groups; quantlab's
 default recomputes each group's grid from the updated weights (dynamic, as IST-DASLab/gptq), so a second
 quantlab line with ``static_groups=True`` gives the like-for-like comparison. Timings cover the solver

@@ -1,4 +1,4 @@
-"""Deterministic k-means in torch and LUQ's k-means entropy (luq.md §1.3).
+"""Deterministic k-means in torch and LUQ's k-means entropy (docs/method.md#k-means-entropy).
 
 LUQ ranks decoder layers by the entropy of the *cluster-occupancy distribution* of their token vectors:
 cluster the (tokens, hidden) activations into K = 100 clusters, ``p_k = n_k / n``, ``H = -Σ p_k log2 p_k``

@@ -17,7 +17,9 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 
-from quantlab.models.adapter import Adapter
+from quantlab.models.adapter import Adapter, Component
+from quantlab.models.load import LoadedModel, default_dtype, get_adapter, load_config, processor_class, resolve
+from quantlab.models.processors import load_processor
 
 
 class WeightSource(Protocol):
@@ -96,7 +98,6 @@ class SafetensorsWeights:
 def stream_model(name_or_path: str | Path, *, with_processor: bool = True):
     """:func:`load_streaming` for a model as :func:`quantlab.models.load.load_model` names it: aliases
     resolved, and the same default dtype (toys in fp32, checkpoints in their own)."""
-    from quantlab.models.load import default_dtype, resolve
 
     return load_streaming(resolve(name_or_path), dtype=default_dtype(name_or_path), with_processor=with_processor)
 
@@ -114,9 +115,6 @@ def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.fl
     from accelerate import init_empty_weights
     from transformers import AutoModelForImageTextToText
 
-    from quantlab.models.adapter import Component
-    from quantlab.models.load import LoadedModel, _processor_class, get_adapter, load_config
-    from quantlab.models.processors import load_processor
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -149,5 +147,5 @@ def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.fl
         prefix = f"{adapter.vision_blocks}.{i}"
         block.register_forward_pre_hook(lambda m, a, p=prefix: weights.load(m, p))
         block.register_forward_hook(lambda m, a, o, p=prefix: weights.release(m, p))
-    processor = load_processor(directory, _processor_class(directory)) if with_processor else None
+    processor = load_processor(directory, processor_class(directory)) if with_processor else None
     return LoadedModel(model.eval(), processor, adapter, str(directory)), weights

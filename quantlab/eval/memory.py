@@ -91,56 +91,6 @@ def disk_bytes(directory: str | Path) -> DiskSize:
 
 
 # The measuring child: load like `quantlab eval` does, run one generate (or forward) on a tiny input.
-_CHILD = r"""
-import json, resource, sys
-def rss():
-    # Linux: VmHWM, the peak of this process's own address space. ru_maxrss would carry the parent's peak
-    # across fork/vfork + exec (the pipeline's parent holds whole models), so it is only the fallback.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
-src, generate, dtype, device = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
-import torch
-from PIL import Image
-from transformers import AutoModelForImageTextToText
-import_rss = rss()
-from pathlib import Path
-from quantlab.models.inputs import build_inputs
-if (Path(src) / "quantlab.json").is_file():
-    from quantlab.export.native import load_quantized
-    model, processor = (lambda l: (l.model, l.processor))(load_quantized(src))
-elif Path(src).is_dir():
-    from quantlab.models.load import _processor_class
-    from quantlab.models.processors import load_processor
-    model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype).eval()
-    processor = load_processor(src, _processor_class(Path(src)))
-else:
-    from quantlab.models.load import load_model
-    loaded = load_model(src, dtype=None if dtype == "auto" else getattr(torch, dtype))
-    model, processor = loaded.model, loaded.processor
-loaded_rss = rss()
-batch = build_inputs(processor, ["What color is the circle?"], [Image.new("RGB", (64, 64), (200, 30, 30))])
-on_gpu = device.startswith("cuda")
-if on_gpu:
-    from accelerate.utils import send_to_device
-    torch.cuda.reset_peak_memory_stats(device)
-    model.to(device)
-    batch = send_to_device(batch, device)
-with torch.no_grad():
-    if generate:
-        model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
-    else:
-        model(**batch)
-device_peak = torch.cuda.max_memory_allocated(device) if on_gpu else None
-print("QUANTLAB_RSS " + json.dumps({"import_rss": import_rss, "loaded_rss": loaded_rss, "peak_rss": rss(),
-                                    "device_peak": device_peak}))
-"""
 
 
 @dataclass(frozen=True)
@@ -166,7 +116,8 @@ def measure_runtime(model_dir_or_alias: str | Path, *, generate: bool = True, dt
     Raises:
         RuntimeError: if the child process fails (its stderr tail is included).
     """
-    cmd = [sys.executable, "-c", _CHILD, str(model_dir_or_alias), "1" if generate else "0", dtype, str(device or "cpu")]
+    cmd = [sys.executable, "-m", "quantlab.eval.measure_child", str(model_dir_or_alias), "1" if generate else "0",
+           dtype, str(device or "cpu")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("QUANTLAB_RSS ")), None)
     if proc.returncode != 0 or line is None:

@@ -1,11 +1,11 @@
 """VQA metrics as pure functions: VQAv2/TextVQA accuracy, exact match, multiple choice, POPE, MME, ANLS.
 
-Definitions follow the reference implementations summarised in ``luq.md`` Part 4:
+Definitions follow the reference implementations described in ``docs/evaluation.md``:
 
 | metric                | reference                                                                  |
 |-----------------------|----------------------------------------------------------------------------|
-| ``normalize_answer``  | GT-Vision-Lab/VQA ``vqaEval.py`` @c4e6a0e (processPunctuation + processDigitArticle) |
-| ``vqa_accuracy``      | same file: leave-one-out ``min(1, matches/3)``, GT punctuation only if answers disagree |
+| ``normalize_answer``  | GT-Vision-Lab/VQA ``vqaEval.py`` @a013f00 (processPunctuation + processDigitArticle) |
+| ``vqa_accuracy``      | same file: leave-one-out ``min(1, matches/3)``; normalised only if the answers disagree  |
 | ``exact_match``       | lmms-eval GQA: exact match with ``ignore_case`` and ``ignore_punctuation``  |
 | ``yes_no``            | POPE / LLaVA ``eval_pope.py``: first sentence, commas removed, 'No'/'not'/'no' word |
 | ``mme_yes_no``        | MME (Otter-style parsing as in lmms-eval ``mme/utils.py``)                   |
@@ -19,7 +19,7 @@ import string
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 
-# --- VQAv2 answer processing (official evaluator, commit c4e6a0e) ---------------------------------------
+# --- VQAv2 answer processing (official evaluator, master a013f00) -----------------------------------------
 # The official table writes most values with a typographic apostrophe (an encoding artefact); we use "'".
 CONTRACTIONS: dict[str, str] = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -54,7 +54,7 @@ NUMBER_WORDS: dict[str, str] = {  # the official ``manualMap``
     "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }
 ARTICLES: frozenset[str] = frozenset({"a", "an", "the"})
-# The official list as of GT-Vision-Lab/VQA master (PythonEvaluationTools/vqaEvaluation/vqaEval.py @c4e6a0e):
+# The official list of GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py (master a013f00; since 2016):
 # ':' and "'" were dropped (contractions such as "don't" must survive) and '{', '}', '-', '!' added. The older
 # 07aecec list (; : / ' [ ] " ( ) = + \ _ > < @ ` , ?) is what some third-party copies still carry.
 PUNCTUATION: tuple[str, ...] = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
@@ -62,7 +62,7 @@ PUNCTUATION: tuple[str, ...] = (";", "/", "[", "]", '"', "{", "}", "(", ")", "="
 _COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official look-"behind" is a look-ahead
 
-# MME's official subtask lists (luq.md §4.3): folder names as released.
+# MME's official subtask lists (docs/evaluation.md#mme): folder names as released.
 MME_PERCEPTION: tuple[str, ...] = ("existence", "count", "position", "color", "posters", "celebrity", "scene",
                                    "landmark", "artwork", "OCR")
 MME_COGNITION: tuple[str, ...] = ("commonsense_reasoning", "numerical_calculation", "text_translation",
@@ -94,21 +94,27 @@ def process_digit_article(text: str) -> str:
     return " ".join(words)
 
 
+def _clean(s: str) -> str:
+    """What the official evaluator does to every answer first: newlines and tabs to spaces, then strip."""
+    return s.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(s: str) -> str:
     """Normalise an answer the way the official VQAv2 evaluator normalises a prediction.
 
     Example: ``"The Two dogs."`` -> ``"2 dogs"``; ``"1,000"`` -> ``"1000"``; ``"3.5"`` stays ``"3.5"``.
     """
-    s = s.replace("\n", " ").replace("\t", " ").strip()
-    return process_digit_article(process_punctuation(s))
+    return process_digit_article(process_punctuation(_clean(s)))
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str], *, normalize_all_answers: bool = False) -> float:
     """VQAv2 accuracy of one prediction: mean over leave-one-out subsets of ``min(1, matches / 3)``.
 
-    As in the official evaluator (luq.md §4.1) the prediction is fully normalised, while the human answers
-    get ``process_punctuation`` only when they are not all identical (they are compared raw otherwise).
-    With ``normalize_all_answers=True`` every human answer gets the full ``normalize_answer`` instead (the
+    As in the official evaluator's current code (GT-Vision-Lab/VQA master, a013f00 "Fixed processing answers
+    bug"; docs/evaluation.md#ground-truth-processing): newlines/tabs become spaces and everything is stripped;
+    when the human answers are not all identical, the answers *and* the prediction get the full
+    normalisation (:func:`normalize_answer`); when they are all identical, neither does (exact comparison).
+    With ``normalize_all_answers=True`` the answers and the prediction are always normalised (the
     TextVQA/MMF convention). Fewer than 10 answers are allowed: the mean runs over ``len(answers)``
     subsets, so a single answer always scores 0.
 
@@ -117,13 +123,9 @@ def vqa_accuracy(prediction: str, answers: Sequence[str], *, normalize_all_answe
     """
     if not answers:
         raise ValueError("vqa_accuracy needs at least one human answer")
-    pred = normalize_answer(prediction)
-    if normalize_all_answers:
-        gts = [normalize_answer(a) for a in answers]
-    elif len(set(answers)) > 1:
-        gts = [process_punctuation(a) for a in answers]
-    else:
-        gts = list(answers)
+    pred, gts = _clean(prediction), [_clean(a) for a in answers]
+    if normalize_all_answers or len(set(gts)) > 1:
+        pred, gts = normalize_answer(pred), [normalize_answer(a) for a in gts]
     hits = [gt == pred for gt in gts]
     total = sum(hits)
     return sum(min(1.0, (total - hit) / 3) for hit in hits) / len(hits)
@@ -203,7 +205,7 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
 
     Predictions are parsed with :func:`yes_no`. An unparseable (``None``) prediction is wrong: a false
     negative when the label is 'yes', and neither TN nor FP when it is 'no'. ``yes_ratio`` is the fraction
-    of *predicted* yes (the original definition, not lmms-eval's ground-truth ratio; luq.md §4.4).
+    of *predicted* yes (the original definition, not lmms-eval's ground-truth ratio; docs/evaluation.md#pope).
     Divisions by zero give 0.0.
 
     Raises:
@@ -232,7 +234,7 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
 
 
 def mme_yes_no(prediction: str) -> str | None:
-    """MME answer parsing (luq.md §4.3): exact yes/no, single y/n, else yes/no in the first 4 characters."""
+    """MME answer parsing (docs/evaluation.md#mme): exact yes/no, single y/n, else yes/no in the first 4 characters."""
     text = prediction.lower().strip().replace(".", "")
     if text in ("yes", "no"):
         return text

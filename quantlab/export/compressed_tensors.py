@@ -1,8 +1,8 @@
 """Export to compressed-tensors ``pack-quantized`` (mixed precision through one config group per scheme).
 
-Layout per quantized Linear (``shared/reference/formats.md`` §3.4): ``weight_packed`` int32
-``[out, ceil(in*b/32)]`` (dense packing, compressed-tensors >= 0.18), ``weight_scale`` in the model dtype
-``[out, groups]``, ``weight_zero_point`` int32 ``[ceil(out*b/32), groups]`` only when asymmetric,
+Layout per quantized Linear (``docs/formats.md#compressed-tensors-pack-quantized``): ``weight_packed``
+int32 ``[out, ceil(in*b/32)]`` (dense packing, compressed-tensors >= 0.18), ``weight_scale`` in the model
+dtype ``[out, groups]``, ``weight_zero_point`` int32 ``[ceil(out*b/32), groups]`` only when asymmetric,
 ``weight_shape`` int64 ``[2]``. Tensor names are the hub-legacy names of the family (adapter data).
 
 Targets and ignores are ``re:`` patterns anchored on the component marker (``language_model``,
@@ -16,7 +16,7 @@ native format.
 
 Loading: plain ``AutoModelForImageTextToText.from_pretrained(dir)`` with the default settings. Do not pass
 ``dequantize=True`` (``run_compressed=False``) for mixed-precision checkpoints: transformers 5.x then
-dequantizes every module with the first config group's scheme (formats.md §3.7).
+dequantizes every module with the first config group's scheme (docs/formats.md#loader-quirks).
 """
 
 from __future__ import annotations

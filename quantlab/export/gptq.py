@@ -2,7 +2,7 @@
 
 Tensor names are transformers 5's module names (``model.language_model.layers…``), the layout GPTQModel
 writes and the only one its loader accepts; transformers 5 and vLLM map it as well. Per quantized Linear
-(``shared/reference/formats.md`` §2.1): ``qweight`` int32 ``[in*b/32, out]``,
+(``docs/formats.md#gptq-v1``): ``qweight`` int32 ``[in*b/32, out]``,
 ``qzeros`` int32 ``[groups, out*b/32]`` holding ``z - 1`` (v1), ``scales`` fp16 ``[groups, out]``,
 ``g_idx`` int32 ``[in]``. Packing is the dense little-endian bitstream (the "10-1-10-1-10" 3-bit layout
 is the same stream), i.e. compressed-tensors' packing transposed.
@@ -103,7 +103,7 @@ def write_gptq(loaded: LoadedModel, results: Mapping[str, object], out: Path,
     linears = [n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)]
     qcfg = gptq_config(results, linears, loaded.adapter.component_of)
     # transformers 5's module names, as GPTQModel itself writes them: its loader checks ``qweight`` names
-    # literally and rejects the hub-legacy layout; transformers 5 and vLLM accept both (formats.md §6.2).
+    # literally and rejects the hub-legacy layout; transformers 5 and vLLM accept both (docs/formats.md#loader-quirks).
     tensors = dense_tensors(loaded, set(results), dtype, legacy_names=False, weights=weights)
     for name, r in results.items():
         tensors.update(gptq_tensors(r, name))

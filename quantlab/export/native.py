@@ -13,6 +13,7 @@ Load with :func:`load_quantized`; the result is a regular transformers model hol
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +23,11 @@ from safetensors.torch import load_file, save_file
 
 from quantlab.errors import problems_error
 from quantlab.export.io import model_tensors, write_json
-from quantlab.models.load import LoadedModel
+from quantlab.models.load import LoadedModel, get_adapter, load_config, processor_class
+from quantlab.models.processors import load_processor
+from quantlab.quant import binary
+from quantlab.quant.pack import pack_int32, unpack_int32
+from quantlab.quant.result import QuantResult, g_idx_is_trivial
 
 FORMAT = "native"
 MARKER = "quantlab.json"
@@ -30,8 +35,6 @@ MARKER = "quantlab.json"
 
 def encode(r) -> dict[str, torch.Tensor]:
     """What one result stores on disk: bit-packed codes, fp16 scales (and means), packed zeros, g_idx."""
-    from quantlab.quant.pack import pack_int32
-    from quantlab.quant.result import g_idx_is_trivial
 
     out = {"scales": r.scales.to(torch.float16)}
     if r.backend == "billm":  # codes are the two bit planes BiLLM already packs
@@ -48,12 +51,6 @@ def encode(r) -> dict[str, torch.Tensor]:
 
 def decode(sc: dict, t: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype):
     """Rebuild a QuantResult (with its dequantized weight) from :func:`encode`'s tensors."""
-    import dataclasses
-
-    from quantlab.quant import binary
-    from quantlab.quant.pack import unpack_int32
-    from quantlab.quant.result import QuantResult
-
     out_f, in_f = shape
     extra: dict[str, torch.Tensor] = {}
     zeros = g_idx = None
@@ -137,8 +134,6 @@ def load_quantized(directory: str | Path, *, dtype: torch.dtype = torch.float32)
     """Open a native checkpoint: the model with dequantized weights, its processor and adapter."""
     from transformers import AutoModelForImageTextToText
 
-    from quantlab.models.load import _processor_class, get_adapter, load_config
-    from quantlab.models.processors import load_processor
 
     directory = Path(directory)
     if not (directory / MARKER).is_file():
@@ -164,5 +159,5 @@ def load_quantized(directory: str | Path, *, dtype: torch.dtype = torch.float32)
     if getattr(config.get_text_config(), "tie_word_embeddings", False):
         model.tie_weights()
     has_processor = any((directory / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
-    processor = load_processor(directory, _processor_class(directory)) if has_processor else None
+    processor = load_processor(directory, processor_class(directory)) if has_processor else None
     return LoadedModel(model, processor, get_adapter(config), str(directory))

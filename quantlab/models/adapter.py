@@ -2,7 +2,7 @@
 
 One :class:`Adapter` per family lives in :data:`ADAPTERS`; nothing else in quantlab knows module paths.
 Paths are transformers 5.x module names. ``legacy_names`` maps them to the hub-legacy tensor names that
-exported checkpoints must carry (see ``shared/reference/formats.md`` §6): the first matching prefix wins.
+exported checkpoints must carry (see ``docs/formats.md#tensor-names``): the first matching prefix wins.
 """
 
 from __future__ import annotations

@@ -92,7 +92,8 @@ def _hub_cached(repo_id: str) -> bool:
     return isinstance(hit, str)
 
 
-def _processor_class(path: Path) -> str | None:
+def processor_class(path: Path) -> str | None:
+    """The processor class a local checkpoint names in its processor/preprocessor config, or None."""
     for fname in ("processor_config.json", "preprocessor_config.json"):
         f = path / fname
         if f.is_file():
@@ -191,16 +192,6 @@ def load_model(
     model = load_checkpoint(src, dtype=dtype if dtype is not None else default_dtype(name_or_path))
     processor = None
     if with_processor:
-        cls = _processor_class(Path(src)) if is_local else None
+        cls = processor_class(Path(src)) if is_local else None
         processor = load_processor(src, cls)
     return LoadedModel(model.eval(), processor, adapter, src)
-
-
-def open_model(name_or_path: str | Path, *, dtype: torch.dtype | None = None) -> LoadedModel:
-    """Any model quantlab can evaluate: a native quantlab checkpoint, or whatever :func:`load_model` takes."""
-    path = Path(resolve(name_or_path))
-    if (path / "quantlab.json").is_file():
-        from quantlab.export.native import load_quantized
-
-        return load_quantized(path, dtype=dtype or torch.float32)
-    return load_model(name_or_path, dtype=dtype)

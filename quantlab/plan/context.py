@@ -3,7 +3,7 @@
 With :func:`quantlab.plan.cost.model_size` this answers "does the model fit in N GB with K images":
 ``weights + kv_cache_bytes(...) + activation_bytes(...) <= N``.
 
-Image tokens per image (``shared/reference/environment.md`` §5.4):
+Image tokens per image (``docs/context-memory.md#image-tokens-per-image``):
 
 | family              | tokens per image                                                                |
 |---------------------|---------------------------------------------------------------------------------|

@@ -1,7 +1,8 @@
 """Exact storage cost of a quantization mapping, and memory estimates for a multimodal context.
 
 Every byte count here is derived from a declared per-Linear tensor layout (:func:`linear_layout`), the
-tensors an exporter writes for one Linear in each format (``shared/reference/formats.md`` §2.1, §3.4):
+tensors an exporter writes for one Linear in each format (``docs/formats.md#gptq-v1``,
+``docs/formats.md#compressed-tensors-pack-quantized``):
 
 | fmt                  | tensors per quantized Linear (``in``/``out`` features, ``g`` groups, ``b`` bits)         |
 |----------------------|------------------------------------------------------------------------------------------|
@@ -31,7 +32,7 @@ from quantlab.models.adapter import Adapter, Component
 from quantlab.quant.scheme import QuantScheme
 
 INT32, INT64, FP16, UINT8 = 4, 8, 2, 1
-BILLM_NOMINAL_BITS = 1.08  # LUQ's nominal width of a BiLLM layer (luq.md §1.5-1.6)
+BILLM_NOMINAL_BITS = 1.08  # LUQ's nominal width of a BiLLM layer (docs/method.md#nominal-bits)
 GPTQ_BITS = (2, 3, 4, 8)
 
 
@@ -107,7 +108,7 @@ def billm_layout(out_features: int, in_features: int, *, block_size: int = 128, 
                  dtype_bytes: int = 2) -> Layout:
     """Storage of one BiLLM-binarized Linear (quantlab's own layout; align with the billm backend).
 
-    BiLLM ("braq", luq.md §1.5, §3.7) works on blocks of ``block_size`` input columns. Per block it picks
+    BiLLM ("braq", docs/method.md#billm-braq) works on blocks of ``block_size`` input columns. Per block it picks
     salient *columns* (shared by all rows) and binarizes them twice (residual order 2); the other weights
     are split at a break point into two groups, each binarized once. Stored per weight: 1 sign bit plus
     1 second bit (the order-2 residual sign for salient weights, the group-membership bit for the others),

@@ -37,7 +37,7 @@ def uniform(linears: Iterable[str], scheme: QuantScheme | None, rules: Sequence[
 
 
 def luq_order(block_entropy: Mapping[int, float]) -> list[int]:
-    """Decoder blocks by ascending entropy (ties: lower index first), LUQ's fixed order (luq.md §1.4)."""
+    """Decoder blocks by ascending entropy (ties: lower index first), LUQ's fixed order (docs/method.md#block-order)."""
     return sorted(block_entropy, key=lambda b: (block_entropy[b], b))
 
 
@@ -68,7 +68,7 @@ def k_for_budget(order: Sequence[int], low_bytes: Mapping[int, int], high_bytes:
     """The smallest ``k`` (fewest low-precision blocks, so the best expected quality) that meets the targets.
 
     Bytes for ``k``: ``fixed_bytes + Σ low_bytes[first k of order] + Σ high_bytes[rest]``. Nominal bits for
-    ``k`` (LUQ, luq.md §1.6): ``Σ bits·numel / Σ numel`` with ``nominal_bits(low|high)`` per block.
+    ``k`` (LUQ, docs/method.md#nominal-bits): ``Σ bits·numel / Σ numel`` with ``nominal_bits(low|high)`` per block.
 
     Args:
         order: blocks in LUQ order (:func:`luq_order`).
@@ -106,8 +106,8 @@ def luq_search(order: Sequence[int], evaluate: Callable[[int], float], threshold
                hi: int | None = None) -> tuple[int | None, list[tuple[int, float]]]:
     """Binary search for the largest ``k`` in [lo, hi] whose quality ``evaluate(k) >= threshold``.
 
-    Assumes quality does not increase with ``k`` (LUQ's premise; luq.md §1.4 warns it may not hold, hence
-    every probe is returned for inspection). Each ``k`` is evaluated at most once.
+    Assumes quality does not increase with ``k`` (LUQ's premise; it may not hold, see docs/method.md#choosing-k,
+    hence every probe is returned for inspection). Each ``k`` is evaluated at most once.
 
     Args:
         order: LUQ block order; only its length (the default ``hi``) is used, ``evaluate`` closes over it.

@@ -1,6 +1,6 @@
 """BiLLM-style binarization (``billm``, Huang et al. 2024, "braq"), with GPTQ-style error compensation.
 
-Per block of ``block_size`` input columns (luq.md §3.7; ``Aaronhuang-778/BiLLM`` ``bigptq.py``):
+Per block of ``block_size`` input columns (docs/method.md#billm-braq; ``Aaronhuang-778/BiLLM`` ``bigptq.py``):
 
 1. Salience ``w² / [chol(H⁻¹)]_jj²`` summed over rows ranks the columns; the number ``k`` of salient
    columns (``1 <= k <= max_salient``) minimises the Hessian-weighted binarization error of the block,

@@ -1,7 +1,7 @@
 """Uniform integer grids: quantization parameters, codes and their dequantization (pure functions).
 
 Layout conventions shared by every uniform backend (rtn, gptq) and the exporters
-(``shared/reference/formats.md`` §2.2, §3.4):
+(``docs/formats.md#code-convention``):
 
 | name      | shape                 | dtype   | meaning                                                          |
 |-----------|-----------------------|---------|------------------------------------------------------------------|

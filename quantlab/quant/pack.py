@@ -1,4 +1,4 @@
-"""Dense int32 bit packing of unsigned codes (formats.md §2.3, §3.5).
+"""Dense int32 bit packing of unsigned codes (docs/formats.md#bit-packing).
 
 Along the packed dimension, element ``i`` occupies bits ``[i·b, (i+1)·b)`` of a little-endian stream
 of int32 words; values straddle word boundaries when ``32 % b != 0`` (3 bit: 32 values fill 3 words).
@@ -74,7 +74,7 @@ def pack_gptq_qweight(codes: Tensor, bits: int) -> Tensor:
 def pack_gptq_qzeros(zeros: Tensor, bits: int, *, v1: bool = True) -> Tensor:
     """GPTQ ``qzeros [n_groups, out·b/32]`` from integer zero points ``[out, n_groups]``.
 
-    ``v1=True`` stores ``z - 1`` (AutoGPTQ's "gptq" format, formats.md §2.4); it cannot hold ``z = 0``.
+    ``v1=True`` stores ``z - 1`` (AutoGPTQ's "gptq" format, docs/formats.md#v1-zero-points); it cannot hold ``z = 0``.
     """
     if zeros.shape[0] % 32:
         raise ValueError(f"GPTQ qzeros needs out_features % 32 == 0, got zeros {tuple(zeros.shape)}")

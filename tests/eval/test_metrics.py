@@ -1,4 +1,4 @@
-"""Metrics vs hand-computed values from the published definitions (luq.md Part 4)."""
+"""Metrics vs hand-computed values from the published definitions (docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from quantlab.eval import metrics as M
         ("dont", "don't"),  # contractions table
         ("whats", "what's"),
         ("  Yes\n", "yes"),  # \n -> space, strip
-        ("hot-dog", "hot dog"),  # '-' is in the official list (since c4e6a0e)
+        ("hot-dog", "hot dog"),  # '-' is in the official list (since 2016)
     ],
 )
 def test_normalize_answer(raw, expected):
@@ -34,11 +34,11 @@ def test_normalize_answer(raw, expected):
 
 
 # Every mark of the official list, and its neighbours, against values computed by running the official
-# vqaEval.py (GT-Vision-Lab/VQA @c4e6a0e) processPunctuation + processDigitArticle on the same strings.
+# vqaEval.py (GT-Vision-Lab/VQA master, a013f00) processPunctuation + processDigitArticle on the same strings.
 OFFICIAL_NORMALISED = [
     ("red-ball", "red ball"), ("dont know", "don't know"), ("an apple!", "apple"), ("{x}", "x"),
     ("a;b", "b"),  # ';' -> ' ', then the article 'a' goes
-    ("a:b", "a:b"),  # ':' is not in the list (it was before c4e6a0e)
+    ("a:b", "a:b"),  # ':' is not in the list (it was in 07aecec)
     ("it's", "it's"),  # nor is "'"
     ("1,000", "1000"), ("1,000 dogs!", "1000 dogs"),  # digit,digit anywhere: every mark is removed
     ("1, 2", "1 2"), ("3.5.", "3.5"), ("(a) dog", "dog"), ("hello, world", "hello world"), ("wait...", "wait"),
@@ -56,18 +56,25 @@ def test_normalize_answer_matches_the_official_evaluator(raw, expected):
     assert M.normalize_answer(raw) == expected
 
 
+# vqa_accuracy against values from running the official evaluator's current code (GT-Vision-Lab/VQA master,
+# a013f00: answers and prediction are normalised only when the answers disagree) on the same inputs.
 @pytest.mark.parametrize(
     ("prediction", "answers", "expected"),
     [
         ("red-ball", ["red ball"] * 3 + ["blue"] * 7, 0.9),  # scored 0 with the old punctuation list
         ("dont know", ["don't know"] * 3 + ["no"] * 7, 0.9),  # idem
-        ("an apple!", ["apple"] * 10, 1.0),  # idem
-        ("red-ball", ["red-ball"] * 10, 0.0),  # identical answers are compared unprocessed
-        ("Yes", ["yes"] * 10, 1.0),
-        ("two", ["2"] * 10, 1.0),
-        ("two", ["two"] * 10, 0.0),
-        ("red ball", ["red-ball"] * 4 + ["red"] * 6, 1.0),  # disagreeing answers get processPunctuation
+        ("an apple!", ["apple"] * 3 + ["pear"] * 7, 0.9),  # idem
+        ("red ball", ["red-ball"] * 4 + ["red"] * 6, 1.0),
         ("1,000", ["1000"] * 2 + ["1,000"] * 2 + ["many"] * 6, 1.0),  # digit,digit in answers and prediction
+        ("Two", ["2"] * 3 + ["3"] * 7, 0.9),
+        ("The Two", ["2 "] * 3 + ["two"] * 7, 1.0),  # answers are stripped, then normalised like the prediction
+        # all ten answers identical: nothing is normalised, the comparison is exact (after strip)
+        ("an apple!", ["apple"] * 10, 0.0),
+        ("red-ball", ["red-ball"] * 10, 1.0),
+        ("Yes", ["yes"] * 10, 0.0),
+        ("two", ["2"] * 10, 0.0),
+        ("two", ["two"] * 10, 1.0),
+        ("  red\n", ["red"] * 10, 1.0),
     ],
 )
 def test_vqa_accuracy_matches_the_official_evaluator(prediction, answers, expected):
@@ -85,7 +92,7 @@ def test_vqa_accuracy_two_of_ten_match():
 
 
 def test_vqa_accuracy_three_of_ten_match():
-    # (3*(2/3) + 7*1) / 10 = 0.9  (luq.md §4.1)
+    # (3*(2/3) + 7*1) / 10 = 0.9  (docs/evaluation.md#vqa-accuracy)
     assert M.vqa_accuracy("2", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)
 
 
@@ -105,18 +112,19 @@ def test_vqa_accuracy_number_word_and_article_in_prediction():
     assert M.vqa_accuracy("the dog", ["dog"] * 4 + ["cat"] * 6) == pytest.approx(1.0)
 
 
-def test_vqa_accuracy_disagreeing_answers_get_punctuation_processing():
-    # answers disagree -> 'black/white' becomes 'black white'; pred normalises to 'black white' -> 3 matches
+def test_vqa_accuracy_disagreeing_answers_are_normalised_with_the_prediction():
+    # answers disagree -> 'black/white' becomes 'black white' in answers and prediction alike -> 3 matches
     assert M.vqa_accuracy("black/white", ["black/white"] * 3 + ["gray"] * 7) == pytest.approx(0.9)
 
 
 def test_vqa_accuracy_identical_answers_are_compared_raw():
-    # official quirk: 10 identical answers are not processed, while the prediction always is
-    assert M.vqa_accuracy("black/white", ["black/white"] * 10) == 0.0  # 'black white' != 'black/white'
-    assert M.vqa_accuracy("two", ["two"] * 10) == 0.0  # '2' != 'two'
-    assert M.vqa_accuracy("Red.", ["red"] * 10) == 1.0
-    # the TextVQA/MMF convention normalises every answer
-    assert M.vqa_accuracy("two", ["two"] * 10, normalize_all_answers=True) == 1.0
+    # official (a013f00): 10 identical answers are not processed, and neither is the prediction
+    assert M.vqa_accuracy("black/white", ["black/white"] * 10) == 1.0
+    assert M.vqa_accuracy("two", ["two"] * 10) == 1.0
+    assert M.vqa_accuracy("Red.", ["red"] * 10) == 0.0
+    # the TextVQA/MMF convention normalises every answer and the prediction
+    assert M.vqa_accuracy("Red.", ["red"] * 10, normalize_all_answers=True) == 1.0
+    assert M.vqa_accuracy("two", ["2"] * 10, normalize_all_answers=True) == 1.0
 
 
 def test_vqa_accuracy_fewer_than_ten_answers():

@@ -1,6 +1,6 @@
 """A GPTQ export loads in transformers + optimum + gptqmodel 7.6.0 (isolated venv) and matches our logits.
 
-gptqmodel 7.6.0 pins numpy 2.2.6 and 7.7.0 needs CUDA torch 2.14.1 (shared/reference/environment.md §3),
+gptqmodel 7.6.0 pins numpy 2.2.6 and 7.7.0 needs CUDA torch 2.14.1 (docs/formats.md#loader-quirks),
 so it lives in its own venv. The test is skipped, with the reason, when that venv cannot be built.
 """
 

@@ -1,5 +1,5 @@
-"""cost: exact bytes on the real skeletons (against hand computations from formats.md §8-9) and against a
-checkpoint written by compressed-tensors itself."""
+"""cost: exact bytes on the real skeletons (against hand computations from docs/formats.md#reference-shapes) and
+against a checkpoint written by compressed-tensors itself."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from quantlab.quant.scheme import QuantScheme
 
 CONFIGS = Path(__file__).resolve().parents[2].parent / "shared" / "configs"
 
-# formats.md §9: per decoder layer (in, out, bias) in module order q, k, v, o, gate, up, down; §8: totals.
+# Per decoder layer (in, out, bias) in module order q, k, v, o, gate, up, down, and totals
+# (docs/formats.md#reference-shapes).
 LAYERS = {
     "llava-1.5-7b-hf.json": dict(
         shapes=[(4096, 4096, False)] * 4 + [(4096, 11008, False)] * 2 + [(11008, 4096, False)],
@@ -118,7 +119,7 @@ def test_luq_half_billm_native(skeleton):
     rep = model_size(lm.model, lm.adapter, mapping, "native")
     assert rep.nominal_bits == pytest.approx((half * 1.08 + (ref["n"] - half) * 4) / ref["n"])
     if fname.startswith("llava"):
-        assert rep.nominal_bits == pytest.approx(2.54)  # luq.md §1.6
+        assert rep.nominal_bits == pytest.approx(2.54)  # docs/method.md#nominal-bits
     billm = sum(2 * o * math.ceil(i / 8) + math.ceil(i / 8) + 2 * o * math.ceil(i / 128) * 4 * 2
                 for i, o, _ in ref["shapes"])
     w4 = sum(_hand_ct(o, i, 4, 128, True) for i, o, _ in ref["shapes"])
@@ -171,7 +172,10 @@ def _ct_args(s: QuantScheme):
 
 
 def _save_ct(model, mapping, out):
-    """RTN + ModelCompressor pack-quantized, as in environment.md §8, one config group per scheme."""
+    """RTN + ModelCompressor pack-quantized, one config group per scheme.
+
+    The round trip described in docs/formats.md#compressed-tensors-pack-quantized.
+    """
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
     from compressed_tensors.quantization.utils.helpers import calculate_qparams

@@ -49,7 +49,7 @@ def test_luq_lowest_entropy_blocks_get_low():
         luq(entropy, 5, BILLM, W4, names)
 
 
-@pytest.mark.parametrize("n,target,k", [(32, 2.54, 16), (28, 2.75, 12)])  # luq.md §1.6
+@pytest.mark.parametrize("n,target,k", [(32, 2.54, 16), (28, 2.75, 12)])  # docs/method.md#nominal-bits
 def test_k_for_nominal_bits(n, target, k):
     order = list(range(n))
     ones = dict.fromkeys(order, 1)
