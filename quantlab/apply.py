@@ -21,9 +21,8 @@ from quantlab.calib.weights import WeightSource
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
 from quantlab.progress import block_progress
+from quantlab.quant.registry import outside_decoder_problem
 from quantlab.quant.scheme import QuantScheme
-
-DATA_FREE = {"rtn"}
 
 
 def check_shape(name: str, module: nn.Linear, scheme: QuantScheme) -> None:
@@ -134,9 +133,9 @@ def quantize(
     results: dict[str, object] = {}
     outside = {n: s for n, s in planned.items() if adapter.component_of(n) != Component.DECODER}
     for name, scheme in outside.items():
-        if scheme.backend not in DATA_FREE:
-            raise ValueError(f"{name}: backend {scheme.backend!r} needs calibration data, which quantlab streams "
-                             f"only through decoder blocks; use one of {sorted(DATA_FREE)} outside the decoder")
+        problem = outside_decoder_problem(scheme)
+        if problem is not None:
+            raise ValueError(f"{name}: {problem}")
         results[name] = _quantize_module(name, modules[name], scheme, None)
 
     def stage(index: int, block: nn.Module, run) -> list[torch.Tensor]:

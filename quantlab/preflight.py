@@ -28,9 +28,10 @@ from quantlab.eval.tasks import TASKS
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel, load_model, resolve
 from quantlab.plan.cost import model_size, nominal_bits
-from quantlab.plan.fit import fit_scheme, outside_decoder_problem, scheme_problem
+from quantlab.plan.fit import fit_scheme, scheme_problem
 from quantlab.plan.make import plan_format
 from quantlab.plan.plan import apply_rules
+from quantlab.quant.registry import outside_decoder_problem
 from quantlab.quant.scheme import QuantScheme
 from quantlab.recipe import Recipe
 

@@ -25,8 +25,8 @@ from quantlab.errors import problems_error
 from quantlab.export.io import model_tensors, write_json
 from quantlab.models.load import LoadedModel, get_adapter, load_config, processor_class
 from quantlab.models.processors import load_processor
-from quantlab.quant import binary
 from quantlab.quant.pack import pack_int32, unpack_int32
+from quantlab.quant.registry import get_backend
 from quantlab.quant.result import QuantResult, g_idx_is_trivial
 
 FORMAT = "native"
@@ -36,11 +36,10 @@ MARKER = "quantlab.json"
 def encode(r) -> dict[str, torch.Tensor]:
     """What one result stores on disk: bit-packed codes, fp16 scales (and means), packed zeros, g_idx."""
 
+    codec = get_backend(r.backend).native
+    if codec is not None:  # codes of the backend's own kind (BiLLM's bit planes)
+        return codec.encode(r)
     out = {"scales": r.scales.to(torch.float16)}
-    if r.backend == "billm":  # codes are the two bit planes BiLLM already packs
-        out.update({k: r.extra[k] for k in ("sign_packed", "second_packed", "salient_mask")})
-        out["means"] = r.extra["means"].to(torch.float16)
-        return out
     out["codes_packed"] = pack_int32(r.codes, r.bits)
     if r.zeros is not None:
         out["zeros_packed"] = pack_int32(r.zeros.round().to(torch.int64), r.bits, dim=0)
@@ -52,24 +51,15 @@ def encode(r) -> dict[str, torch.Tensor]:
 def decode(sc: dict, t: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype):
     """Rebuild a QuantResult (with its dequantized weight) from :func:`encode`'s tensors."""
     out_f, in_f = shape
-    extra: dict[str, torch.Tensor] = {}
-    zeros = g_idx = None
-    if sc["backend"] == "billm":
-        sign = binary.unpack_bits(t["sign_packed"], in_f)
-        second = binary.unpack_bits(t["second_packed"], in_f)
-        codes = (sign.to(torch.uint8) | (second.to(torch.uint8) << 1))
-        extra = {k: t[k] for k in ("sign_packed", "second_packed", "salient_mask")}
-        extra["means"] = t["means"].float()
-    else:
-        codes = unpack_int32(t["codes_packed"], sc["bits"], in_f).to(torch.uint8)
-        if "zeros_packed" in t:
-            zeros = unpack_int32(t["zeros_packed"], sc["bits"], out_f, dim=0).float()
-        if "g_idx" in t:
-            g_idx = t["g_idx"]
     fields = {k: v for k, v in sc.items() if k in {"backend", "args", "bits", "group_size", "sym",
                                                    "bits_per_weight", "error"}}
-    r = QuantResult(**fields, codes=codes, scales=t["scales"].float(), zeros=zeros, g_idx=g_idx,
-                    dequantized=torch.empty(shape, dtype=dtype), extra=extra)
+    codec = get_backend(sc["backend"]).native
+    if codec is not None:
+        return codec.decode(fields, t, shape, dtype)
+    codes = unpack_int32(t["codes_packed"], sc["bits"], in_f).to(torch.uint8)
+    zeros = unpack_int32(t["zeros_packed"], sc["bits"], out_f, dim=0).float() if "zeros_packed" in t else None
+    r = QuantResult(**fields, codes=codes, scales=t["scales"].float(), zeros=zeros, g_idx=t.get("g_idx"),
+                    dequantized=torch.empty(shape, dtype=dtype))
     return dataclasses.replace(r, dequantized=r.dequantize())
 
 

@@ -10,7 +10,7 @@ tensors an exporter writes for one Linear in each format (``docs/formats.md#gptq
 |                      | weight_zero_point i32 [ceil(out·b/32), g] (asym only), weight_shape i64 [2], bias <dtype> |
 | ``gptq`` (v1)        | qweight i32 [in·b/32, out], qzeros i32 [g, out·b/32] (always), scales f16 [g, out],      |
 |                      | g_idx i32 [in], bias f16                                                                 |
-| ``native``           | billm: :func:`billm_layout`; every other backend as ``compressed-tensors``                |
+| ``native``           | a backend's own codec if it has one (billm: ``quant.billm.billm_layout``), else as ``compressed-tensors`` |
 | ``fp``               | weight <dtype> [out, in], bias <dtype> (fake-quantized / dequantized checkpoint)          |
 
 ``g = in / group_size`` (``group_size=-1``: ``g = 1``). compressed-tensors 0.20 never writes
@@ -29,26 +29,12 @@ from typing import Any
 from torch import nn
 
 from quantlab.models.adapter import Adapter, Component
+from quantlab.quant.billm import BILLM_NOMINAL_BITS, billm_layout  # noqa: F401 - re-exported
+from quantlab.quant.layout import FP16, INT32, INT64, UINT8, Layout, TensorSpec  # noqa: F401 - re-exported
+from quantlab.quant.registry import get_backend
 from quantlab.quant.scheme import QuantScheme
 
-INT32, INT64, FP16, UINT8 = 4, 8, 2, 1
-BILLM_NOMINAL_BITS = 1.08  # LUQ's nominal width of a BiLLM layer (docs/method.md#nominal-bits)
 GPTQ_BITS = (2, 3, 4, 8)
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Shape and element size of one stored tensor."""
-
-    shape: tuple[int, ...]
-    itemsize: int
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.itemsize
-
-
-Layout = dict[str, TensorSpec]
 
 
 def _groups(in_features: int, scheme: QuantScheme, fmt: str, out_features: int) -> int:
@@ -69,9 +55,9 @@ def _fp_layout(out_f: int, in_f: int, scheme: QuantScheme | None, *, bias: bool,
 
 
 def _ct_layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtype_bytes: int) -> Layout:
-    if scheme.backend == "billm":
-        raise ValueError(f"compressed-tensors: Linear {out_f}x{in_f}: billm codes are not a uniform grid and "
-                         "cannot be stored pack-quantized; use fmt='native'")
+    if not get_backend(scheme.backend).uniform_grid:
+        raise ValueError(f"compressed-tensors: Linear {out_f}x{in_f}: {scheme.backend} codes are not a uniform grid "
+                         "and cannot be stored pack-quantized; use fmt='native'")
     g = _groups(in_f, scheme, "compressed-tensors", out_f)
     b = scheme.bits
     lay = {"weight_packed": TensorSpec((out_f, math.ceil(in_f * b / 32)), INT32),
@@ -86,8 +72,8 @@ def _ct_layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtype_
 
 def _gptq_layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtype_bytes: int) -> Layout:
     shape = f"gptq: Linear {out_f}x{in_f} (out x in)"
-    if scheme.backend == "billm":
-        raise ValueError(f"{shape}: billm codes cannot be stored in GPTQ tensors; use fmt='native'")
+    if not get_backend(scheme.backend).uniform_grid:
+        raise ValueError(f"{shape}: {scheme.backend} codes cannot be stored in GPTQ tensors; use fmt='native'")
     if scheme.bits not in GPTQ_BITS:
         raise ValueError(f"{shape}: {scheme.bits}-bit is not a GPTQ width; GPTQ stores bits in {GPTQ_BITS}")
     if in_f % 32 or out_f % 32:
@@ -104,47 +90,11 @@ def _gptq_layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtyp
     return lay
 
 
-def billm_layout(out_features: int, in_features: int, *, block_size: int = 128, bias: bool,
-                 dtype_bytes: int = 2) -> Layout:
-    """Storage of one BiLLM-binarized Linear (quantlab's own layout; align with the billm backend).
-
-    BiLLM ("braq", docs/method.md#billm-braq) works on blocks of ``block_size`` input columns. Per block it picks
-    salient *columns* (shared by all rows) and binarizes them twice (residual order 2); the other weights
-    are split at a break point into two groups, each binarized once. Stored per weight: 1 sign bit plus
-    1 second bit (the order-2 residual sign for salient weights, the group-membership bit for the others),
-    so 2 bits whatever the salient count. Per block: a salient-column bitmap (1 bit per column). Per row and
-    block: 4 binarizations (2 salient orders, 2 groups), each with an fp16 scale ``alpha`` and an fp16
-    mean ``mu`` (the reference code subtracts a row mean before each sign(), ``binary.py``), i.e. 8 fp16.
-
-    | tensor        | dtype | shape                           |
-    |---------------|-------|---------------------------------|
-    | sign_packed   | u8    | [out, ceil(in/8)]               |
-    | second_packed | u8    | [out, ceil(in/8)]               |
-    | salient_mask  | u8    | [ceil(in/8)]                    |
-    | scales        | f16   | [out, ceil(in/block_size), 4]   |
-    | means         | f16   | [out, ceil(in/block_size), 4]   |
-    | bias          | dtype | [out]                           |
-
-    About 2 + 8·16/128 = 3.0 bits per weight at block 128, against LUQ's nominal 1.08.
-    """
-    n_blocks = math.ceil(in_features / block_size)
-    row = math.ceil(in_features / 8)
-    lay = {"sign_packed": TensorSpec((out_features, row), UINT8),
-           "second_packed": TensorSpec((out_features, row), UINT8),
-           "salient_mask": TensorSpec((row,), UINT8),
-           "scales": TensorSpec((out_features, n_blocks, 4), FP16),
-           "means": TensorSpec((out_features, n_blocks, 4), FP16)}
-    if bias:
-        lay["bias"] = TensorSpec((out_features,), dtype_bytes)
-    return lay
-
-
 def _native_layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtype_bytes: int) -> Layout:
-    if scheme.backend == "billm":
-        block = in_f if scheme.group_size == -1 else scheme.group_size
-        return billm_layout(out_f, in_f, block_size=block, bias=bias, dtype_bytes=dtype_bytes)
+    codec = get_backend(scheme.backend).native
+    if codec is not None:  # codes of the backend's own kind (BiLLM's bit planes)
+        return codec.layout(out_f, in_f, scheme, bias=bias, dtype_bytes=dtype_bytes)
     return _ct_layout(out_f, in_f, scheme, bias=bias, dtype_bytes=dtype_bytes)
-
 
 _LAYOUTS: dict[str, Callable[..., Layout]] = {
     "compressed-tensors": _ct_layout,
@@ -188,7 +138,7 @@ def nominal_bits(scheme: QuantScheme | None, dtype_bytes: int = 2) -> float:
     """LUQ-style nominal width of a weight: ``bits`` (billm: 1.08), or the dtype width if kept."""
     if scheme is None:
         return 8.0 * dtype_bytes
-    return BILLM_NOMINAL_BITS if scheme.backend == "billm" else float(scheme.bits)
+    return get_backend(scheme.backend).nominal(scheme)
 
 
 @dataclass(frozen=True)

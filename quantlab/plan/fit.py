@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from quantlab.plan.cost import GPTQ_BITS, linear_layout
-from quantlab.quant.registry import BACKENDS
+from quantlab.quant.registry import BACKENDS, outside_decoder_problem
 from quantlab.quant.scheme import QuantScheme
 
 ShapeFallback = Literal["smaller_group", "per_channel", "keep", "error"]
@@ -43,8 +43,9 @@ def scheme_problem(scheme: QuantScheme, fmt: str) -> str | None:
     unknown = sorted(set(scheme.args) - set(backend.options))
     if unknown:
         return f"unknown option(s) {unknown} for backend {scheme.backend!r}; valid: {sorted(backend.options)}"
-    if scheme.backend == "billm" and fmt not in ("native", "auto"):
-        return f"BiLLM codes are not a uniform grid: export format {fmt!r} cannot hold them (use native or auto)"
+    if not backend.uniform_grid and fmt not in ("native", "auto"):
+        return (f"{scheme.backend} codes (BiLLM's bit planes) are not a uniform grid: export format {fmt!r} cannot "
+                "hold them (use native or auto)")
     if fmt == "gptq" and scheme.bits not in GPTQ_BITS:
         return f"GPTQ tensors store bits in {list(GPTQ_BITS)}, got {scheme.bits}"
     return None
@@ -91,15 +92,6 @@ def fit_scheme(out_features: int, in_features: int, scheme: QuantScheme | None, 
         if shape_problem(out_features, in_features, candidate, fmt) is None:
             return Fitted(candidate, f"{why}: {scheme.label()} -> {candidate.label()}")
     return Fitted(None, f"{why}: {scheme.label()} -> kept in fp16")
-
-
-def outside_decoder_problem(scheme: QuantScheme) -> str | None:
-    """Why ``scheme`` cannot run on a Linear outside the decoder blocks (None: it can)."""
-    if not BACKENDS[scheme.backend].needs_hessian:
-        return None
-    data_free = sorted(b.name for b in BACKENDS.values() if not b.needs_hessian)
-    return (f"backend {scheme.backend!r} needs calibration data, which quantlab streams only through decoder "
-            f"blocks; use one of {data_free} outside the decoder")
 
 
 def plan_problems(layers: dict[str, QuantScheme | None], linears: dict, fmt: str,

@@ -26,15 +26,18 @@ from quantlab.plan.cost import linear_bytes, model_size, nominal_bits
 from quantlab.plan.fit import Fitted, ShapeFallback, fit_scheme
 from quantlab.plan.plan import Plan, apply_rules
 from quantlab.plan.sensitivity import measure_damage, units_of
+from quantlab.quant.registry import get_backend
 from quantlab.quant.scheme import QuantScheme
 from quantlab.recipe import PlanSpec
 
 
 def plan_format(schemes: Sequence[QuantScheme | None], requested: str) -> str:
-    """The export format a plan's byte counts assume: ``auto`` picks native only when BiLLM is present."""
+    """The export format a plan's byte counts assume: ``auto`` picks native only when some scheme's codes are
+    not a uniform grid (BiLLM), which no third-party format stores."""
     if requested != "auto":
         return requested
-    return "native" if any(s is not None and s.backend == "billm" for s in schemes) else "compressed-tensors"
+    uniform = all(s is None or get_backend(s.backend).uniform_grid for s in schemes)
+    return "compressed-tensors" if uniform else "native"
 
 
 def _linears(loaded: LoadedModel) -> dict[str, nn.Linear]:
@@ -187,7 +190,7 @@ def _budget(loaded, stats, spec: PlanSpec, blocks, linears, export_format, sampl
         raise ValueError("plan.planner 'budget' needs plan.candidates")
     if not samples:
         raise ValueError("plan.planner 'budget' measures sensitivity on calibration samples; none given")
-    needs_h = [c.label() for c in spec.candidates if c.backend in ("gptq", "billm")]
+    needs_h = [c.label() for c in spec.candidates if get_backend(c.backend).needs_hessian]
     if needs_h and not stats.hessians:
         raise ValueError(f"candidates {needs_h} need Hessians: calibrate with stats.hessians: true")
     fmt = plan_format(spec.candidates, export_format)

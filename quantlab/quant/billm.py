@@ -13,7 +13,7 @@ Per block of ``block_size`` input columns (docs/method.md#billm-braq; ``Aaronhua
    the lazy update across blocks. (The reference binarizes the whole block at once and compensates only
    later blocks.) The group of a compensated weight is ``|w| >= p``.
 
-Stored (``extra``; the layout of ``quantlab.plan.cost.billm_layout``; dequantization in
+Stored (``extra``; the layout of :func:`billm_layout`; dequantization in
 :mod:`quantlab.quant.binary`):
 
 | tensor          | dtype            | shape                       | meaning                                   |
@@ -31,13 +31,17 @@ residual sign per salient weight, ignoring the group bitmap, the column bitmap a
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 from torch import Tensor
 
 from quantlab.quant import binary, grid
 from quantlab.quant.binary import LARGE, SALIENT_O1, SALIENT_O2, SMALL
 from quantlab.quant.hessian import inverse_hessian_cholesky, relative_output_error
-from quantlab.quant.registry import register_backend
+from quantlab.quant.layout import FP16, UINT8, Layout, TensorSpec
+from quantlab.quant.registry import NativeCodec, register_backend
 from quantlab.quant.result import QuantResult, stored_bits
 from quantlab.quant.scheme import QuantScheme
 
@@ -184,7 +188,77 @@ def billm_solve(W: Tensor, H: Tensor, *, block_size: int = 128, damp: float = 0.
     )
 
 
-@register_backend("billm", bits=(1,), needs_hessian=True, options=BILLM_OPTIONS)
+BILLM_NOMINAL_BITS = 1.08  # LUQ's nominal width of a BiLLM layer (docs/method.md#nominal-bits)
+PLANES = ("sign_packed", "second_packed", "salient_mask")
+
+
+def billm_layout(out_features: int, in_features: int, *, block_size: int = 128, bias: bool,
+                 dtype_bytes: int = 2) -> Layout:
+    """Storage of one BiLLM-binarized Linear (quantlab's own layout; align with the billm backend).
+
+    BiLLM ("braq", docs/method.md#billm-braq) works on blocks of ``block_size`` input columns. Per block it picks
+    salient *columns* (shared by all rows) and binarizes them twice (residual order 2); the other weights
+    are split at a break point into two groups, each binarized once. Stored per weight: 1 sign bit plus
+    1 second bit (the order-2 residual sign for salient weights, the group-membership bit for the others),
+    so 2 bits whatever the salient count. Per block: a salient-column bitmap (1 bit per column). Per row and
+    block: 4 binarizations (2 salient orders, 2 groups), each with an fp16 scale ``alpha`` and an fp16
+    mean ``mu`` (the reference code subtracts a row mean before each sign(), ``binary.py``), i.e. 8 fp16.
+
+    | tensor        | dtype | shape                           |
+    |---------------|-------|---------------------------------|
+    | sign_packed   | u8    | [out, ceil(in/8)]               |
+    | second_packed | u8    | [out, ceil(in/8)]               |
+    | salient_mask  | u8    | [ceil(in/8)]                    |
+    | scales        | f16   | [out, ceil(in/block_size), 4]   |
+    | means         | f16   | [out, ceil(in/block_size), 4]   |
+    | bias          | dtype | [out]                           |
+
+    About 2 + 8·16/128 = 3.0 bits per weight at block 128, against LUQ's nominal 1.08.
+    """
+    n_blocks = math.ceil(in_features / block_size)
+    row = math.ceil(in_features / 8)
+    lay = {"sign_packed": TensorSpec((out_features, row), UINT8),
+           "second_packed": TensorSpec((out_features, row), UINT8),
+           "salient_mask": TensorSpec((row,), UINT8),
+           "scales": TensorSpec((out_features, n_blocks, 4), FP16),
+           "means": TensorSpec((out_features, n_blocks, 4), FP16)}
+    if bias:
+        lay["bias"] = TensorSpec((out_features,), dtype_bytes)
+    return lay
+
+
+def _native_layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtype_bytes: int) -> Layout:
+    block = in_f if scheme.group_size == -1 else scheme.group_size
+    return billm_layout(out_f, in_f, block_size=block, bias=bias, dtype_bytes=dtype_bytes)
+
+
+def dequantize_result(r: QuantResult) -> Tensor:
+    """The weight from a BiLLM result's stored tensors (bit-exact with the solver's)."""
+    salient = binary.unpack_bits(r.extra["salient_mask"], r.shape[1])
+    return binary.dequantize_binary(r.codes, r.scales, r.extra["means"], salient, r.group_size)
+
+
+def encode(r: QuantResult) -> dict[str, Tensor]:
+    """What the native format stores: the two bit planes, the column bitmap, fp16 scales and means."""
+    return {"scales": r.scales.to(torch.float16), **{k: r.extra[k] for k in PLANES},
+            "means": r.extra["means"].to(torch.float16)}
+
+
+def decode(fields: dict, t: dict[str, Tensor], shape: tuple[int, int], dtype: torch.dtype) -> QuantResult:
+    """The result back from :func:`encode`'s tensors, with its dequantized weight."""
+    in_f = shape[1]
+    sign, second = binary.unpack_bits(t["sign_packed"], in_f), binary.unpack_bits(t["second_packed"], in_f)
+    r = QuantResult(**fields, codes=sign.to(torch.uint8) | (second.to(torch.uint8) << 1),
+                    scales=t["scales"].float(), zeros=None, g_idx=None, dequantized=torch.empty(shape, dtype=dtype),
+                    extra={**{k: t[k] for k in PLANES}, "means": t["means"].float()})
+    return dataclasses.replace(r, dequantized=dequantize_result(r).to(dtype))
+
+
+CODEC = NativeCodec(layout=_native_layout, encode=encode, decode=decode, dequantize=dequantize_result)
+
+
+@register_backend("billm", bits=(1,), needs_hessian=True, options=BILLM_OPTIONS, nominal_bits=BILLM_NOMINAL_BITS,
+                  native=CODEC)
 def billm_backend(weight: Tensor, scheme: QuantScheme, hessian: Tensor | None) -> QuantResult:
     """Registry adapter for :func:`billm_solve` (``scheme.group_size`` is the block size)."""
     assert hessian is not None, "quantize_weight checks needs_hessian"

@@ -1,15 +1,24 @@
-"""The backend registry: a dict of name -> :class:`Backend`, filled by the ``register_backend`` decorator."""
+"""The backend registry: a dict of name -> :class:`Backend`, filled by the ``register_backend`` decorator.
+
+The registry answers every question the rest of quantlab asks about a backend (which bits and options it
+takes, whether it needs a Hessian, whether its codes are a uniform grid that third-party formats store,
+its nominal width, and, for codes that are not, how quantlab's native format stores and decodes them), so
+adding a backend is one file: its solver and one ``register_backend`` call.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import Tensor
 
-from quantlab.quant.result import QuantResult
+from quantlab.quant.layout import Layout
 from quantlab.quant.scheme import QuantScheme
+
+if TYPE_CHECKING:  # results are created by the backends; the registry only names the type
+    from quantlab.quant.result import QuantResult
 
 
 class BackendFn(Protocol):
@@ -19,15 +28,35 @@ class BackendFn(Protocol):
 
 
 @dataclass(frozen=True)
+class NativeCodec:
+    """How quantlab's native format stores a backend whose codes are not a uniform grid.
+
+    Attributes:
+        layout: ``(out, in, scheme, *, bias, dtype_bytes) -> Layout``: the tensors stored per Linear.
+        encode: ``result -> {suffix: tensor}``: what is written.
+        decode: ``(scalars, tensors, shape, dtype) -> QuantResult``: the result back, dequantized.
+        dequantize: ``result -> weight`` from the stored tensors.
+    """
+
+    layout: Callable[..., Layout]
+    encode: Callable[[Any], dict[str, Tensor]]
+    decode: Callable[..., Any]
+    dequantize: Callable[[Any], Tensor]
+
+
+@dataclass(frozen=True)
 class Backend:
-    """A registered backend with what :func:`quantlab.quant.api.quantize_weight` checks before calling it.
+    """A registered backend and everything the rest of quantlab needs to know about it.
 
     Attributes:
         name: registry key.
         fn: the implementation.
         bits: accepted code widths.
-        needs_hessian: refuse to run without a Hessian.
+        needs_hessian: refuse to run without a Hessian (so not outside the calibrated decoder blocks).
         options: accepted keys of ``scheme.args``.
+        nominal_bits: LUQ's nominal width of a weight (None: ``scheme.bits``).
+        native: how the native format stores codes that are not a uniform grid; None for uniform-grid
+            backends, whose codes every format (compressed-tensors, GPTQ, native) stores.
     """
 
     name: str
@@ -35,6 +64,17 @@ class Backend:
     bits: tuple[int, ...]
     needs_hessian: bool
     options: tuple[str, ...]
+    nominal_bits: float | None = None
+    native: NativeCodec | None = None
+
+    @property
+    def uniform_grid(self) -> bool:
+        """Codes are integers on a uniform grid (scale, zero point): any uniform format can store them."""
+        return self.native is None
+
+    def nominal(self, scheme: QuantScheme) -> float:
+        """LUQ's nominal bits per weight of ``scheme`` (BiLLM: 1.08 whatever its stored size)."""
+        return float(scheme.bits) if self.nominal_bits is None else self.nominal_bits
 
     def __call__(self, weight: Tensor, scheme: QuantScheme, hessian: Tensor | None) -> QuantResult:
         return self.fn(weight, scheme, hessian)
@@ -44,19 +84,31 @@ BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(name: str, *, bits: tuple[int, ...] = tuple(range(1, 9)), needs_hessian: bool = False,
-                     options: tuple[str, ...] = ()) -> Callable[[BackendFn], BackendFn]:
+                     options: tuple[str, ...] = (), nominal_bits: float | None = None,
+                     native: NativeCodec | None = None) -> Callable[[BackendFn], BackendFn]:
     """Decorator registering ``fn`` under ``name``; a duplicate name raises ``ValueError``.
 
-    ``bits``, ``needs_hessian`` and ``options`` are what ``quantize_weight`` validates before the call.
+    ``bits``, ``needs_hessian`` and ``options`` are what ``quantize_weight`` validates before the call;
+    ``nominal_bits`` and ``native`` see :class:`Backend`.
     """
 
     def deco(fn: BackendFn) -> BackendFn:
         if name in BACKENDS:
             raise ValueError(f"backend {name!r} already registered")
-        BACKENDS[name] = Backend(name, fn, tuple(bits), needs_hessian, tuple(options))
+        BACKENDS[name] = Backend(name, fn, tuple(bits), needs_hessian, tuple(options), nominal_bits, native)
         return fn
 
     return deco
+
+
+def outside_decoder_problem(scheme: QuantScheme) -> str | None:
+    """Why ``scheme`` cannot run on a Linear outside the decoder blocks (None: it can). Calibration data
+    reaches only decoder blocks, so a backend that needs a Hessian cannot run there."""
+    if not get_backend(scheme.backend).needs_hessian:
+        return None
+    data_free = sorted(b.name for b in BACKENDS.values() if not b.needs_hessian)
+    return (f"backend {scheme.backend!r} needs calibration data, which quantlab streams only through decoder "
+            f"blocks; use one of {data_free} outside the decoder")
 
 
 def get_backend(name: str) -> Backend:

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from quantlab.quant import binary, grid
+from quantlab.quant import grid
+from quantlab.quant.registry import get_backend
 
 SCALE_BITS = 16  # scales (and billm means) are exported as fp16/bf16
 G_IDX_BITS = 32  # g_idx is int32
@@ -78,10 +79,9 @@ class QuantResult:
     def dequantize(self) -> Tensor:
         """Recompute the weight from the stored tensors (bit-exact with ``dequantized`` for rtn/gptq/billm)."""
         dtype = self.dequantized.dtype
-        if self.backend == "billm":
-            w = binary.dequantize_binary(self.codes, self.scales, self.extra["means"],
-                                         binary.unpack_bits(self.extra["salient_mask"], self.shape[1]), self.group_size)
-            return w.to(dtype)
+        codec = get_backend(self.backend).native
+        if codec is not None:  # codes of the backend's own kind (BiLLM's bit planes)
+            return codec.dequantize(self).to(dtype)
         in_f = self.shape[1]
         g_idx = self.g_idx if self.g_idx is not None else grid.trivial_g_idx(in_f, self.group_size, self.codes.device)
         zeros = self.zeros if self.zeros is not None else torch.full_like(self.scales, float(grid.sym_zero(self.bits)))
