@@ -27,13 +27,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from torch import nn
 
 from quantlab.export.io import dense_tensors, write_model_dir
 from quantlab.models.adapter import Adapter
 from quantlab.models.load import LoadedModel
+from quantlab.quant.pack import pack_int32
 from quantlab.quant.result import g_idx_is_trivial
 
 FORMAT = "compressed-tensors"
@@ -62,15 +62,13 @@ def packed_tensors(result, prefix: str, dtype: torch.dtype) -> dict[str, torch.T
     if result.group_size != -1 and not g_idx_is_trivial(result.g_idx, result.codes.shape[1], result.group_size):
         raise ValueError(f"{prefix}: act-order without static groups needs a group index, which "
                          "compressed-tensors no longer stores; use static_groups=True or the gptq format")
-    offset = 1 << (bits - 1)
     out = {
-        f"{prefix}.weight_packed": pack_to_int32((result.codes.to(torch.int32) - offset).to(torch.int8), bits),
+        f"{prefix}.weight_packed": pack_int32(result.codes, bits),
         f"{prefix}.weight_scale": result.scales.to(dtype).contiguous(),
         f"{prefix}.weight_shape": torch.tensor(list(result.codes.shape), dtype=torch.int64),
     }
     if not result.sym:
-        zp = (result.zeros.round().to(torch.int32) - offset).to(torch.int8)
-        out[f"{prefix}.weight_zero_point"] = pack_to_int32(zp, bits, packed_dim=0)
+        out[f"{prefix}.weight_zero_point"] = pack_int32(result.zeros.round().to(torch.int64), bits, dim=0)
     return out
 
 

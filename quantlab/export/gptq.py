@@ -20,19 +20,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from torch import nn
 
 from quantlab.export.io import dense_tensors, write_json, write_model_dir
 from quantlab.models.load import LoadedModel
+from quantlab.quant.pack import pack_gptq_qweight, pack_gptq_qzeros
 
 FORMAT = "gptq"
 GPTQ_BITS = (2, 3, 4, 8)
-
-
-def _pack_unsigned(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Dense bitstream along dim 1 of unsigned ``values`` in ``[0, 2^bits)``."""
-    return pack_to_int32((values.to(torch.int32) - (1 << (bits - 1))).to(torch.int8), bits)
 
 
 def check_result(name: str, r) -> None:
@@ -55,10 +50,10 @@ def gptq_tensors(r, prefix: str) -> dict[str, torch.Tensor]:
     groups = r.scales.shape[1]
     g = cols if r.group_size == -1 else r.group_size
     g_idx = r.g_idx.to(torch.int32) if r.g_idx is not None else (torch.arange(cols) // g).to(torch.int32)
-    zeros = torch.full((groups, out), 1 << (r.bits - 1), dtype=torch.int32)  # symmetric: z = 2^(b-1)
+    zeros = torch.full((out, groups), 1 << (r.bits - 1), dtype=torch.int32)  # symmetric: z = 2^(b-1)
     return {
-        f"{prefix}.qweight": _pack_unsigned(r.codes, r.bits).T.contiguous(),
-        f"{prefix}.qzeros": _pack_unsigned(zeros - 1, r.bits),  # v1 stores z - 1
+        f"{prefix}.qweight": pack_gptq_qweight(r.codes, r.bits),
+        f"{prefix}.qzeros": pack_gptq_qzeros(zeros, r.bits),  # v1 stores z - 1
         f"{prefix}.scales": r.scales.T.to(torch.float16).contiguous(),
         f"{prefix}.g_idx": g_idx.contiguous(),
     }

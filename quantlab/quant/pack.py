@@ -1,9 +1,10 @@
-"""Dense int32 bit packing of unsigned codes (docs/formats.md#bit-packing).
+"""Dense int32 bit packing of unsigned codes: the one packer every format uses (docs/formats.md#bit-packing).
 
 Along the packed dimension, element ``i`` occupies bits ``[i·b, (i+1)·b)`` of a little-endian stream
 of int32 words; values straddle word boundaries when ``32 % b != 0`` (3 bit: 32 values fill 3 words).
-``n`` elements take ``ceil(n·b/32)`` words. This is compressed-tensors >= 0.18 ``pack_to_int32`` applied
-to ``u - 2^(b-1)`` (it adds the offset back before packing), and, transposed, GPTQ's ``qweight``.
+``n`` elements take ``ceil(n·b/32)`` words. The packing itself is compressed-tensors' ``pack_to_int32``
+(>= 0.18, dense), which takes signed values ``q = u - 2^(b-1)``; this module speaks unsigned codes, and
+GPTQ's ``qweight`` / ``qzeros`` are the same stream transposed.
 
 Shape constraints are the exporter's: GPTQ needs ``in % 32 == 0`` (``qweight``) and ``out % 32 == 0``
 (``qzeros``); compressed-tensors accepts any length (the last word is zero-padded).
@@ -11,9 +12,8 @@ Shape constraints are the exporter's: GPTQ needs ``in % 32 == 0`` (``qweight``) 
 
 from __future__ import annotations
 
-import math
-
 import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 from torch import Tensor
 
 
@@ -32,35 +32,21 @@ def pack_int32(codes: Tensor, bits: int, dim: int = 1) -> Tensor:
         ``[r, ceil(n·bits/32)]`` for ``dim=1`` (``[ceil(r·bits/32), n]`` for ``dim=0``), int32.
     """
     dim = _check(bits, dim, codes.dim())
-    v = codes.to(torch.int64)
-    if dim == 0:
-        v = v.T
-    rows, n = v.shape
+    v = codes.to(torch.int32)
     if v.numel() and (v.min() < 0 or v.max() >= 1 << bits):
         raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
-    words = math.ceil(n * bits / 32)
-    start = torch.arange(n, dtype=torch.int64, device=v.device) * bits  # [n] first bit of each element
-    word, off = start // 32, start % 32
-    out = torch.zeros(rows, words + 1, dtype=torch.int64, device=v.device)  # one spare word for the straddling part
-    out.scatter_add_(1, word.expand(rows, n), (v << off) & 0xFFFFFFFF)
-    out.scatter_add_(1, (word + 1).expand(rows, n), v >> (32 - off))  # high part of straddling values
-    out = out[:, :words]
-    out = torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
-    return (out.T if dim == 0 else out).contiguous()
+    signed = (v - (1 << (bits - 1))).to(torch.int8)
+    if dim == 0:  # compressed-tensors' packed_dim=0 path needs contiguous rows; pack the transpose instead
+        return pack_to_int32(signed.T.contiguous(), bits).T.contiguous()
+    return pack_to_int32(signed.contiguous(), bits)
 
 
 def unpack_int32(packed: Tensor, bits: int, size: int, dim: int = 1) -> Tensor:
     """Inverse of :func:`pack_int32`: ``size`` codes per packed run, as uint8."""
     dim = _check(bits, dim, packed.dim())
-    p = packed.to(torch.int64) & 0xFFFFFFFF
-    if dim == 0:
-        p = p.T
-    rows = p.shape[0]
-    p = torch.cat([p, torch.zeros(rows, 1, dtype=torch.int64, device=p.device)], dim=1)
-    start = torch.arange(size, dtype=torch.int64, device=p.device) * bits
-    word, off = start // 32, start % 32
-    stream = p[:, word] | ((p[:, word + 1] & 0xFF) << 32)  # [rows, size] window holding each value
-    codes = ((stream >> off) & ((1 << bits) - 1)).to(torch.uint8)
+    p = packed.T if dim == 0 else packed
+    signed = unpack_from_int32(p.contiguous(), bits, torch.Size([p.shape[0], size]))
+    codes = (signed.to(torch.int32) + (1 << (bits - 1))).to(torch.uint8)
     return (codes.T if dim == 0 else codes).contiguous()
 
 
