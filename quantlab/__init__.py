@@ -8,6 +8,7 @@ The public verbs, one per stage (imported lazily so that ``import quantlab`` sta
     plan = quantlab.make_plan(loaded, stats, recipe.plan)             # -> Plan (plan.yaml)
     results = quantlab.quantize(loaded, plan.layers, calib.samples)   # fake-quant in place + packed results
     quantlab.quantize_weight(W, "gptq", bits=4, group_size=128, hessian=H)   # one tensor
+    quantlab.export(loaded, results, plan, "out/model")                 # compressed-tensors / gptq / native
     report = quantlab.evaluate(loaded, ["shapes-vqa"], data_dir=None, limit=500)
     quantlab.run_all("toy-llava", "recipes/luq.yaml", "runs/demo")   # the whole pipeline
 """
@@ -35,6 +36,7 @@ _EXPORTS = {
     "QuantResult": "quantlab.quant.result",
     "quantize": "quantlab.apply",
     "load_quantized": "quantlab.export.native",
+    "export": "quantlab.export.api",
     "evaluate": "quantlab.eval.runner",
     "Recipe": "quantlab.recipe",
     "run_all": "quantlab.pipeline",

@@ -187,19 +187,11 @@ def stage_quantize(ctx: StageContext, plan):
 
 def stage_export(ctx: StageContext, plan, results) -> Path:
     """Export in the plan's format (``auto`` = compressed-tensors, or native when BiLLM is present)."""
-    from quantlab.export.compressed_tensors import write_compressed_tensors
-    from quantlab.export.gptq import write_gptq
-    from quantlab.export.io import write_dir_atomic
-    from quantlab.export.native import write_native
+    from quantlab.export.api import export
 
-    writers = {"compressed-tensors": write_compressed_tensors, "gptq": write_gptq, "native": write_native}
     fmt = ctx.recipe.export.format
     if fmt == "auto":
         fmt = plan.format
-    elif fmt != "native" and any(r.backend == "billm" for r in results.values()):
-        bad = sorted(n for n, r in results.items() if r.backend == "billm")
-        raise ValueError(f"export format {fmt!r} cannot hold BiLLM-binarized layers {bad[:3]}...; "
-                         "use export.format: native (or auto)")
     run = ctx.run
     fp = fingerprint(ctx.run.state["quantize"]["fingerprint"], fmt)
     if run.fresh("export", fp) and run.model.is_dir():
@@ -207,16 +199,9 @@ def stage_export(ctx: StageContext, plan, results) -> Path:
         return run.model
     if fmt == "native" and ctx.recipe.export.format == "auto":
         ctx.say("export: the plan has BiLLM layers, which no third-party format holds: writing the native format")
-    from quantlab.export.card import write_model_card
-
-    def build(d: Path) -> None:
-        writers[fmt](ctx.loaded, results, d, weights=ctx.weights)
-        write_model_card(d, ctx.model_name, ctx.recipe, plan, fmt, ctx.loaded.adapter)
-        (d / "recipe.yaml").write_text(ctx.recipe.to_yaml())
-        plan.to_yaml(d / "plan.yaml", overwrite=True)
-
     # The old model stays until the new one is complete; its evaluation and report go as it is replaced.
-    write_dir_atomic(run.model, build, overwrite=True, before_replace=run.discard_evaluation)
+    export(ctx.loaded, results, plan, run.model, fmt, recipe=ctx.recipe, base_model=ctx.model_name,
+           weights=ctx.weights, overwrite=True, before_replace=run.discard_evaluation)
     run.done("export", format=fmt)
     return run.model
 
@@ -272,17 +257,21 @@ def stage_eval(ctx: StageContext, quantized_loaded) -> dict:
 def stage_report(ctx: StageContext, plan, results, evals: dict) -> Path:
     """report.md / report.json / report.png: accuracy and memory, baseline vs quantized."""
     from quantlab.eval.memory import memory_report
-    from quantlab.eval.report import compare, write_report
+    from quantlab.eval.report import ModelSize, StatsEntropy, compare, write_report
     from quantlab.export.card import write_model_card
     from quantlab.models.load import resolve
     from quantlab.plan.cost import model_size
+    from quantlab.plan.summary import block_rows, totals
 
     run = ctx.run
     run.fresh("report", fingerprint(run.state["eval"]["fingerprint"]))
     base_dir = Path(resolve(ctx.model_name))
     # Measuring the baseline's run-time memory loads it whole: not for a streamed run, or a run that evaluates nothing
     measure_base = base_dir.is_dir() and not ctx.stream and bool(ctx.recipe.eval.tasks)
-    base_bytes = model_size(ctx.loaded.model, ctx.loaded.adapter, {}, plan.format, dtype_bytes=2).total_bytes
+    model, adapter = ctx.loaded.model, ctx.loaded.adapter
+    base_size = model_size(model, adapter, {}, plan.format, dtype_bytes=2)
+    quant_size = model_size(model, adapter, plan.layers, plan.format, dtype_bytes=2)
+    base_bytes = base_size.total_bytes
     memory = {
         "baseline": memory_report("baseline (fp16)", predicted=base_bytes,
                                   directory=base_dir if base_dir.is_dir() else None,
@@ -290,7 +279,11 @@ def stage_report(ctx: StageContext, plan, results, evals: dict) -> Path:
         "quantized": memory_report(f"quantized ({run.state['export']['format']})", predicted=plan.predicted_bytes,
                                    directory=run.model, runtime_source=run.model, device=ctx.device),
     }
-    comparison = compare(evals["baseline"], evals["quantized"], memory, fallbacks=plan.info.get("fallbacks"))
+    sizes = {"baseline": ModelSize(base_bytes, base_size.decoder_linear_bytes, base_size.avg_bits),
+             "quantized": ModelSize(plan.predicted_bytes, quant_size.decoder_linear_bytes, quant_size.avg_bits)}
+    entropy = StatsEntropy.load(run.stats)  # summary.json only: the Hessians in stats.safetensors are not read
+    comparison = compare(evals["baseline"], evals["quantized"], memory, fallbacks=plan.info.get("fallbacks"),
+                         sizes=sizes, totals=totals(ctx.loaded, plan), blocks=block_rows(ctx.loaded, plan, entropy))
     paths = write_report(run.root, comparison)
     scores = {k: {"task": t, "accuracy": r.score} for k, e in evals.items() for t, r in e.tasks.items()}
     write_model_card(run.model, ctx.model_name, ctx.recipe, plan, run.state["export"]["format"],

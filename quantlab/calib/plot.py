@@ -13,8 +13,8 @@ _STYLE = {"all": ("k", "o"), "image": ("tab:orange", "s"), "text": ("tab:blue", 
 
 def plot_entropy(stats: CalibrationStats, path: str | Path, *, kind: str = "kmeans") -> Path:
     """Entropy (bits) of each decoder block's LUQ tensor, one line per modality; returns ``path``."""
-    from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4), dpi=120)
     FigureCanvasAgg(fig)

@@ -98,7 +98,8 @@ class TaskResult(_Strict):
 
     ``aggregates`` holds task-specific metrics: POPE ``accuracy/precision/recall/f1/yes_ratio`` (+
     ``by_category``), MME ``perception/cognition/subtasks``, shapes-VQA ``exist`` (POPE metrics of the
-    yes/no existence questions).
+    yes/no existence questions). ``item_scores`` maps each answered item's id to its score (what the
+    report pairs between two runs); it is empty in reports written before it existed.
     """
 
     task: str
@@ -111,6 +112,7 @@ class TaskResult(_Strict):
     aggregates: dict[str, Any]
     examples: list[Example]
     seconds: float
+    item_scores: dict[str, float] = {}
 
 
 class EvalReport(_Strict):
@@ -298,6 +300,7 @@ def summarize(task: Task, items: Sequence[EvalItem], preds: Sequence[str | None]
               *, source: str, seconds: float = 0.0, n_examples: int = N_EXAMPLES) -> TaskResult:
     """Score answered items and build the :class:`TaskResult` (pure: no model involved)."""
     done = [(it, p) for it, p in zip(items, preds) if p is not None]
+    keys = [k for k, p in zip(_item_keys(items), preds) if p is not None]  # of the items in `done`
     scores = [score(task, p, it) for it, p in done]
     by_type: dict[str, list[float]] = defaultdict(list)
     for (it, _), s in zip(done, scores):
@@ -310,7 +313,19 @@ def summarize(task: Task, items: Sequence[EvalItem], preds: Sequence[str | None]
     return TaskResult(task=task.name, source=source, n=len(items), n_failed=len(failed), failed=failed,
                       score=sum(scores) / len(scores) if scores else None,
                       per_type={t: TypeScore(n=len(v), score=sum(v) / len(v)) for t, v in sorted(by_type.items())},
-                      aggregates=aggregates, examples=examples, seconds=round(seconds, 3))
+                      aggregates=aggregates, examples=examples, seconds=round(seconds, 3),
+                      item_scores=dict(zip(keys, map(float, scores))))
+
+
+def _item_keys(items: Sequence[EvalItem]) -> list[str]:
+    """Each item's id; a repeated id gets ``#2``, ``#3``, ... in item order (failed items count too, so the
+    keys of two runs over the same items pair up)."""
+    seen: dict[str, int] = defaultdict(int)
+    keys = []
+    for it in items:
+        seen[it.id] += 1
+        keys.append(it.id if seen[it.id] == 1 else f"{it.id}#{seen[it.id]}")
+    return keys
 
 
 def _by_items(tick: Callable[[int], None]) -> Callable[[int], None]:

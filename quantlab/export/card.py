@@ -5,23 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-LOAD_SNIPPETS = {
-    "compressed-tensors": (
-        "```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
-        "model = AutoModelForImageTextToText.from_pretrained(\"{repo}\")   # default settings; do not pass "
-        "dequantize=True for mixed precision\nprocessor = AutoProcessor.from_pretrained(\"{repo}\")\n```\n\n"
-        "vLLM: `vllm serve {repo}` (2/3-bit groups need vLLM's Humming kernels, CUDA)."
-    ),
-    "gptq": (
-        "```python\n# pip install optimum gptqmodel\nfrom transformers import AutoModelForImageTextToText\n"
-        "model = AutoModelForImageTextToText.from_pretrained(\"{repo}\", device_map=\"auto\")\n```\n\n"
-        "Mixed-bit GPTQ (a `dynamic` section in the config) loads in GPTQModel and vLLM, not through optimum."
-    ),
-    "native": (
-        "```python\nimport quantlab\nloaded = quantlab.load_quantized(\"{repo}\")   # BiLLM layers are dequantized "
-        "on load\n```"
-    ),
-}
+from quantlab.export.formats import get_format
 
 
 def model_card(base_model: str, recipe, plan, fmt: str, adapter, *, eval_results: dict | None = None,
@@ -39,7 +23,7 @@ def model_card(base_model: str, recipe, plan, fmt: str, adapter, *, eval_results
         "tags: [quantlab, quantized, vision-language, " + fmt + "]",
         "---",
         "",
-        f"# {Path(base_model).name} quantized with quantlab ({recipe.name})",
+        f"# {Path(base_model).name} quantized with quantlab ({getattr(recipe, 'name', plan.planner)})",
         "",
         f"Format: **{fmt}**. Planner: **{plan.planner}**. Predicted size: **{plan.predicted_bytes / 1e9:.4f} GB**"
         + (f" (budget {plan.budget_bytes / 1e9:.4f} GB)" if plan.budget_bytes else "") + ".",
@@ -56,7 +40,7 @@ def model_card(base_model: str, recipe, plan, fmt: str, adapter, *, eval_results
         lines += ["", "## Evaluation", "", "| model | task | accuracy |", "|---|---|---|"]
         for key, r in eval_results.items():
             lines.append(f"| {key} | {r.get('task', '?')} | {r.get('accuracy', float('nan')):.4f} |")
-    lines += ["", "## How to load", "", LOAD_SNIPPETS[fmt].format(repo=repo), "",
+    lines += ["", "## How to load", "", get_format(fmt).load_snippet.format(repo=repo), "",
               "The recipe and the plan that produced this checkpoint are in `recipe.yaml` and `plan.yaml`.", ""]
     return "\n".join(lines)
 

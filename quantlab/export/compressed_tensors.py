@@ -21,6 +21,7 @@ dequantizes every module with the first config group's scheme (docs/formats.md#l
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Mapping
@@ -31,12 +32,32 @@ from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
 from torch import nn
 
 from quantlab.export.io import dense_tensors, write_model_dir
+from quantlab.export.spec import ExportFormat
 from quantlab.models.adapter import Adapter
 from quantlab.models.load import LoadedModel
+from quantlab.quant.layout import INT32, INT64, Layout, TensorSpec, n_groups
 from quantlab.quant.pack import pack_int32
+from quantlab.quant.registry import get_backend
 from quantlab.quant.result import g_idx_is_trivial
+from quantlab.quant.scheme import QuantScheme
 
-FORMAT = "compressed-tensors"
+
+def layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtype_bytes: int) -> Layout:
+    """The tensors one quantized Linear stores (see the module docstring); refuses what it cannot store."""
+    where = f"compressed-tensors: Linear {out_f}x{in_f} (out x in): "
+    if not get_backend(scheme.backend).uniform_grid:
+        raise ValueError(f"{where}{scheme.backend} codes are not a uniform grid and cannot be stored "
+                         "pack-quantized; use fmt='native'")
+    g = n_groups(in_f, scheme.group_size, where=where)
+    b = scheme.bits
+    lay = {"weight_packed": TensorSpec((out_f, math.ceil(in_f * b / 32)), INT32),
+           "weight_scale": TensorSpec((out_f, g), dtype_bytes)}
+    if not scheme.sym:
+        lay["weight_zero_point"] = TensorSpec((math.ceil(out_f * b / 32), g), INT32)
+    lay["weight_shape"] = TensorSpec((2,), INT64)
+    if bias:
+        lay["bias"] = TensorSpec((out_f,), dtype_bytes)
+    return lay
 
 
 def target_pattern(adapter: Adapter, name: str) -> str:
@@ -104,3 +125,12 @@ def write_compressed_tensors(loaded: LoadedModel, results: Mapping[str, object],
     for name, r in results.items():
         tensors.update(packed_tensors(r, loaded.adapter.legacy_name(name), dtype))
     write_model_dir(loaded, tensors, qcfg, out, dtype)
+
+
+FORMAT = ExportFormat(
+    name="compressed-tensors", write=write_compressed_tensors, layout=layout, uniform_only=True,
+    load_snippet=("```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
+        "model = AutoModelForImageTextToText.from_pretrained(\"{repo}\")   # default settings; do not pass "
+        "dequantize=True for mixed precision\nprocessor = AutoProcessor.from_pretrained(\"{repo}\")\n```\n\n"
+        "vLLM: `vllm serve {repo}` (2/3-bit groups need vLLM's Humming kernels, CUDA)."),
+)

@@ -23,11 +23,35 @@ import torch
 from torch import nn
 
 from quantlab.export.io import dense_tensors, write_json, write_model_dir
+from quantlab.export.spec import ExportFormat
 from quantlab.models.load import LoadedModel
+from quantlab.quant.layout import FP16, INT32, Layout, TensorSpec, n_groups
 from quantlab.quant.pack import pack_gptq_qweight, pack_gptq_qzeros
+from quantlab.quant.registry import get_backend
+from quantlab.quant.scheme import QuantScheme
 
-FORMAT = "gptq"
 GPTQ_BITS = (2, 3, 4, 8)
+
+
+def layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtype_bytes: int) -> Layout:
+    """qweight / qzeros / scales / g_idx of one quantized Linear; refuses what GPTQ v1 cannot store."""
+    where = f"gptq: Linear {out_f}x{in_f} (out x in): "
+    if not get_backend(scheme.backend).uniform_grid:
+        raise ValueError(f"{where}{scheme.backend} codes cannot be stored in GPTQ tensors; use fmt='native'")
+    if scheme.bits not in GPTQ_BITS:
+        raise ValueError(f"{where}{scheme.bits}-bit is not a GPTQ width; GPTQ stores bits in {GPTQ_BITS}")
+    if in_f % 32 or out_f % 32:
+        raise ValueError(f"{where}GPTQ packing needs in_features % 32 == 0 (qweight) and "
+                         "out_features % 32 == 0 (qzeros); keep this Linear in fp or use compressed-tensors")
+    g = n_groups(in_f, scheme.group_size, where=where)
+    b = scheme.bits
+    lay = {"qweight": TensorSpec((in_f * b // 32, out_f), INT32),
+           "qzeros": TensorSpec((g, out_f * b // 32), INT32),
+           "scales": TensorSpec((g, out_f), FP16),
+           "g_idx": TensorSpec((in_f,), INT32)}
+    if bias:
+        lay["bias"] = TensorSpec((out_f,), FP16)
+    return lay
 
 
 def check_result(name: str, r) -> None:
@@ -104,3 +128,11 @@ def write_gptq(loaded: LoadedModel, results: Mapping[str, object], out: Path,
         tensors.update(gptq_tensors(r, name))
     write_model_dir(loaded, tensors, qcfg, out, dtype)
     write_json(out / "quantize_config.json", qcfg)
+
+
+FORMAT = ExportFormat(
+    name="gptq", write=write_gptq, layout=layout, uniform_only=True, bits=GPTQ_BITS,
+    load_snippet=("```python\n# pip install optimum gptqmodel\nfrom transformers import AutoModelForImageTextToText\n"
+        "model = AutoModelForImageTextToText.from_pretrained(\"{repo}\", device_map=\"auto\")\n```\n\n"
+        "Mixed-bit GPTQ (a `dynamic` section in the config) loads in GPTQModel and vLLM, not through optimum."),
+)

@@ -22,15 +22,26 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantlab.errors import problems_error
+from quantlab.export.compressed_tensors import layout as ct_layout
 from quantlab.export.io import model_tensors, write_json
+from quantlab.export.spec import ExportFormat
 from quantlab.models.load import LoadedModel, get_adapter, load_config, processor_class
 from quantlab.models.processors import load_processor
+from quantlab.quant.layout import Layout
 from quantlab.quant.pack import pack_int32, unpack_int32
 from quantlab.quant.registry import get_backend
 from quantlab.quant.result import QuantResult, g_idx_is_trivial
+from quantlab.quant.scheme import QuantScheme
 
-FORMAT = "native"
 MARKER = "quantlab.json"
+
+
+def layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtype_bytes: int) -> Layout:
+    """A backend's own codec layout if it has one (BiLLM's bit planes), else the compressed-tensors one."""
+    codec = get_backend(scheme.backend).native
+    if codec is not None:
+        return codec.layout(out_f, in_f, scheme, bias=bias, dtype_bytes=dtype_bytes)
+    return ct_layout(out_f, in_f, scheme, bias=bias, dtype_bytes=dtype_bytes)
 
 
 def encode(r) -> dict[str, torch.Tensor]:
@@ -151,3 +162,10 @@ def load_quantized(directory: str | Path, *, dtype: torch.dtype = torch.float32)
     has_processor = any((directory / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
     processor = load_processor(directory, processor_class(directory)) if has_processor else None
     return LoadedModel(model, processor, get_adapter(config), str(directory))
+
+
+FORMAT = ExportFormat(
+    name="native", write=write_native, layout=layout, uniform_only=False,
+    load_snippet=("```python\nimport quantlab\nloaded = quantlab.load_quantized(\"{repo}\")   # BiLLM layers are dequantized "
+        "on load\n```"),
+)

@@ -20,31 +20,21 @@ tensors an exporter writes for one Linear in each format (``docs/formats.md#gptq
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
+from quantlab.export.formats import FORMATS as EXPORT_FORMATS
+from quantlab.export.formats import get_format
+from quantlab.export.gptq import GPTQ_BITS  # noqa: F401 - re-exported
 from quantlab.models.adapter import Adapter, Component
 from quantlab.quant.billm import BILLM_NOMINAL_BITS, billm_layout  # noqa: F401 - re-exported
 from quantlab.quant.layout import FP16, INT32, INT64, UINT8, Layout, TensorSpec  # noqa: F401 - re-exported
 from quantlab.quant.registry import get_backend
 from quantlab.quant.scheme import QuantScheme
-
-GPTQ_BITS = (2, 3, 4, 8)
-
-
-def _groups(in_features: int, scheme: QuantScheme, fmt: str, out_features: int) -> int:
-    g = scheme.group_size
-    if g == -1:
-        return 1
-    if in_features % g:
-        raise ValueError(f"{fmt}: Linear {out_features}x{in_features} (out x in): group_size {g} does not divide "
-                         f"in_features {in_features}")
-    return in_features // g
 
 
 def _fp_layout(out_f: int, in_f: int, scheme: QuantScheme | None, *, bias: bool, dtype_bytes: int) -> Layout:
@@ -54,55 +44,7 @@ def _fp_layout(out_f: int, in_f: int, scheme: QuantScheme | None, *, bias: bool,
     return lay
 
 
-def _ct_layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtype_bytes: int) -> Layout:
-    if not get_backend(scheme.backend).uniform_grid:
-        raise ValueError(f"compressed-tensors: Linear {out_f}x{in_f}: {scheme.backend} codes are not a uniform grid "
-                         "and cannot be stored pack-quantized; use fmt='native'")
-    g = _groups(in_f, scheme, "compressed-tensors", out_f)
-    b = scheme.bits
-    lay = {"weight_packed": TensorSpec((out_f, math.ceil(in_f * b / 32)), INT32),
-           "weight_scale": TensorSpec((out_f, g), dtype_bytes)}
-    if not scheme.sym:
-        lay["weight_zero_point"] = TensorSpec((math.ceil(out_f * b / 32), g), INT32)
-    lay["weight_shape"] = TensorSpec((2,), INT64)
-    if bias:
-        lay["bias"] = TensorSpec((out_f,), dtype_bytes)
-    return lay
-
-
-def _gptq_layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtype_bytes: int) -> Layout:
-    shape = f"gptq: Linear {out_f}x{in_f} (out x in)"
-    if not get_backend(scheme.backend).uniform_grid:
-        raise ValueError(f"{shape}: {scheme.backend} codes cannot be stored in GPTQ tensors; use fmt='native'")
-    if scheme.bits not in GPTQ_BITS:
-        raise ValueError(f"{shape}: {scheme.bits}-bit is not a GPTQ width; GPTQ stores bits in {GPTQ_BITS}")
-    if in_f % 32 or out_f % 32:
-        raise ValueError(f"{shape}: GPTQ packing needs in_features % 32 == 0 (qweight) and "
-                         "out_features % 32 == 0 (qzeros); keep this Linear in fp or use compressed-tensors")
-    g = _groups(in_f, scheme, "gptq", out_f)
-    b = scheme.bits
-    lay = {"qweight": TensorSpec((in_f * b // 32, out_f), INT32),
-           "qzeros": TensorSpec((g, out_f * b // 32), INT32),
-           "scales": TensorSpec((g, out_f), FP16),
-           "g_idx": TensorSpec((in_f,), INT32)}
-    if bias:
-        lay["bias"] = TensorSpec((out_f,), FP16)
-    return lay
-
-
-def _native_layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtype_bytes: int) -> Layout:
-    codec = get_backend(scheme.backend).native
-    if codec is not None:  # codes of the backend's own kind (BiLLM's bit planes)
-        return codec.layout(out_f, in_f, scheme, bias=bias, dtype_bytes=dtype_bytes)
-    return _ct_layout(out_f, in_f, scheme, bias=bias, dtype_bytes=dtype_bytes)
-
-_LAYOUTS: dict[str, Callable[..., Layout]] = {
-    "compressed-tensors": _ct_layout,
-    "gptq": _gptq_layout,
-    "native": _native_layout,
-    "fp": _fp_layout,
-}
-FORMATS = tuple(_LAYOUTS)
+FORMATS = (*EXPORT_FORMATS, "fp")  # "fp": a dense (fake-quantized or dequantized) checkpoint
 
 
 def linear_layout(out_features: int, in_features: int, scheme: QuantScheme | None, fmt: str, *, bias: bool,
@@ -120,11 +62,11 @@ def linear_layout(out_features: int, in_features: int, scheme: QuantScheme | Non
     Raises:
         ValueError: unknown format, or a shape/scheme the format cannot store (the message names both).
     """
-    if fmt not in _LAYOUTS:
-        raise ValueError(f"unknown format {fmt!r}; valid formats: {sorted(_LAYOUTS)}")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid formats: {sorted(FORMATS)}")
     if scheme is None or fmt == "fp":
         return _fp_layout(out_features, in_features, None, bias=bias, dtype_bytes=dtype_bytes)
-    return _LAYOUTS[fmt](out_features, in_features, scheme, bias=bias, dtype_bytes=dtype_bytes)
+    return get_format(fmt).layout(out_features, in_features, scheme, bias=bias, dtype_bytes=dtype_bytes)
 
 
 def linear_bytes(out_features: int, in_features: int, scheme: QuantScheme | None, fmt: str, *, bias: bool,

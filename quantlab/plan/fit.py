@@ -25,7 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from quantlab.plan.cost import GPTQ_BITS, linear_layout
+from quantlab.export.formats import get_format
+from quantlab.plan.cost import linear_layout
 from quantlab.quant.registry import BACKENDS, outside_decoder_problem
 from quantlab.quant.scheme import QuantScheme
 
@@ -43,12 +44,7 @@ def scheme_problem(scheme: QuantScheme, fmt: str) -> str | None:
     unknown = sorted(set(scheme.args) - set(backend.options))
     if unknown:
         return f"unknown option(s) {unknown} for backend {scheme.backend!r}; valid: {sorted(backend.options)}"
-    if not backend.uniform_grid and fmt not in ("native", "auto"):
-        return (f"{scheme.backend} codes (BiLLM's bit planes) are not a uniform grid: export format {fmt!r} cannot "
-                "hold them (use native or auto)")
-    if fmt == "gptq" and scheme.bits not in GPTQ_BITS:
-        return f"GPTQ tensors store bits in {list(GPTQ_BITS)}, got {scheme.bits}"
-    return None
+    return None if fmt == "auto" else get_format(fmt).problem(scheme)
 
 
 def shape_problem(out_features: int, in_features: int, scheme: QuantScheme, fmt: str) -> str | None:

@@ -78,11 +78,13 @@ def _entropy(stats, modality: str) -> dict[int, float]:
 
 
 def totals(loaded, plan) -> PlanTotals:
-    """Whole-model bytes under the plan, in fp16, and with every decoder Linear at GPTQ W4 g128."""
+    """Whole-model bytes under the plan, in fp16, and with every decoder Linear at GPTQ W4 g128 (a Linear
+    whose in_features 128 does not divide stays fp16 there)."""
     model, adapter = loaded.model, loaded.adapter
     size = model_size(model, adapter, plan.layers, plan.format, dtype_bytes=2)
     fp16 = model_size(model, adapter, {}, plan.format, dtype_bytes=2).total_bytes
-    w4_map = {n: W4 for n, _ in adapter.iter_linears(model, Component.DECODER)}
+    w4_map = {n: W4 for n, lin in adapter.iter_linears(model, Component.DECODER)
+              if lin.in_features % W4.group_size == 0}
     w4 = model_size(model, adapter, w4_map, "compressed-tensors", dtype_bytes=2).total_bytes
     return PlanTotals(size.total_bytes, fp16, w4, size.avg_bits, size.nominal_bits)
 

@@ -25,3 +25,12 @@ class TensorSpec:
 
 
 Layout = dict[str, TensorSpec]
+
+
+def n_groups(in_features: int, group_size: int, *, where: str = "") -> int:
+    """Groups along the input of a Linear (``-1``: one, per channel); a size that does not divide is refused."""
+    if group_size == -1:
+        return 1
+    if in_features % group_size:
+        raise ValueError(f"{where}group_size {group_size} does not divide in_features {in_features}")
+    return in_features // group_size

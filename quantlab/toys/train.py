@@ -10,9 +10,9 @@ learning a lot and is dropped after training (the saved model is a plain transfo
 from __future__ import annotations
 
 import argparse
-import sys
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

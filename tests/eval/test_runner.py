@@ -12,7 +12,16 @@ import pytest
 from quantlab.data.shapes import QUESTION_TYPES, write_split
 from quantlab.eval import metrics
 from quantlab.eval.readers import EvalItem
-from quantlab.eval.runner import EvalReport, evaluate, load_items, predict, shapes_items, summarize
+from quantlab.eval.runner import (
+    EvalReport,
+    FailedItem,
+    TaskResult,
+    evaluate,
+    load_items,
+    predict,
+    shapes_items,
+    summarize,
+)
 from quantlab.eval.tasks import get_task
 from quantlab.models.load import LoadedModel, get_adapter
 from quantlab.toys.build import build_toy
@@ -42,6 +51,7 @@ def test_shapes_in_memory_structure_and_determinism(toy, tmp_path):
     assert 0.0 <= r.score <= 1.0 and set(r.aggregates) == {"exist"}
     assert set(r.aggregates["exist"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio"}
     assert len(r.examples) == 5 and r.examples[0].id == "test-000000"
+    assert r.item_scores == {e.id: e.score for e in r.examples}  # every answered item, by id
     assert (report.model, report.limit, report.batch_size) == ("toy-llava (random)", 5, 5)
     again = evaluate(toy, ["shapes-vqa"], **{**kw, "batch_size": 2})  # batching does not change answers
     assert _strip_time(again) | {"batch_size": 5} == _strip_time(report)
@@ -186,3 +196,15 @@ def test_lm_eval_reproduces_quantlab_accuracy_on_trained_toy(tmp_path):
     assert theirs["exact_match,none"] == pytest.approx(r.score)
     for t, s in r.per_type.items():
         assert theirs[f"exact_match_{t},none"] == pytest.approx(s.score), t
+
+
+def test_item_scores_of_answered_items():
+    items = [EvalItem("a", None, "?", ("red",), "color"), EvalItem("b", None, "?", ("2",), "count"),
+             EvalItem("a", None, "?", ("yes",), "exist"), EvalItem("c", None, "?", ("no",), "exist")]
+    failed = [FailedItem(id="b", image=None, error="FileNotFoundError: x")]
+    r = summarize(get_task("shapes-vqa"), items, ["red", None, "no", "no"], failed, source="x")
+    assert r.item_scores == {"a": 1.0, "a#2": 0.0, "c": 1.0}  # failed items left out; a repeated id numbered
+    assert sum(r.item_scores.values()) / len(r.item_scores) == r.score
+    old = json.loads(r.model_dump_json())
+    del old["item_scores"]  # results written before the field existed still load
+    assert TaskResult.model_validate(old).item_scores == {}

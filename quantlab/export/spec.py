@@ -1,0 +1,41 @@
+"""What an export format is, as data: :class:`ExportFormat` (each writer module declares its own ``FORMAT``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from quantlab.quant.layout import Layout
+from quantlab.quant.registry import get_backend
+from quantlab.quant.scheme import QuantScheme
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One checkpoint format quantlab writes.
+
+    Attributes:
+        name: the recipe's ``export.format`` value.
+        write: ``(loaded, results, out_dir, *, weights=None) -> None``: the checkpoint's files into ``out_dir``.
+        layout: ``(out, in, scheme, *, bias, dtype_bytes) -> Layout``: the tensors one quantized Linear stores
+            (the cost model counts exactly these); raises ``ValueError`` for what the format cannot store.
+        uniform_only: stores only codes on a uniform grid (not BiLLM's bit planes).
+        bits: the code widths it stores (None: every width the backends produce).
+        load_snippet: how to open it (model card), with ``{repo}`` for the path or hub id.
+    """
+
+    name: str
+    write: Callable[..., None]
+    layout: Callable[..., Layout]
+    uniform_only: bool
+    load_snippet: str
+    bits: tuple[int, ...] | None = None
+
+    def problem(self, scheme: QuantScheme) -> str | None:
+        """Why this format cannot store ``scheme`` on any Linear (None: it can)."""
+        if self.uniform_only and not get_backend(scheme.backend).uniform_grid:
+            return (f"{scheme.backend} codes are not a uniform grid: export format {self.name!r} cannot hold them "
+                    "(use native or auto)")
+        if self.bits is not None and scheme.bits not in self.bits:
+            return f"{self.name} stores bits in {list(self.bits)}, got {scheme.bits}"
+        return None
