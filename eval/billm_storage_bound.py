@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from luq_table import W4, seeded_setup  # noqa: E402
 
-from quantlab.apply import quantize  # noqa: E402
+from quantlab.quant.apply import quantize  # noqa: E402
 from quantlab.models import Component  # noqa: E402
 from quantlab.plan.cost import model_size  # noqa: E402
 from quantlab.quant.binary import unpack_bits  # noqa: E402

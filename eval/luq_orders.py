@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from luq_table import BUDGET_CANDIDATES, KEEP, W4, evaluate_row, seeded_setup, sizes  # noqa: E402
 
-from quantlab.apply import quantize  # noqa: E402
+from quantlab.quant.apply import quantize  # noqa: E402
 from quantlab.calib.collect import calibrate  # noqa: E402
 from quantlab.calib.data import CalibDataOptions, build_calibration_set  # noqa: E402
 from quantlab.eval.runner import evaluate  # noqa: E402

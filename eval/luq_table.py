@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from quantlab.apply import quantize
+from quantlab.quant.apply import quantize
 from quantlab.calib.collect import calibrate
 from quantlab.calib.data import CalibDataOptions, build_calibration_set
 from quantlab.eval.runner import evaluate

@@ -34,7 +34,7 @@ _EXPORTS = {
     "QuantScheme": "quantlab.quant.scheme",
     "quantize_weight": "quantlab.quant.api",
     "QuantResult": "quantlab.quant.result",
-    "quantize": "quantlab.apply",
+    "quantize": "quantlab.quant.apply",
     "load_quantized": "quantlab.export.native",
     "export": "quantlab.export.api",
     "evaluate": "quantlab.eval.runner",

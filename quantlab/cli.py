@@ -164,7 +164,7 @@ def eval_(
     from quantlab.eval.runner import EvalReport, evaluate
     from quantlab.eval.tasks import TASKS
     from quantlab.export.open import open_model
-    from quantlab.preflight import check_device
+    from quantlab.pipeline.preflight import check_device
 
     check_device(device)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -221,14 +221,14 @@ def calibrate(
     from quantlab.calib.plot import plot_entropy
     from quantlab.errors import problems_error
     from quantlab.models import load_model
-    from quantlab.preflight import (
+    from quantlab.pipeline.preflight import (
         calibration_problems,
         check_device,
         check_out,
         open_skeleton,
     )
+    from quantlab.pipeline.stages import stats_options
     from quantlab.recipe import Recipe
-    from quantlab.stages import stats_options
 
     check_device(device)
     r = Recipe.from_yaml(recipe, _overrides(set_))
@@ -294,7 +294,7 @@ def quantize(
 def _stage_on_run(run_dir: Path, stop_after: str | None, device: str | None = None, stream: bool = False) -> None:
     from quantlab.errors import UserError
     from quantlab.pipeline import run_all
-    from quantlab.rundir import read_state
+    from quantlab.pipeline.rundir import read_state
 
     state = read_state(run_dir)
     if state is None:
@@ -327,8 +327,8 @@ def plan(
     """
     from quantlab.calib.artifact import is_stats_dir
     from quantlab.errors import UserError
+    from quantlab.pipeline.preflight import check_device
     from quantlab.plan.plan import Plan
-    from quantlab.preflight import check_device
 
     if (Path(target) / "state.json").is_file() and recipe is None:
         _stage_on_run(Path(target), "plan", device, stream)
@@ -346,7 +346,7 @@ def plan(
     if png.exists() and not out.exists():
         raise UserError(f"{png} exists (the plan's plot goes there) and is not beside a quantlab plan",
                         "choose another --out")
-    from quantlab.stages import plan_for_model
+    from quantlab.pipeline.stages import plan_for_model
 
     overrides = _overrides(set_)
     if budget_gb is not None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantlab.apply import quantize, sequential_steps
 from quantlab.calib.executor import CalibSample
 from quantlab.models import Component, get_adapter
 from quantlab.models.load import LoadedModel
+from quantlab.quant.apply import quantize, sequential_steps
+from quantlab.quant.results_io import load_results, save_results
 from quantlab.quant.scheme import QuantScheme
-from quantlab.results_io import load_results, save_results
 from tests.conftest import IMG, TINY_BUILDERS, tiny_inputs
 
 

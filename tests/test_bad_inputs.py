@@ -211,7 +211,7 @@ def test_old_model_and_report_stay_until_the_new_model_is_complete(w4_run, tmp_p
 def test_second_process_on_a_run_directory_is_refused(tmp_path):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from quantlab.rundir import locked\n"
+        [sys.executable, "-c", "import sys, time; from quantlab.pipeline.rundir import locked\n"
          f"with locked({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -284,7 +284,7 @@ def test_a_mistyped_model_leaves_nothing_that_refuses_the_corrected_command(tmp_
 
 
 def test_a_run_that_failed_before_any_stage_finished_takes_the_corrected_model(tmp_path, monkeypatch):
-    import quantlab.stages as stages
+    import quantlab.pipeline.stages as stages
 
     out = tmp_path / "run"
 
@@ -341,7 +341,7 @@ def test_an_offline_hub_id_is_a_message(tmp_path, monkeypatch):
 
 
 def test_a_failure_inside_a_run_puts_its_traceback_in_run_log(tmp_path, monkeypatch):
-    import quantlab.stages as stages
+    import quantlab.pipeline.stages as stages
 
     out = tmp_path / "run"
 

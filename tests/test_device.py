@@ -16,13 +16,13 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from quantlab.apply import quantize
 from quantlab.calib import executor
 from quantlab.calib.collect import calibrate
 from quantlab.calib.weights import load_streaming
 from quantlab.device import resolve_device
 from quantlab.models import Component
 from quantlab.plan.sensitivity import measure_damage, units_of
+from quantlab.quant.apply import quantize
 from quantlab.quant.scheme import QuantScheme
 from tests.test_apply import _setup
 

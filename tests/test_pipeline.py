@@ -77,7 +77,7 @@ def test_changed_recipe_invalidates_downstream(toy_dir, tmp_path):
     said: list[str] = []
     run_all(str(toy_dir), _recipe(tmp_path, k=5), out, progress=False, say=said.append, stop_after="export")
     assert any("plan: inputs changed since the last run" in m for m in said), said  # the user is told
-    assert "WARNING quantlab.rundir: plan: inputs changed" in (out / "run.log").read_text()  # and it is logged
+    assert "WARNING quantlab.pipeline.rundir: plan: inputs changed" in (out / "run.log").read_text()  # and it is logged
     assert (out / "stats" / "stats.safetensors").stat().st_mtime == stats_mtime  # calibration reused
     assert _sha(out / "model" / "quantized.safetensors") != first
     plan = yaml.safe_load((out / "plan.yaml").read_text())

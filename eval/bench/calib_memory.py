@@ -235,7 +235,7 @@ def measure(directory: Path, n_image: int, n_text: int, text_len: int, threads: 
     t0 = time.time()
     results_bytes = None
     if stage == "quantize":  # GPTQ W4 g128 on every decoder Linear, weights streamed, results kept for export
-        from quantlab.apply import quantize
+        from quantlab.quant.apply import quantize
         from quantlab.models import Component
         from quantlab.quant.scheme import QuantScheme
 

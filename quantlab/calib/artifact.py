@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from quantlab.calib.stats import MODALITIES, TensorStats
 from quantlab.errors import NotOurs
-from quantlab.fileperm import as_if_created
+from quantlab.files import write_dir_atomic
 
 STATS_FILE = "stats.safetensors"
 SUMMARY_FILE = "summary.json"
@@ -163,21 +160,11 @@ class CalibrationStats:
             raise NotOurs(f"{directory} exists and is not a statistics directory written by quantlab (it holds "
                             f"{sorted(p.name for p in directory.iterdir())[:5]}); quantlab replaces only its own",
                             "choose another directory")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = as_if_created(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        def build(tmp: Path) -> None:
             save_file(self._tensors(), str(tmp / STATS_FILE))
             (tmp / SUMMARY_FILE).write_text(json.dumps(self._summary(), indent=1, allow_nan=False) + "\n")
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                directory.rename(old)
-                tmp.rename(directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        write_dir_atomic(directory, build, overwrite=overwrite)
         return directory
 
     @classmethod

@@ -22,8 +22,6 @@ function of its seed: the same index always gives the same image, question and a
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from quantlab.fileperm import as_if_created
+from quantlab.files import write_dir_atomic
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
@@ -204,7 +202,10 @@ def write_split(out_dir: str | Path, split: str, n: int, **kwargs) -> Path:
     if final.exists():
         raise FileExistsError(f"{final} already exists; remove it or choose another directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = as_if_created(tempfile.mkdtemp(prefix=f".{split}-", dir=out_dir))
+    return write_dir_atomic(final, lambda tmp: _write_split_files(tmp, split, n, **kwargs))
+
+
+def _write_split_files(tmp: Path, split: str, n: int, **kwargs) -> None:
     (tmp / "images").mkdir()
     with open(tmp / "questions.jsonl", "w") as f:
         for s in iter_samples(split, n, **kwargs):
@@ -221,5 +222,3 @@ def write_split(out_dir: str | Path, split: str, n: int, **kwargs) -> Path:
                 "objects": [asdict(o) for o in s.objects],
             }
             f.write(json.dumps(record) + "\n")
-    os.replace(tmp, final)
-    return final

@@ -30,8 +30,9 @@ from typing import Any
 
 from quantlab.eval.memory import MIB, MemoryReport
 from quantlab.eval.paired import N_RESAMPLES, SEED, PairedDiff, paired_difference
-from quantlab.eval.runner import EvalReport, TaskResult, atomic_write_bytes
+from quantlab.eval.runner import EvalReport, TaskResult
 from quantlab.eval.tasks import TASKS
+from quantlab.files import write_file_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -556,6 +557,6 @@ def write_report(out_dir: str | Path, comparison: Comparison) -> dict[str, Path]
     """
     out_dir = Path(out_dir)
     data = json.dumps(comparison.to_dict(), indent=2, sort_keys=True) + "\n"
-    return {"json": atomic_write_bytes(out_dir / "report.json", data.encode()),
-            "md": atomic_write_bytes(out_dir / "report.md", markdown(comparison).encode()),
-            "png": atomic_write_bytes(out_dir / "report.png", figure_png(comparison))}
+    return {"json": write_file_atomic(out_dir / "report.json", data.encode()),
+            "md": write_file_atomic(out_dir / "report.md", markdown(comparison).encode()),
+            "png": write_file_atomic(out_dir / "report.png", figure_png(comparison))}

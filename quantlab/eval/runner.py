@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -53,7 +51,7 @@ from quantlab.eval.readers import (
     read_vqav2,
 )
 from quantlab.eval.tasks import Task, format_prompt, get_task, score, seeded_subset
-from quantlab.fileperm import as_if_created
+from quantlab.files import write_file_atomic
 from quantlab.models.load import LoadedModel
 from quantlab.progress import block_progress
 
@@ -127,28 +125,12 @@ class EvalReport(_Strict):
 
     def save_json(self, path: str | Path) -> Path:
         """Write the report as JSON atomically (temporary sibling, then rename)."""
-        return atomic_write_bytes(path, (self.model_dump_json(indent=2) + "\n").encode())
+        return write_file_atomic(path, self.model_dump_json(indent=2) + "\n")
 
     @classmethod
     def load_json(cls, path: str | Path) -> EvalReport:
         """Read a report written by :meth:`save_json` (validated; unknown keys are an error)."""
         return cls.model_validate_json(Path(path).read_text(encoding="utf-8"))
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    as_if_created(tmp)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # --- data --------------------------------------------------------------------------------------------------

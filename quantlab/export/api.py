@@ -9,7 +9,7 @@ from typing import Any
 from quantlab.errors import problems_error
 from quantlab.export.card import write_model_card
 from quantlab.export.formats import get_format
-from quantlab.export.io import write_dir_atomic
+from quantlab.files import write_dir_atomic
 from quantlab.models.load import LoadedModel
 from quantlab.quant.scheme import QuantScheme
 

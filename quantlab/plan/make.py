@@ -26,9 +26,9 @@ from quantlab.plan.cost import linear_bytes, model_size, nominal_bits
 from quantlab.plan.fit import Fitted, ShapeFallback, fit_scheme
 from quantlab.plan.plan import Plan, apply_rules
 from quantlab.plan.sensitivity import measure_damage, units_of
+from quantlab.plan.spec import PlanSpec
 from quantlab.quant.registry import get_backend
 from quantlab.quant.scheme import QuantScheme
-from quantlab.recipe import PlanSpec
 
 
 def plan_format(schemes: Sequence[QuantScheme | None], requested: str) -> str:

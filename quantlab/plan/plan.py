@@ -17,9 +17,7 @@ A plan is written as human-editable YAML (``plan.yaml``), one compact mapping pe
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,7 @@ from typing import Any
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from quantlab.fileperm import as_if_created
+from quantlab.files import write_file_atomic
 from quantlab.models.adapter import Adapter, Component
 from quantlab.plan.cost import FORMATS
 from quantlab.quant.scheme import QuantScheme
@@ -64,23 +62,9 @@ class Plan(BaseModel):
             FileExistsError: ``path`` exists and ``overwrite`` is False.
         """
         path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         text = yaml.dump(_plain(self._yaml_dict()), Dumper=_PlanDumper, sort_keys=False, width=140,
                          allow_unicode=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        as_if_created(tmp)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            if overwrite:
-                os.replace(tmp, path)
-            else:
-                os.link(tmp, path)  # atomic, and fails if someone created path meanwhile
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_file_atomic(path, text, overwrite=overwrite)
         return path
 
     @classmethod

@@ -132,10 +132,10 @@ def test_trained_toy_mixed_plan_round_trip(name, tmp_path):
     """quantlab's GPTQ with 2/3/4/8 bits across the decoder of a shipped toy; transformers reproduces it."""
     from safetensors.torch import load_file, save_file
 
-    from quantlab.apply import quantize
     from quantlab.calib.data import CalibDataOptions, build_calibration_set
     from quantlab.models import load_model
     from quantlab.models.load import ASSETS
+    from quantlab.quant.apply import quantize
     from quantlab.quant.scheme import QuantScheme
 
     if not (ASSETS / name / "model.safetensors").is_file():

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantlab.apply import quantize
 from quantlab.export.gptq import write_gptq
 from quantlab.export.io import write_dir_atomic
+from quantlab.quant.apply import quantize
 from quantlab.quant.scheme import QuantScheme
 from tests.test_apply import _plan, _setup
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from quantlab.apply import quantize
 from quantlab.export.io import write_dir_atomic
 from quantlab.export.native import load_quantized, read_native_results, write_native
 from quantlab.plan.cost import linear_bytes
+from quantlab.quant.apply import quantize
 from quantlab.quant.scheme import QuantScheme
 from tests.test_apply import _plan, _setup
 

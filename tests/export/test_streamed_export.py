@@ -7,11 +7,11 @@ import hashlib
 import pytest
 import torch
 
-from quantlab.apply import quantize
 from quantlab.calib.weights import load_streaming
 from quantlab.export.compressed_tensors import write_compressed_tensors
 from quantlab.export.native import write_native
 from quantlab.models import Component
+from quantlab.quant.apply import quantize
 from quantlab.quant.scheme import QuantScheme
 from tests.test_apply import _setup
 

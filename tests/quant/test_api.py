@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantlab.quant import (BACKENDS, QuantScheme, get_backend, hessian_from_inputs, quantize_weight,
-                            register_backend, relative_output_error)
+from quantlab.quant import (
+    BACKENDS,
+    QuantScheme,
+    get_backend,
+    hessian_from_inputs,
+    quantize_weight,
+    register_backend,
+    relative_output_error,
+)
 
 
 def test_all_backends_registered_on_import():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from quantlab.quant.pack import pack_gptq_qweight, pack_gptq_qzeros, pack_int32, unpack_int32
 
 SHAPES = [(7, 45), (33, 100), (5, 1), (3, 32), (64, 96), (1, 257)]

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from quantlab.errors import NotOurs, RunDirBusy
+from quantlab.files import write_file_atomic
 
 log = logging.getLogger(__name__)
 STAGES = ("calibrate", "plan", "quantize", "export", "eval", "report")
@@ -163,12 +164,12 @@ class RunDir:
             state = None
         run = cls(root, state if state is not None and state["_model"] == model else {})
         run.state["_model"] = model
-        write_text_atomic(root / "recipe.yaml", recipe_yaml)
+        write_file_atomic(root / "recipe.yaml", recipe_yaml)
         run.save()
         return run
 
     def save(self) -> None:
-        write_text_atomic(self.root / STATE_FILE, json.dumps(self.state, indent=2, sort_keys=True) + "\n")
+        write_file_atomic(self.root / STATE_FILE, json.dumps(self.state, indent=2, sort_keys=True) + "\n")
 
     def fresh(self, stage: str, fp: str) -> bool:
         """True when ``stage`` finished with this fingerprint; otherwise mark it and every later stage to be
@@ -195,10 +196,3 @@ class RunDir:
         for stage in ("eval", "report"):
             self.state.pop(stage, None)
         self.save()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename (never a half-written file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

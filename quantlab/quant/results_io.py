@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from quantlab.files import write_file_atomic
 from quantlab.quant.result import QuantResult
 
 _TENSOR_FIELDS = ("codes", "scales", "zeros", "g_idx", "dequantized")
@@ -45,10 +45,8 @@ def save_results(path: str | Path, results: Mapping[str, QuantResult]) -> Path:
     """Write results atomically (temp file + rename)."""
     path = Path(path)
     tensors, scalars = results_to_tensors(results)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"quantlab_results": json.dumps(scalars)})
-    os.replace(tmp, path)
-    return path
+    return write_file_atomic(path, lambda tmp: save_file(tensors, str(tmp),
+                                                         metadata={"quantlab_results": json.dumps(scalars)}))
 
 
 def load_results(path: str | Path) -> dict[str, QuantResult]:

@@ -12,13 +12,33 @@ from pathlib import Path
 
 import torch
 
-from quantlab.pipeline import StageContext, file_hash, fingerprint
+from quantlab.calib.artifact import CalibrationStats
+from quantlab.calib.collect import CollectOptions, calibrate
+from quantlab.calib.data import build_calibration_set
+from quantlab.calib.plot import plot_entropy
+from quantlab.errors import problems_error
+from quantlab.eval.memory import memory_report
+from quantlab.eval.report import ModelSize, StatsEntropy, compare, write_report
+from quantlab.eval.runner import EvalReport, evaluate
+from quantlab.export.api import export
+from quantlab.export.card import write_model_card
+from quantlab.export.open import open_model
+from quantlab.models.adapter import Component
+from quantlab.models.load import load_model, resolve
+from quantlab.pipeline.context import StageContext, file_hash, fingerprint
+from quantlab.pipeline.preflight import preflight
+from quantlab.plan.cost import model_size
+from quantlab.plan.fit import plan_problems
+from quantlab.plan.make import make_plan
+from quantlab.plan.plan import Plan
+from quantlab.plan.summary import block_rows, totals
+from quantlab.quant.apply import quantize
+from quantlab.quant.results_io import load_results, save_results
+from quantlab.recipe import Recipe
 
 
 def stats_options(recipe):
     """The calibration collector's options for a recipe (Hessians whenever the budget planner needs them)."""
-    from quantlab.calib.collect import CollectOptions
-
     s = recipe.stats
     hessians = s.hessians or recipe.plan.planner == "budget" or recipe.plan.search_max_kl is not None
     return CollectOptions(entropy_k=s.entropy_k, max_tokens=s.entropy_max_tokens, entropy_on=s.hook,
@@ -32,9 +52,6 @@ def calibrate_fp(ctx: StageContext) -> str:
 
 def stage_calibrate(ctx: StageContext):
     """Calibration statistics (``RUN/stats``)."""
-    from quantlab.calib.artifact import CalibrationStats
-    from quantlab.calib.collect import calibrate
-
     run = ctx.run
     if run.fresh("calibrate", calibrate_fp(ctx)) and run.stats.is_dir():
         ctx.say("calibrate: up to date, loading stats/")
@@ -42,7 +59,6 @@ def stage_calibrate(ctx: StageContext):
     stats = calibrate(ctx.loaded, ctx.samples, options=stats_options(ctx.recipe), progress=ctx.progress,
                       device=ctx.device, weights=ctx.weights)
     stats.save(run.stats, overwrite=True)
-    from quantlab.calib.plot import plot_entropy
 
     plot_entropy(stats, run.stats / "entropy.png")
     run.done("calibrate", samples=len(ctx.samples.samples), image_samples=ctx.samples.n_image)
@@ -51,9 +67,6 @@ def stage_calibrate(ctx: StageContext):
 
 def stage_plan(ctx: StageContext, stats):
     """The plan (``RUN/plan.yaml``); a hand-edited plan.yaml is kept as long as its inputs are unchanged."""
-    from quantlab.plan.make import make_plan
-    from quantlab.plan.plan import Plan
-
     run = ctx.run
     fp = fingerprint(calibrate_fp(ctx), ctx.recipe.plan.model_dump(mode="json"), ctx.recipe.export.format)
     if run.fresh("plan", fp) and run.plan.is_file():
@@ -77,9 +90,6 @@ def check_plan(plan, loaded, source: Path) -> None:
     """
     from torch import nn
 
-    from quantlab.errors import problems_error
-    from quantlab.models.adapter import Component
-    from quantlab.plan.fit import plan_problems
 
     adapter = loaded.adapter
     linears = {n: m for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)}
@@ -99,14 +109,6 @@ def plan_for_model(model: str, recipe_path, overrides: dict | None = None, *, st
     statistics: ``MODEL`` may then be a config.json of a real architecture (meta-device skeleton). The
     budget planner and LUQ's KL search measure on calibration data, so they load and calibrate the model.
     """
-    from quantlab.calib.artifact import CalibrationStats
-    from quantlab.calib.collect import calibrate
-    from quantlab.calib.data import build_calibration_set
-    from quantlab.models import load_model
-    from quantlab.plan.make import make_plan
-    from quantlab.preflight import preflight
-    from quantlab.recipe import Recipe
-
     recipe = Recipe.from_yaml(recipe_path, overrides)
     preflight(model, recipe, device=device)
     spec = recipe.plan
@@ -145,9 +147,6 @@ def stage_quantize(ctx: StageContext, plan):
     A resumed run is byte-identical to an uninterrupted one when torch, the thread count and the device
     are the same (``RUN/quant/compute.json`` records them; a difference is reported).
     """
-    from quantlab.apply import quantize
-    from quantlab.results_io import load_results, save_results
-
     run = ctx.run
     fp = fingerprint(file_hash(run.plan), ctx.recipe.calibration.model_dump(mode="json"), calibrate_fp(ctx))
     previous = run.state.get("quantize", {}).get("fingerprint")
@@ -187,8 +186,6 @@ def stage_quantize(ctx: StageContext, plan):
 
 def stage_export(ctx: StageContext, plan, results) -> Path:
     """Export in the plan's format (``auto`` = compressed-tensors, or native when BiLLM is present)."""
-    from quantlab.export.api import export
-
     fmt = ctx.recipe.export.format
     if fmt == "auto":
         fmt = plan.format
@@ -208,8 +205,6 @@ def stage_export(ctx: StageContext, plan, results) -> Path:
 
 def _exported_or(ctx: StageContext, fake_quant):
     """The exported checkpoint as a loader opens it, or (GPTQ without gptqmodel here) the fake-quant model."""
-    from quantlab.export.open import open_model
-
     fmt = ctx.run.state["export"].get("format")
     if fmt == "gptq":
         try:
@@ -227,9 +222,6 @@ def _exported_or(ctx: StageContext, fake_quant):
 
 def stage_eval(ctx: StageContext, quantized_loaded) -> dict:
     """Evaluate the base model and the exported quantized checkpoint (loaded back) on the recipe's tasks."""
-    from quantlab.eval.runner import EvalReport, evaluate
-    from quantlab.models import load_model
-
     run = ctx.run
     spec = ctx.recipe.eval
     fp = fingerprint(run.state["export"]["fingerprint"], spec.model_dump(mode="json"))
@@ -256,13 +248,6 @@ def stage_eval(ctx: StageContext, quantized_loaded) -> dict:
 
 def stage_report(ctx: StageContext, plan, results, evals: dict) -> Path:
     """report.md / report.json / report.png: accuracy and memory, baseline vs quantized."""
-    from quantlab.eval.memory import memory_report
-    from quantlab.eval.report import ModelSize, StatsEntropy, compare, write_report
-    from quantlab.export.card import write_model_card
-    from quantlab.models.load import resolve
-    from quantlab.plan.cost import model_size
-    from quantlab.plan.summary import block_rows, totals
-
     run = ctx.run
     run.fresh("report", fingerprint(run.state["eval"]["fingerprint"]))
     base_dir = Path(resolve(ctx.model_name))

@@ -1,0 +1,79 @@
+"""The whole run, stage by stage, in a run directory a user can stop, inspect, edit and resume.
+
+The directory's layout, lock and replacement rules are in :mod:`quantlab.pipeline.rundir`. Before anything is
+written, :func:`quantlab.pipeline.preflight.preflight` checks the recipe, the model's config and the flags. A stage
+re-runs when its fingerprint (the recipe sections and upstream artifacts it depends on) changes; every
+later stage re-runs with it, and the run log says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from quantlab.pipeline import stages
+from quantlab.pipeline.context import StageContext, run_log
+from quantlab.pipeline.preflight import preflight
+from quantlab.pipeline.rundir import RunDir, locked
+from quantlab.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def run_all(model: str, recipe_path: str | Path, out: str | Path, *, overwrite: bool = False,
+            overrides: dict[str, Any] | None = None, progress: bool = True,
+            say: Callable[[str], None] = print, stop_after: str | None = None,
+            device: str | None = None, stream: bool = False, push_to_hub: str | None = None) -> dict[str, Any]:
+    """calibrate -> plan -> quantize -> export -> eval -> report in ``out``; returns a summary.
+
+    ``device`` (``"cuda"``, ``"cuda:1"``, ...) is where calibration, the planner's measurements, the
+    solvers and evaluation compute; the model is held in host memory and moved one block at a time.
+    It is a property of the machine, not of the recipe: a run resumed on another device continues.
+    ``stream``: calibrate, quantize and export read the decoder and vision blocks from the checkpoint's
+    safetensors one at a time (a local directory; same results); evaluation loads the models it compares.
+    ``push_to_hub``: only checked here (a malformed id fails before any work); the CLI uploads.
+
+    Raises:
+        UserError: anything wrong with the recipe, the model, the flags or ``out``, before anything is
+            written; :class:`quantlab.errors.RunDirBusy` when another process works in ``out``.
+    """
+    recipe = Recipe.from_yaml(recipe_path, overrides)
+    skeleton = preflight(model, recipe, out=out, stream=stream, device=device, push_to_hub=push_to_hub)
+    RunDir.check(out, model, overwrite=overwrite)
+    with locked(out), run_log(Path(out) / "run.log", say) as tell:
+        run = RunDir.open(out, model, recipe.to_yaml(), overwrite=overwrite)
+        env = stages.compute_env(device)
+        log.info("quantlab run: model %s, recipe %s (%s), stop after %s, torch %s, %d threads, device %s%s",
+                 model, recipe_path, recipe.name, stop_after or "report", env["torch"], env["threads"], env["device"],
+                 ", streamed" if stream else "")
+        ctx = StageContext(model, recipe, run, progress=progress, say=tell, device=device, stream=stream,
+                           skeleton=skeleton)
+        return _stages(ctx, stop_after)
+
+
+def _stages(ctx: StageContext, stop_after: str | None) -> dict[str, Any]:
+    recipe, say = ctx.recipe, ctx.say
+    summary: dict[str, Any] = {"run_dir": str(ctx.run.root)}
+    say(f"[1/6] calibrate: {recipe.calibration.num_samples} samples (alpha={recipe.calibration.alpha})")
+    stats = stages.stage_calibrate(ctx)
+    if stop_after == "calibrate":
+        return summary
+    say(f"[2/6] plan: {recipe.plan.planner}")
+    plan = stages.stage_plan(ctx, stats)
+    summary["predicted_bytes"] = plan.predicted_bytes
+    if stop_after == "plan":
+        return summary
+    say("[3/6] quantize: block by block")
+    results = stages.stage_quantize(ctx, plan)
+    say("[4/6] export")
+    summary["model_dir"] = str(stages.stage_export(ctx, plan, results))
+    if stop_after == "export":
+        return summary
+    say("[5/6] eval: baseline and quantized")
+    summary["eval"] = stages.stage_eval(ctx, ctx.loaded)
+    say("[6/6] report")
+    summary["report"] = str(stages.stage_report(ctx, plan, results, summary["eval"]))
+    say(f"done: {summary['report']}")
+    return summary
