@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,11 +30,10 @@ from quantlab.calib.executor import CalibSample
 from quantlab.data import shapes
 from quantlab.models.inputs import build_inputs
 from quantlab.models.load import LoadedModel
+from quantlab.registry import Member, Registry
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
-IMAGE_SOURCE_KINDS = ("shapes", "jsonl", "folder", "hf")  # what iter_image_source reads
-TEXT_SOURCE_KINDS = ("shapes", "text", "hf")  # what iter_text_source reads
 
 
 class CalibSource(BaseModel):
@@ -108,54 +107,103 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
 
 
+def _shapes_images(src: CalibSource, n: int, seed: int) -> Iterator[RawSample]:
+    if src.path:  # an on-disk split written by shapes.write_split
+        yield from _jsonl_images(CalibSource(kind="jsonl", path=str(Path(src.path) / "questions.jsonl"),
+                                             text_column="question"), n, seed)
+        return
+    for s in shapes.iter_samples("calibration", n, start=seed * 100_000):
+        yield RawSample(s.id, s.question, s.render())
+
+
+def _jsonl_images(src: CalibSource, n: int, seed: int) -> Iterator[RawSample]:
+    path = _need(src.path, "jsonl")
+    for lineno, rec in _jsonl(path):
+        if src.image_column not in rec:
+            raise ValueError(f"{path}:{lineno}: missing key {src.image_column!r} (keys: {sorted(rec)})")
+        prompt = rec.get(src.text_column) or rec.get("prompt") or rec.get("question") or rec.get("caption") or src.prompt
+        yield RawSample(str(rec.get("id", f"{path.name}:{lineno}")), prompt, path.parent / rec[src.image_column])
+
+
+def _folder_images(src: CalibSource, n: int, seed: int) -> Iterator[RawSample]:
+    path = _need(src.path, "folder")
+    for img in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        yield RawSample(str(img.relative_to(path)), src.prompt, img)
+
+
+def _hf_images(src: CalibSource, n: int, seed: int) -> Iterator[RawSample]:
+    for i, rec in enumerate(_hf_records(src)):
+        yield RawSample(f"hf:{i}", str(rec.get(src.text_column) or src.prompt), rec[src.image_column])
+
+
+def _shapes_texts(src: CalibSource, n: int, seed: int) -> Iterator[RawSample]:
+    for s in shapes.iter_samples("calibration", n, start=seed * 100_000 + 50_000):
+        yield RawSample(s.id + "-caption", s.caption(), None)
+
+
+def _text_file(src: CalibSource, n: int, seed: int) -> Iterator[RawSample]:
+    path = _need(src.path, "text")
+    if path.suffix == ".jsonl":
+        for lineno, rec in _jsonl(path):
+            if src.text_column not in rec:
+                raise ValueError(f"{path}:{lineno}: missing key {src.text_column!r}")
+            yield RawSample(f"{path.name}:{lineno}", str(rec[src.text_column]), None)
+    else:
+        paras = [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
+        for i, p in enumerate(paras):
+            yield RawSample(f"{path.name}:{i}", p, None)
+
+
+def _hf_texts(src: CalibSource, n: int, seed: int) -> Iterator[RawSample]:
+    for i, rec in enumerate(_hf_records(src)):
+        yield RawSample(f"hf:{i}", str(rec[src.text_column]), None)
+
+
+Reader = Callable[[CalibSource, int, int], Iterator[RawSample]]
+
+
+class SourceKind(Member):
+    """A kind of calibration source: how it yields image+text records and/or text-only records.
+
+    Attributes:
+        images: ``(source, n, seed) -> records`` with an image each, or None when the kind has no images.
+        texts: ``(source, n, seed) -> records`` without images, or None.
+        needs_path: the source's ``path`` must be given.
+        local_path: a given ``path`` is a local file or folder that must exist (checked before any work);
+            False for ``hf``, whose path may name a dataset.
+    """
+
+    images: Reader | None = None
+    texts: Reader | None = None
+    needs_path: bool = True
+    local_path: bool = True
+
+
+SOURCES: Registry[SourceKind] = Registry("calibration source kind")
+for _kind in (SourceKind(name="shapes", images=_shapes_images, texts=_shapes_texts, needs_path=False),
+              SourceKind(name="jsonl", images=_jsonl_images),
+              SourceKind(name="folder", images=_folder_images),
+              SourceKind(name="text", texts=_text_file),
+              SourceKind(name="hf", images=_hf_images, texts=_hf_texts, needs_path=False, local_path=False)):
+    SOURCES.register(_kind)
+IMAGE_SOURCE_KINDS = tuple(k.name for k in SOURCES.values() if k.images is not None)
+TEXT_SOURCE_KINDS = tuple(k.name for k in SOURCES.values() if k.texts is not None)
+
+
 def iter_image_source(src: CalibSource, n: int, seed: int) -> Iterator[RawSample]:
     """Up to ``n`` image+text records of one source."""
-    if src.kind == "shapes":
-        if src.path:  # an on-disk split written by shapes.write_split
-            src = CalibSource(kind="jsonl", path=str(Path(src.path) / "questions.jsonl"), text_column="question")
-        else:
-            for s in shapes.iter_samples("calibration", n, start=seed * 100_000):
-                yield RawSample(s.id, s.question, s.render())
-            return
-    if src.kind == "jsonl":
-        path = _need(src.path, "jsonl")
-        for lineno, rec in _jsonl(path):
-            if src.image_column not in rec:
-                raise ValueError(f"{path}:{lineno}: missing key {src.image_column!r} (keys: {sorted(rec)})")
-            prompt = rec.get(src.text_column) or rec.get("prompt") or rec.get("question") or rec.get("caption") or src.prompt
-            yield RawSample(str(rec.get("id", f"{path.name}:{lineno}")), prompt, path.parent / rec[src.image_column])
-    elif src.kind == "folder":
-        path = _need(src.path, "folder")
-        for img in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
-            yield RawSample(str(img.relative_to(path)), src.prompt, img)
-    elif src.kind == "hf":
-        for i, rec in enumerate(_hf_records(src)):
-            yield RawSample(f"hf:{i}", str(rec.get(src.text_column) or src.prompt), rec[src.image_column])
-    else:
-        raise ValueError(f"unknown image calibration source kind {src.kind!r}; expected one of {IMAGE_SOURCE_KINDS}")
+    kind = SOURCES.get(src.kind)
+    if kind.images is None:
+        raise ValueError(f"calibration source kind {src.kind!r} has no images; image kinds: {IMAGE_SOURCE_KINDS}")
+    return kind.images(src, n, seed)
 
 
 def iter_text_source(src: CalibSource, n: int, seed: int) -> Iterator[RawSample]:
     """Up to ``n`` text-only records of one source."""
-    if src.kind == "shapes":
-        for s in shapes.iter_samples("calibration", n, start=seed * 100_000 + 50_000):
-            yield RawSample(s.id + "-caption", s.caption(), None)
-    elif src.kind == "text":
-        path = _need(src.path, "text")
-        if path.suffix == ".jsonl":
-            for lineno, rec in _jsonl(path):
-                if src.text_column not in rec:
-                    raise ValueError(f"{path}:{lineno}: missing key {src.text_column!r}")
-                yield RawSample(f"{path.name}:{lineno}", str(rec[src.text_column]), None)
-        else:
-            paras = [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
-            for i, p in enumerate(paras):
-                yield RawSample(f"{path.name}:{i}", p, None)
-    elif src.kind == "hf":
-        for i, rec in enumerate(_hf_records(src)):
-            yield RawSample(f"hf:{i}", str(rec[src.text_column]), None)
-    else:
-        raise ValueError(f"unknown text calibration source kind {src.kind!r}; expected one of {TEXT_SOURCE_KINDS}")
+    kind = SOURCES.get(src.kind)
+    if kind.texts is None:
+        raise ValueError(f"calibration source kind {src.kind!r} has no text records; text kinds: {TEXT_SOURCE_KINDS}")
+    return kind.texts(src, n, seed)
 
 
 def _hf_records(src: CalibSource) -> Iterator[dict]:

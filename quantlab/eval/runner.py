@@ -29,8 +29,7 @@ import io
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +41,6 @@ from quantlab.eval import metrics
 from quantlab.eval.generate import generate_answers
 from quantlab.eval.readers import (
     EvalItem,
-    read_gqa,
-    read_mme,
-    read_pope,
-    read_scienceqa,
-    read_shapes_vqa,
-    read_textvqa,
-    read_vqav2,
 )
 from quantlab.eval.tasks import Task, format_prompt, get_task, score, seeded_subset
 from quantlab.files import write_file_atomic
@@ -143,27 +135,6 @@ def shapes_items(n: int, split: str = "test") -> list[EvalItem]:
             for s in shapes.iter_samples(split, n)]
 
 
-def _pope_items(root: Path) -> Iterator[EvalItem]:
-    files = sorted(p for p in root.glob("*.json*") if p.suffix in (".json", ".jsonl"))
-    if not files:
-        raise FileNotFoundError(f"{root}: no POPE question files (*.jsonl / *.json)")
-    for f in files:
-        for item in read_pope(f, root / "images"):  # ids restart per file: prefix them when there are several
-            yield replace(item, id=f"{f.stem}/{item.id}" if len(files) > 1 else item.id,
-                          question_type=item.question_type or f.stem)
-
-
-_LAYOUTS: dict[str, Callable[[Path], Iterable[EvalItem]]] = {
-    "shapes-vqa": lambda d: read_shapes_vqa(d / "shapes-vqa" / "test"),
-    "pope": lambda d: _pope_items(d / "pope"),
-    "mme": lambda d: read_mme(d / "mme"),
-    "vqav2": lambda d: read_vqav2(d / "vqav2/questions.json", d / "vqav2/annotations.json", d / "vqav2/images"),
-    "textvqa": lambda d: read_textvqa(d / "textvqa/data.json", d / "textvqa/images"),
-    "gqa": lambda d: read_gqa(d / "gqa/questions.json", d / "gqa/images"),
-    "scienceqa": lambda d: read_scienceqa(d / "scienceqa/problems.json", d / "scienceqa/images", "test"),
-}
-
-
 def load_items(task: str, data_dir: Path | None, *, limit: int | None, seed: int = 0
                ) -> tuple[list[EvalItem], str]:
     """The (seeded-subset) items of ``task`` and a description of where they came from.
@@ -182,7 +153,7 @@ def load_items(task: str, data_dir: Path | None, *, limit: int | None, seed: int
         return shapes_items(n), f"generated: shapes-vqa test split, items 0..{n - 1}"
     if data_dir is None:
         raise ValueError(f"task {task!r} reads files: pass data_dir (CLI: --data-dir)")
-    items = seeded_subset(_LAYOUTS[task](Path(data_dir)), limit, seed)
+    items = seeded_subset(get_task(task).load(Path(data_dir)), limit, seed)
     unanswered = [it.id for it in items if not it.answers]
     if unanswered:
         raise ValueError(f"task {task!r}: {len(unanswered)} item(s) have no ground-truth answers (a test split "

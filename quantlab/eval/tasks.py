@@ -14,8 +14,9 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
 
 from quantlab.eval import metrics
 from quantlab.eval.readers import (
@@ -28,23 +29,35 @@ from quantlab.eval.readers import (
     read_textvqa,
     read_vqav2,
 )
+from quantlab.registry import Member, Registry
 
 SHORT_ANSWER_PROMPT = "{question}\nAnswer the question using a single word or phrase."
 YES_NO_PROMPT = "{question} Please answer yes or no."
 MULTIPLE_CHOICE_PROMPT = "{context}{question}\n{options}\nAnswer with the option's letter from the given choices directly."
 
 
-@dataclass(frozen=True)
-class Task:
-    """A benchmark: how to read it, how to prompt for each item, how to score an answer.
+def _pope_items(root: Path) -> Iterator[EvalItem]:
+    files = sorted(p for p in root.glob("*.json*") if p.suffix in (".json", ".jsonl"))
+    if not files:
+        raise FileNotFoundError(f"{root}: no POPE question files (*.jsonl / *.json)")
+    for f in files:
+        for item in read_pope(f, root / "images"):  # ids restart per file: prefix them when there are several
+            yield replace(item, id=f"{f.stem}/{item.id}" if len(files) > 1 else item.id,
+                          question_type=item.question_type or f.stem)
+
+
+class Task(Member):
+    """A benchmark: where its files lie, how to prompt for each item, how to score an answer.
+
+    ``load(data_dir)`` reads the task's files under the benchmark root (the layouts are listed in
+    :mod:`quantlab.eval.runner`).
 
     ``prompt_template`` may use ``{question}``, ``{options}`` (``"A. ...\\nB. ..."``) and ``{context}``
     (``"Context: <hint>\\n"`` when the item has a hint, else empty). ``metric`` is a key of
     :data:`SCORERS`; ``answer_kind`` is ``"short"``, ``"yes_no"`` or ``"multiple_choice"``.
     """
 
-    name: str
-    reader: Callable[..., Iterable[EvalItem]]
+    load: Callable[[Path], Iterable[EvalItem]]
     prompt_template: str
     metric: str
     answer_kind: str
@@ -72,29 +85,35 @@ SCORERS: dict[str, Callable[[str, EvalItem], float]] = {
     "anls": lambda p, item: metrics.anls(p, _require_answers(item)),
 }
 
-TASKS: dict[str, Task] = {
-    t.name: t
-    for t in (
-        Task("shapes-vqa", read_shapes_vqa, "{question}", "exact_match", "short"),
-        Task("vqav2", read_vqav2, SHORT_ANSWER_PROMPT, "vqa_accuracy", "short"),
-        Task("textvqa", read_textvqa, SHORT_ANSWER_PROMPT, "textvqa_accuracy", "short"),
-        Task("gqa", read_gqa, SHORT_ANSWER_PROMPT, "exact_match", "short"),
-        Task("pope", read_pope, YES_NO_PROMPT, "pope", "yes_no"),
-        Task("mme", read_mme, SHORT_ANSWER_PROMPT, "mme", "yes_no"),
-        Task("scienceqa", read_scienceqa, MULTIPLE_CHOICE_PROMPT, "multiple_choice", "multiple_choice"),
-    )
-}
+TASKS: Registry[Task] = Registry("task")
+for _task in (
+    Task(name="shapes-vqa", load=lambda d: read_shapes_vqa(d / "shapes-vqa" / "test"), prompt_template="{question}",
+         metric="exact_match", answer_kind="short"),
+    Task(name="vqav2", load=lambda d: read_vqav2(d / "vqav2/questions.json", d / "vqav2/annotations.json",
+                                                 d / "vqav2/images"),
+         prompt_template=SHORT_ANSWER_PROMPT, metric="vqa_accuracy", answer_kind="short"),
+    Task(name="textvqa", load=lambda d: read_textvqa(d / "textvqa/data.json", d / "textvqa/images"),
+         prompt_template=SHORT_ANSWER_PROMPT, metric="textvqa_accuracy", answer_kind="short"),
+    Task(name="gqa", load=lambda d: read_gqa(d / "gqa/questions.json", d / "gqa/images"),
+         prompt_template=SHORT_ANSWER_PROMPT, metric="exact_match", answer_kind="short"),
+    Task(name="pope", load=lambda d: _pope_items(d / "pope"), prompt_template=YES_NO_PROMPT, metric="pope",
+         answer_kind="yes_no"),
+    Task(name="mme", load=lambda d: read_mme(d / "mme"), prompt_template=SHORT_ANSWER_PROMPT, metric="mme",
+         answer_kind="yes_no"),
+    Task(name="scienceqa", load=lambda d: read_scienceqa(d / "scienceqa/problems.json", d / "scienceqa/images",
+                                                         "test"),
+         prompt_template=MULTIPLE_CHOICE_PROMPT, metric="multiple_choice", answer_kind="multiple_choice"),
+):
+    TASKS.register(_task)
 
 
 def get_task(name: str) -> Task:
     """The registered task called ``name``.
 
     Raises:
-        KeyError: naming the valid task names.
+        UnknownName: a ``KeyError`` naming the valid task names.
     """
-    if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}")
-    return TASKS[name]
+    return TASKS.get(name)
 
 
 def format_options(options: Sequence[str]) -> str:

@@ -8,28 +8,13 @@ opened (the model card). A new format is one module declaring ``FORMAT = ExportF
 
 from __future__ import annotations
 
-from quantlab.errors import UserError
 from quantlab.export import compressed_tensors, gptq, native
 from quantlab.export.spec import ExportFormat
+from quantlab.registry import Registry
 
-FORMATS: dict[str, ExportFormat] = {}
-
-
-def register_format(fmt: ExportFormat) -> ExportFormat:
-    """Add ``fmt`` to the registry; a duplicate name raises ``ValueError``."""
-    if fmt.name in FORMATS:
-        raise ValueError(f"export format {fmt.name!r} already registered")
-    FORMATS[fmt.name] = fmt
-    return fmt
-
-
-def get_format(name: str) -> ExportFormat:
-    """The format registered as ``name``; a :class:`UserError` listing the valid names otherwise."""
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise UserError(f"unknown export format {name!r}; valid: {sorted(FORMATS)}") from None
-
+FORMATS: Registry[ExportFormat] = Registry("export format")
+register_format = FORMATS.register
+get_format = FORMATS.get
 
 for _module in (compressed_tensors, gptq, native):
     register_format(_module.FORMAT)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from quantlab.quant.layout import Layout
 from quantlab.quant.registry import get_backend
 from quantlab.quant.scheme import QuantScheme
+from quantlab.registry import Member
 
 
-@dataclass(frozen=True)
-class ExportFormat:
+class ExportFormat(Member):
     """One checkpoint format quantlab writes.
 
     Attributes:
@@ -24,7 +23,6 @@ class ExportFormat:
         load_snippet: how to open it (model card), with ``{repo}`` for the path or hub id.
     """
 
-    name: str
     write: Callable[..., None]
     layout: Callable[..., Layout]
     uniform_only: bool

@@ -21,15 +21,15 @@ from pathlib import Path
 
 from torch import nn
 
-from quantlab.calib.data import IMAGE_SOURCE_KINDS, TEXT_SOURCE_KINDS, CalibSource
+from quantlab.calib.data import IMAGE_SOURCE_KINDS, SOURCES, TEXT_SOURCE_KINDS, CalibSource
 from quantlab.device import resolve_device
 from quantlab.errors import UserError, problems_error
 from quantlab.eval.tasks import TASKS
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel, load_model, resolve
-from quantlab.plan.cost import model_size, nominal_bits
+from quantlab.plan.cost import model_size
 from quantlab.plan.fit import fit_scheme, scheme_problem
-from quantlab.plan.make import plan_format
+from quantlab.plan.make import PLANNERS, plan_format
 from quantlab.plan.plan import apply_rules
 from quantlab.quant.registry import outside_decoder_problem
 from quantlab.quant.scheme import QuantScheme
@@ -82,9 +82,7 @@ def recipe_schemes(recipe: Recipe) -> Iterator[tuple[str, QuantScheme]]:
 
 def planner_schemes(recipe: Recipe) -> list[QuantScheme]:
     """The schemes the recipe's planner may give a decoder Linear that no rule pins."""
-    spec = recipe.plan
-    picks = {"uniform": [spec.scheme], "luq": [spec.low, spec.high], "budget": list(spec.candidates)}
-    return [s for s in picks[spec.planner] if s is not None]
+    return PLANNERS.get(recipe.plan.planner).schemes(recipe.plan)
 
 
 def _source_problems(key: str, sources: list[CalibSource], kinds: tuple[str, ...]) -> list[str]:
@@ -93,9 +91,9 @@ def _source_problems(key: str, sources: list[CalibSource], kinds: tuple[str, ...
         where = f"calibration.{key}[{i}]"
         if src.kind not in kinds:
             out.append(f"{where}.kind: unknown kind {src.kind!r}{_suggest(src.kind, kinds)}; valid: {list(kinds)}")
-        elif src.kind != "shapes" and not src.path:
+        elif SOURCES.get(src.kind).needs_path and not src.path:
             out.append(f"{where}.path: kind {src.kind!r} needs a path")
-        elif src.path and not Path(src.path).expanduser().exists() and src.kind != "hf":
+        elif src.path and SOURCES.get(src.kind).local_path and not Path(src.path).expanduser().exists():
             out.append(f"{where}.path: {src.path} does not exist")
     return out
 
@@ -117,29 +115,14 @@ def check_device(device: str | None) -> None:
 def recipe_problems(recipe: Recipe, *, stream: bool = False) -> list[str]:
     """What is wrong with a recipe whatever the model (empty: nothing)."""
     spec, fmt = recipe.plan, recipe.export.format
-    problems: list[str] = []
-    if spec.planner == "uniform" and spec.scheme is None:
-        problems.append("plan.scheme: the uniform planner needs the one scheme to apply")
-    if spec.planner == "luq":
-        if spec.low is None or spec.high is None:
-            problems.append("plan.low / plan.high: the luq planner needs both schemes (the ultra-low one and the "
-                            "default)")
-        if all(v is None for v in (spec.k, spec.target_avg_bits, spec.search_max_kl, spec.budget_gb)):
-            problems.append("plan: the luq planner needs how many blocks go low: k, target_avg_bits, search_max_kl "
-                            "or budget_gb")
-    if spec.planner == "budget":
-        if not spec.candidates:
-            problems.append("plan.candidates: the budget planner needs at least one candidate scheme")
-        if spec.budget_gb is None and spec.target_avg_bits is None:
-            problems.append("plan: the budget planner needs budget_gb or target_avg_bits")
+    planner = PLANNERS.get(spec.planner)
+    problems: list[str] = list(planner.requires(spec))
     for key, scheme in recipe_schemes(recipe):
         why = scheme_problem(scheme, fmt)
         if why is not None:
             problems.append(f"{key} ({scheme.label()}): {why}")
-    if stream and (spec.planner == "budget" or spec.search_max_kl is not None):
-        what = "plan.search_max_kl: the luq planner's KL search" if spec.planner == "luq" else \
-            "plan.planner: the budget planner"
-        problems.append(f"{what} measures the model's output with every block in memory, which --stream does not "
+    if stream and planner.measures(spec):
+        problems.append(f"plan.planner: the {spec.planner} planner measures the model's output with every block in memory, which --stream does not "
                         "hold; run without --stream, or plan with luq (k / target_avg_bits / budget_gb) or uniform")
     for task in recipe.eval.tasks:
         if task not in TASKS:
@@ -189,10 +172,6 @@ def model_problems(skeleton: LoadedModel, recipe: Recipe) -> list[str]:
             problems.append(f"plan.budget_gb: {budget} GB ({int(budget * 1e9):,} bytes) is below the smallest size "
                             f"this recipe reaches on this model, {smallest / 1e9:.6f} GB ({smallest:,} bytes, every "
                             "planned Linear at its cheapest scheme)")
-    if spec.planner == "luq" and spec.target_avg_bits is not None and spec.low is not None and \
-            nominal_bits(spec.low) > spec.target_avg_bits:
-        problems.append(f"plan.target_avg_bits: {spec.target_avg_bits} is below the low scheme's own nominal width "
-                        f"{nominal_bits(spec.low)}: no k reaches it")
     return problems
 
 

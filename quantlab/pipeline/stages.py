@@ -29,7 +29,7 @@ from quantlab.pipeline.context import StageContext, file_hash, fingerprint
 from quantlab.pipeline.preflight import preflight
 from quantlab.plan.cost import model_size
 from quantlab.plan.fit import plan_problems
-from quantlab.plan.make import make_plan
+from quantlab.plan.make import PLANNERS, make_plan
 from quantlab.plan.plan import Plan
 from quantlab.plan.summary import block_rows, totals
 from quantlab.quant.apply import quantize
@@ -40,7 +40,7 @@ from quantlab.recipe import Recipe
 def stats_options(recipe):
     """The calibration collector's options for a recipe (Hessians whenever the budget planner needs them)."""
     s = recipe.stats
-    hessians = s.hessians or recipe.plan.planner == "budget" or recipe.plan.search_max_kl is not None
+    hessians = s.hessians or PLANNERS.get(recipe.plan.planner).measures(recipe.plan)
     return CollectOptions(entropy_k=s.entropy_k, max_tokens=s.entropy_max_tokens, entropy_on=s.hook,
                           linear_max_tokens=min(512, s.entropy_max_tokens), hessians=hessians)
 
@@ -113,8 +113,9 @@ def plan_for_model(model: str, recipe_path, overrides: dict | None = None, *, st
     preflight(model, recipe, device=device)
     spec = recipe.plan
     stats = CalibrationStats.load(stats_dir) if stats_dir is not None else None
-    measures = spec.planner == "budget" or spec.search_max_kl is not None
-    if not measures and (spec.planner == "uniform" or stats is not None):
+    planner = PLANNERS.get(spec.planner)
+    measures = planner.measures(spec)
+    if not measures and (not planner.needs_stats or stats is not None):
         loaded, samples = load_model(model, weights=False), ()
     else:
         loaded = load_model(model)

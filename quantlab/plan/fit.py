@@ -36,9 +36,9 @@ ENGINE_GROUP_SIZES = (128, 64, 32)
 
 def scheme_problem(scheme: QuantScheme, fmt: str) -> str | None:
     """Why ``scheme`` cannot be used on any Linear when exporting to ``fmt`` (None: it can)."""
-    backend = BACKENDS.get(scheme.backend)
-    if backend is None:
+    if scheme.backend not in BACKENDS:
         return f"unknown backend {scheme.backend!r}; registered: {sorted(BACKENDS)}"
+    backend = BACKENDS.get(scheme.backend)
     if scheme.bits not in backend.bits:
         return f"backend {scheme.backend!r} takes bits in {list(backend.bits)}, got {scheme.bits}"
     unknown = sorted(set(scheme.args) - set(backend.options))

@@ -12,7 +12,9 @@ luq and budget; everything else is kept unless a rule says otherwise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,6 +31,7 @@ from quantlab.plan.sensitivity import measure_damage, units_of
 from quantlab.plan.spec import PlanSpec
 from quantlab.quant.registry import get_backend
 from quantlab.quant.scheme import QuantScheme
+from quantlab.registry import Member, Registry
 
 
 def plan_format(schemes: Sequence[QuantScheme | None], requested: str) -> str:
@@ -88,17 +91,12 @@ def make_plan(loaded: LoadedModel, stats, spec: PlanSpec, *, export_format: str 
         blocks.setdefault(adapter.block_index(n), []).append(n)
     info: dict[str, dict] = {}
 
-    if spec.planner == "uniform":
-        if spec.scheme is None:
-            raise ValueError("plan.planner 'uniform' needs plan.scheme")
-        layers = {n: spec.scheme for n in decoder}
-    elif spec.planner == "luq":
-        layers, info = _luq(loaded, stats, spec, blocks, linears, export_format, budget_bytes, samples)
-    elif spec.planner == "budget":
-        layers, info = _budget(loaded, stats, spec, blocks, linears, export_format, samples, budget_bytes, progress,
-                               device)
-    else:  # pragma: no cover - PlanSpec validates the name
-        raise ValueError(f"unknown planner {spec.planner!r}")
+    planner = PLANNERS.get(spec.planner)
+    problems = planner.requires(spec)
+    if problems:
+        raise problems_error(f"plan.planner {spec.planner!r}", problems)
+    layers, info = planner.plan(PlanInputs(loaded, stats, spec, blocks, linears, export_format, budget_bytes,
+                                           tuple(samples), progress, device))
 
     full = {n: pinned.get(n, layers.get(n)) for n in linears}
     fmt = plan_format(list(full.values()), export_format)
@@ -133,9 +131,9 @@ def _luq_search(loaded, stats, spec: PlanSpec, order, blocks, samples, linears, 
     return (k or 0), [{"k": kk, "kl": -s} for kk, s in probes]
 
 
-def _luq(loaded, stats, spec: PlanSpec, blocks, linears, export_format, budget_bytes, samples=()):
-    if spec.low is None or spec.high is None:
-        raise ValueError("plan.planner 'luq' needs plan.low and plan.high schemes")
+def _luq(x: PlanInputs):
+    loaded, stats, spec, blocks, linears = x.loaded, x.stats, x.spec, x.blocks, x.linears
+    export_format, budget_bytes, samples = x.export_format, x.budget_bytes, x.samples
     entropy = stats.block_entropy(spec.entropy_modality, "kmeans")
     entropy = {b: entropy[b] for b in blocks}
     order = planners.luq_order(entropy)
@@ -185,9 +183,10 @@ def _nominal(layers: dict[str, QuantScheme], linears) -> float:
     return num / max(1, sum(linears[n].weight.numel() for n in layers))
 
 
-def _budget(loaded, stats, spec: PlanSpec, blocks, linears, export_format, samples, budget_bytes, progress, device):
-    if not spec.candidates:
-        raise ValueError("plan.planner 'budget' needs plan.candidates")
+def _budget(x: PlanInputs):
+    loaded, stats, spec, blocks, linears = x.loaded, x.stats, x.spec, x.blocks, x.linears
+    export_format, samples, budget_bytes, progress, device = x.export_format, x.samples, x.budget_bytes, x.progress, \
+        x.device
     if not samples:
         raise ValueError("plan.planner 'budget' measures sensitivity on calibration samples; none given")
     needs_h = [c.label() for c in spec.candidates if get_backend(c.backend).needs_hessian]
@@ -224,3 +223,78 @@ def _budget(loaded, stats, spec: PlanSpec, blocks, linears, export_format, sampl
         "bytes": {lab: cost[u, lab] for lab in by_label}} for u in units}
     info["budget"] = {"unit_budget_bytes": unit_budget, "objective": sol.objective, "unit_bytes": sol.total_bytes}
     return layers, info
+
+
+def _uniform(x: PlanInputs):
+    return {n: x.spec.scheme for ns in x.blocks.values() for n in ns}, {}
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """What a planner gets: the model, its statistics, the recipe's plan section, the decoder Linears it
+    decides (by block; pinned ones excluded), the format, an overriding budget and the calibration samples."""
+
+    loaded: LoadedModel
+    stats: Any
+    spec: PlanSpec
+    blocks: dict[int, list[str]]
+    linears: dict[str, nn.Linear]
+    export_format: str
+    budget_bytes: int | None
+    samples: tuple[CalibSample, ...]
+    progress: bool
+    device: Any
+
+
+class Planner(Member):
+    """A registered planner and what the rest of quantlab asks about it.
+
+    Attributes:
+        plan: ``PlanInputs -> (layers, info)``: a scheme per decoder Linear it decides, and its reasons.
+        schemes: ``spec -> schemes`` it may assign (the preflight checks each against each module).
+        requires: ``spec -> problems``: what the recipe lacks for this planner (empty: nothing).
+        measures: ``spec -> bool``: it runs the model on calibration samples with every block in memory and
+            needs Hessians (not under ``--stream``).
+        needs_stats: it reads calibration statistics (entropies, Hessians); False: config-only planning.
+    """
+
+    plan: Callable[[PlanInputs], tuple[dict, dict]]
+    schemes: Callable[[PlanSpec], list]
+    requires: Callable[[PlanSpec], list[str]]
+    measures: Callable[[PlanSpec], bool]
+    needs_stats: bool = True
+
+
+def _luq_requires(spec: PlanSpec) -> list[str]:
+    out = []
+    if spec.low is None or spec.high is None:
+        out.append("plan.low / plan.high: the luq planner needs both schemes (the ultra-low one and the default)")
+    if all(v is None for v in (spec.k, spec.target_avg_bits, spec.search_max_kl, spec.budget_gb)):
+        out.append("plan: the luq planner needs how many blocks go low: k, target_avg_bits, search_max_kl or budget_gb")
+    if spec.target_avg_bits is not None and spec.low is not None and nominal_bits(spec.low) > spec.target_avg_bits:
+        out.append(f"plan.target_avg_bits: {spec.target_avg_bits} is below the low scheme's own nominal width "
+                   f"{nominal_bits(spec.low)}: no k reaches it")
+    return out
+
+
+def _budget_requires(spec: PlanSpec) -> list[str]:
+    out = []
+    if not spec.candidates:
+        out.append("plan.candidates: the budget planner needs at least one candidate scheme")
+    if spec.budget_gb is None and spec.target_avg_bits is None:
+        out.append("plan: the budget planner needs budget_gb or target_avg_bits")
+    return out
+
+
+PLANNERS: Registry[Planner] = Registry("planner")
+PLANNERS.register(Planner(
+    name="uniform", plan=_uniform, schemes=lambda spec: [s for s in (spec.scheme,) if s is not None],
+    requires=lambda spec: [] if spec.scheme is not None else ["plan.scheme: the uniform planner needs the one "
+                                                              "scheme to apply"],
+    measures=lambda spec: False, needs_stats=False))
+PLANNERS.register(Planner(
+    name="luq", plan=_luq, schemes=lambda spec: [s for s in (spec.low, spec.high) if s is not None],
+    requires=_luq_requires, measures=lambda spec: spec.search_max_kl is not None))
+PLANNERS.register(Planner(
+    name="budget", plan=_budget, schemes=lambda spec: list(spec.candidates), requires=_budget_requires,
+    measures=lambda spec: True))

@@ -249,5 +249,3 @@ def _merge(groups: Sequence[Sequence[Hashable]]) -> list[set[Hashable]]:
         comps.append(g)
     return comps
 
-
-PLANNERS: dict[str, Callable[..., Any]] = {"uniform": uniform, "luq": luq, "budget": budget}

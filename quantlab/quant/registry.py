@@ -9,13 +9,14 @@ adding a backend is one file: its solver and one ``register_backend`` call.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from quantlab.quant.layout import Layout
 from quantlab.quant.scheme import QuantScheme
+from quantlab.registry import Member, Registry
 
 if TYPE_CHECKING:  # results are created by the backends; the registry only names the type
     from quantlab.quant.result import QuantResult
@@ -27,8 +28,7 @@ class BackendFn(Protocol):
     def __call__(self, weight: Tensor, scheme: QuantScheme, hessian: Tensor | None) -> QuantResult: ...
 
 
-@dataclass(frozen=True)
-class NativeCodec:
+class NativeCodec(BaseModel):
     """How quantlab's native format stores a backend whose codes are not a uniform grid.
 
     Attributes:
@@ -38,14 +38,15 @@ class NativeCodec:
         dequantize: ``result -> weight`` from the stored tensors.
     """
 
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
     layout: Callable[..., Layout]
     encode: Callable[[Any], dict[str, Tensor]]
     decode: Callable[..., Any]
     dequantize: Callable[[Any], Tensor]
 
 
-@dataclass(frozen=True)
-class Backend:
+class Backend(Member):
     """A registered backend and everything the rest of quantlab needs to know about it.
 
     Attributes:
@@ -59,12 +60,11 @@ class Backend:
             backends, whose codes every format (compressed-tensors, GPTQ, native) stores.
     """
 
-    name: str
-    fn: BackendFn
-    bits: tuple[int, ...]
+    fn: Callable[..., Any]
+    bits: tuple[int, ...] = Field(min_length=1)
     needs_hessian: bool
-    options: tuple[str, ...]
-    nominal_bits: float | None = None
+    options: tuple[str, ...] = ()
+    nominal_bits: float | None = Field(default=None, gt=0)
     native: NativeCodec | None = None
 
     @property
@@ -80,7 +80,7 @@ class Backend:
         return self.fn(weight, scheme, hessian)
 
 
-BACKENDS: dict[str, Backend] = {}
+BACKENDS: Registry[Backend] = Registry("quantization backend")
 
 
 def register_backend(name: str, *, bits: tuple[int, ...] = tuple(range(1, 9)), needs_hessian: bool = False,
@@ -93,9 +93,8 @@ def register_backend(name: str, *, bits: tuple[int, ...] = tuple(range(1, 9)), n
     """
 
     def deco(fn: BackendFn) -> BackendFn:
-        if name in BACKENDS:
-            raise ValueError(f"backend {name!r} already registered")
-        BACKENDS[name] = Backend(name, fn, tuple(bits), needs_hessian, tuple(options), nominal_bits, native)
+        BACKENDS.register(Backend(name=name, fn=fn, bits=tuple(bits), needs_hessian=needs_hessian,
+                                  options=tuple(options), nominal_bits=nominal_bits, native=native))
         return fn
 
     return deco
@@ -112,8 +111,6 @@ def outside_decoder_problem(scheme: QuantScheme) -> str | None:
 
 
 def get_backend(name: str) -> Backend:
-    """The backend registered as ``name``; ``KeyError`` listing the valid names otherwise."""
-    try:
-        return BACKENDS[name]
-    except KeyError:
-        raise KeyError(f"unknown quantization backend {name!r}; registered: {sorted(BACKENDS)}") from None
+    """The backend registered as ``name``; :class:`quantlab.registry.UnknownName` (a ``KeyError``) listing the
+    valid names otherwise."""
+    return BACKENDS.get(name)

@@ -102,7 +102,7 @@ def test_malformed_annotations_raise_with_file_and_line(toy, tmp_path):
 
 
 def test_task_and_data_errors(tmp_path):
-    with pytest.raises(KeyError, match="valid tasks"):
+    with pytest.raises(KeyError, match="unknown task .nope.*valid: .*shapes-vqa"):
         load_items("nope", tmp_path, limit=None)
     with pytest.raises(ValueError, match="data_dir"):
         load_items("pope", None, limit=None)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from quantlab.models.adapter import LLAVA
+from quantlab.plan.make import PLANNERS
 from quantlab.plan.planners import (
-    PLANNERS,
     budget,
     fused_groups,
     k_for_budget,
