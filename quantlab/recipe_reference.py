@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from quantlab.quant import BACKENDS
 from quantlab.recipe import Recipe, models_in
 
 HEADER = """# Recipe reference
@@ -86,7 +87,6 @@ def _prefix(model: type[BaseModel]) -> str:
 
 
 def _backends() -> list[str]:
-    from quantlab.quant import BACKENDS
 
     lines = ["## Backends (`QuantScheme.backend`, `QuantScheme.args`)", "",
              "The registered post-training backends, the bit widths each accepts, and the keys its `args` take.",

@@ -81,11 +81,6 @@ def absmax(x: torch.Tensor) -> float:
     return float(x.detach().abs().max())
 
 
-def channel_absmax(x: torch.Tensor) -> torch.Tensor:
-    """Per-channel ``max |x|`` of ``(n, c)`` → ``(c,)``."""
-    return x.detach().abs().amax(0)
-
-
 def outlier_share(chan_absmax: torch.Tensor, ratio: float = DEFAULT_OUTLIER_RATIO) -> float:
     """Share of channels whose ``max |x|`` exceeds ``ratio`` × the median channel ``max |x|``."""
     m = chan_absmax.double()

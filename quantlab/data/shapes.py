@@ -186,11 +186,6 @@ def iter_samples(split: str, n: int, *, start: int = 0, **kwargs) -> Iterator[Sh
         yield make_sample(split, i, **kwargs)
 
 
-def all_answers() -> list[str]:
-    """Every answer the generator can produce (useful for vocabularies and metrics)."""
-    return [*COLORS, *SHAPES, "1", "2", "3", "4", "yes", "no", "left", "right", "top", "bottom"]
-
-
 def write_split(out_dir: str | Path, split: str, n: int, **kwargs) -> Path:
     """Write ``n`` samples of ``split`` as ``questions.jsonl`` + ``images/*.png`` under ``out_dir/split``.
 

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quantlab.calib.artifact import SUMMARY_FILE
 from quantlab.eval.memory import MIB, MemoryReport
 from quantlab.eval.paired import N_RESAMPLES, SEED, PairedDiff, paired_difference
 from quantlab.eval.runner import EvalReport, TaskResult
@@ -171,7 +172,6 @@ class StatsEntropy:
 
     @classmethod
     def load(cls, directory: str | Path) -> StatsEntropy:
-        from quantlab.calib.artifact import SUMMARY_FILE
 
         try:
             summary = json.loads((Path(directory) / SUMMARY_FILE).read_text(encoding="utf-8"))

@@ -27,7 +27,7 @@ from quantlab.errors import UserError, problems_error
 from quantlab.eval.tasks import TASKS
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel, load_model, resolve
-from quantlab.plan.cost import model_size
+from quantlab.plan.cost import linear_bytes, model_size
 from quantlab.plan.fit import fit_scheme, scheme_problem
 from quantlab.plan.make import PLANNERS, plan_format
 from quantlab.plan.plan import apply_rules
@@ -136,7 +136,6 @@ def recipe_problems(recipe: Recipe, *, stream: bool = False) -> list[str]:
 
 
 def _cheapest(fmt: str, schemes: list[QuantScheme], out_f: int, in_f: int, policy: str) -> QuantScheme | None:
-    from quantlab.plan.cost import linear_bytes
 
     fitted = [fit_scheme(out_f, in_f, s, fmt, policy).scheme for s in schemes]  # type: ignore[arg-type]
     return min(fitted, key=lambda s: linear_bytes(out_f, in_f, s, fmt, bias=False), default=None)

@@ -121,19 +121,6 @@ def _dtype_bytes(module: nn.Linear, dtype_bytes: int | None) -> int:
     return dtype_bytes or module.weight.element_size()
 
 
-def module_bytes(model: nn.Module, plan_or_mapping: Any, fmt: str, *, dtype_bytes: int | None = None
-                 ) -> dict[str, int]:
-    """Stored bytes of every Linear named in a plan (``.layers``) or a ``{name: scheme | None}`` mapping.
-
-    ``dtype_bytes=None`` uses each Linear's own parameter dtype (works on meta-device models).
-    """
-    mapping = _mapping(plan_or_mapping)
-    linears = _linears(model, mapping)
-    return {n: linear_bytes(linears[n].out_features, linears[n].in_features, s, fmt,
-                            bias=linears[n].bias is not None, dtype_bytes=_dtype_bytes(linears[n], dtype_bytes))
-            for n, s in mapping.items()}
-
-
 def model_size(model: nn.Module, adapter: Adapter, mapping: Any, fmt: str, *,
                dtype_bytes: int | None = None) -> SizeReport:
     """Exact stored bytes of a model (meta-device models work): quantized Linears by their layout, every

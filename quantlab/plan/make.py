@@ -27,7 +27,7 @@ from quantlab.plan import planners
 from quantlab.plan.cost import linear_bytes, model_size, nominal_bits
 from quantlab.plan.fit import Fitted, ShapeFallback, fit_scheme
 from quantlab.plan.plan import Plan, apply_rules
-from quantlab.plan.sensitivity import measure_damage, units_of
+from quantlab.plan.sensitivity import measure_damage, quantized_kl, units_of
 from quantlab.plan.spec import PlanSpec
 from quantlab.quant.registry import get_backend
 from quantlab.quant.scheme import QuantScheme
@@ -116,7 +116,6 @@ def _fixed_bytes(loaded: LoadedModel, linears: dict[str, nn.Linear], planned: se
 
 def _luq_search(loaded, stats, spec: PlanSpec, order, blocks, samples, linears, fmt):
     """LUQ's search: the largest k whose logit KL (fp vs quantized, Hessian-based proxy) <= the threshold."""
-    from quantlab.plan.sensitivity import quantized_kl
 
     if not samples:
         raise ValueError("plan.search_max_kl needs calibration samples")

@@ -21,6 +21,7 @@ from quantlab.calib.weights import WeightSource
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
 from quantlab.progress import block_progress
+from quantlab.quant import quantize_weight
 from quantlab.quant.registry import outside_decoder_problem
 from quantlab.quant.scheme import QuantScheme
 
@@ -87,7 +88,6 @@ def _light(result):
 
 
 def _quantize_module(name: str, module: nn.Linear, scheme: QuantScheme, hessian: torch.Tensor | None):
-    from quantlab.quant import quantize_weight
 
     check_shape(name, module, scheme)
     result = as_stored(quantize_weight(module.weight.data, scheme, hessian=hessian))

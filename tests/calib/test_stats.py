@@ -14,7 +14,6 @@ from quantlab.calib.stats import (
     Moments,
     TokenReservoir,
     absmax,
-    channel_absmax,
     gptq_hessian,
     hessian_update,
     hist_entropy,
@@ -41,7 +40,7 @@ def test_pure_stats_match_numpy_scipy():
     assert kurtosis(x) == pytest.approx(scipy.stats.kurtosis(a, axis=None), rel=1e-10)
     assert absmax(x) == pytest.approx(np.abs(a).max())
     np.testing.assert_allclose(mean_square(x).numpy(), (a ** 2).mean(0), rtol=1e-12)
-    np.testing.assert_allclose(channel_absmax(x).numpy(), np.abs(a).max(0).astype(np.float32))
+    np.testing.assert_allclose(x.abs().amax(0).numpy(), np.abs(a).max(0).astype(np.float32))
     counts, _ = np.histogram(a, bins=64)
     p = counts[counts > 0] / counts.sum()
     assert hist_entropy(x, 64) == pytest.approx(-(p * np.log2(p)).sum(), rel=1e-12)
@@ -81,7 +80,7 @@ def test_moments_merged_over_chunks_equal_one_shot():
         assert st.variance == pytest.approx(variance(x[sel]), rel=1e-6)
         assert st.kurtosis == pytest.approx(kurtosis(x[sel]), rel=1e-5)
         assert st.absmax == absmax(x[sel])
-        assert st.outlier_share == outlier_share(channel_absmax(x[sel]), 5.0)
+        assert st.outlier_share == outlier_share(x[sel].abs().amax(0), 5.0)
         assert st.hist_entropy == hist_entropy(x[sel], 32)
         torch.testing.assert_close(st.mean_sq, mean_square(x[sel]).float(), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(st.mean_abs, x[sel].abs().mean(0))

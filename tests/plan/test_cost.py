@@ -16,7 +16,6 @@ from quantlab.plan.cost import (
     linear_bytes,
     linear_layout,
     model_size,
-    module_bytes,
 )
 from quantlab.quant.scheme import QuantScheme
 
@@ -126,17 +125,12 @@ def test_luq_half_billm_native(skeleton):
     assert rep.decoder_linear_bytes == half * billm + (ref["n"] - half) * w4
 
 
-def test_module_bytes_and_plan_like_objects():
-    class P:
-        layers = {"a.q": W4}
-
+def test_mapped_names_must_be_linears():
     lin = torch.nn.Module()
     lin.a = torch.nn.Module()
     lin.a.q = torch.nn.Linear(256, 64, bias=True, dtype=torch.float16)
-    got = module_bytes(lin, P(), "compressed-tensors")
-    assert got == {"a.q": _hand_ct(64, 256, 4, 128, True) + 64 * 2}
     with pytest.raises(ValueError, match="not Linear modules"):
-        module_bytes(lin, {"a.nope": W4}, "gptq")
+        model_size(lin, LLAVA, {"a.nope": W4}, "gptq")
 
 
 def test_shape_errors_name_shape_and_reason():
