@@ -55,6 +55,10 @@ class Registry(Generic[T]):
         self._members[member.name] = member
         return member
 
+    def remove(self, name: str) -> T:
+        """Take ``name`` out (plugins that unload, tests that register a member for a while)."""
+        return self._members.pop(name)
+
     def get(self, name: str) -> T:
         """The member called ``name``.
 

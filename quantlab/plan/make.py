@@ -92,7 +92,9 @@ def make_plan(loaded: LoadedModel, stats, spec: PlanSpec, *, export_format: str 
     info: dict[str, dict] = {}
 
     planner = PLANNERS.get(spec.planner)
-    problems = planner.requires(spec)
+    # an explicit budget_bytes stands for the recipe's budget
+    given = spec if budget_bytes is None else spec.model_copy(update={"budget_gb": budget_bytes / 1e9})
+    problems = planner.requires(given)
     if problems:
         raise problems_error(f"plan.planner {spec.planner!r}", problems)
     layers, info = planner.plan(PlanInputs(loaded, stats, spec, blocks, linears, export_format, budget_bytes,
