@@ -103,7 +103,8 @@ def stream_model(name_or_path: str | Path, *, with_processor: bool = True):
 
 
 def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.float32, with_processor: bool = True):
-    """A model whose decoder and vision blocks stay on the meta device until streamed.
+    """A model whose decoder and vision blocks stay on the meta device until streamed (models larger than
+    memory). One of quantlab's four loaders (see :mod:`quantlab.export.open`).
 
     Everything else (embeddings, norms, projector; the head when untied) is read now. Vision blocks are
     loaded by forward hooks just before they run and dropped right after, so the vision tower also holds

@@ -36,13 +36,12 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from quantlab.data import shapes
 from quantlab.eval import metrics
 from quantlab.eval.generate import generate_answers
 from quantlab.eval.readers import (
     EvalItem,
 )
-from quantlab.eval.tasks import Task, format_prompt, get_task, score, seeded_subset
+from quantlab.eval.tasks import Task, format_prompt, get_task, score, seeded_subset, shapes_items  # noqa: F401
 from quantlab.files import write_file_atomic
 from quantlab.models.load import LoadedModel
 from quantlab.progress import block_progress
@@ -128,13 +127,6 @@ class EvalReport(_Strict):
 # --- data --------------------------------------------------------------------------------------------------
 
 
-def shapes_items(n: int, split: str = "test") -> list[EvalItem]:
-    """``n`` shapes-VQA items generated in memory; images are rendered lazily (``extra["render"]``)."""
-    return [EvalItem(s.id, None, s.question, (s.answer,), s.question_type, None,
-                     {"render": s.render, "caption": s.caption()})
-            for s in shapes.iter_samples(split, n)]
-
-
 def load_items(task: str, data_dir: Path | None, *, limit: int | None, seed: int = 0
                ) -> tuple[list[EvalItem], str]:
     """The (seeded-subset) items of ``task`` and a description of where they came from.
@@ -145,12 +137,12 @@ def load_items(task: str, data_dir: Path | None, *, limit: int | None, seed: int
             items without ground-truth answers.
         FileNotFoundError: a missing annotation file or image folder.
     """
-    get_task(task)
-    if task == "shapes-vqa" and (data_dir is None or not (Path(data_dir) / "shapes-vqa" / "test").is_dir()):
+    t = get_task(task)
+    if t.generate is not None and (data_dir is None or not (Path(data_dir) / t.files).is_dir()):
         n = DEFAULT_SHAPES_N if limit is None else limit
-        where = "no data_dir" if data_dir is None else f"no shapes-vqa/test split under {data_dir}"
-        logger.info("shapes-vqa: %s; generating %d test items in memory (seeded, deterministic)", where, n)
-        return shapes_items(n), f"generated: shapes-vqa test split, items 0..{n - 1}"
+        where = "no data_dir" if data_dir is None else f"no {t.files} under {data_dir}"
+        logger.info("%s: %s; generating %d test items in memory (seeded, deterministic)", task, where, n)
+        return t.generate(n), f"generated: {task} test split, items 0..{n - 1}"
     if data_dir is None:
         raise ValueError(f"task {task!r} reads files: pass data_dir (CLI: --data-dir)")
     items = seeded_subset(get_task(task).load(Path(data_dir)), limit, seed)

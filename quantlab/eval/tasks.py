@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from quantlab.data import shapes
 from quantlab.eval import metrics
 from quantlab.eval.readers import (
     EvalItem,
@@ -46,11 +47,20 @@ def _pope_items(root: Path) -> Iterator[EvalItem]:
                           question_type=item.question_type or f.stem)
 
 
+def shapes_items(n: int, split: str = "test") -> list[EvalItem]:
+    """``n`` shapes-VQA items generated in memory; images are rendered lazily (``extra["render"]``)."""
+    return [EvalItem(s.id, None, s.question, (s.answer,), s.question_type, None,
+                     {"render": s.render, "caption": s.caption()})
+            for s in shapes.iter_samples(split, n)]
+
+
+
 class Task(Member):
     """A benchmark: where its files lie, how to prompt for each item, how to score an answer.
 
-    ``load(data_dir)`` reads the task's files under the benchmark root (the layouts are listed in
-    :mod:`quantlab.eval.runner`).
+    ``load(data_dir)`` reads the task's files, which lie in ``data_dir / files`` (the layouts are listed
+    in :mod:`quantlab.eval.runner`). ``generate(n)``: the task's items made in memory when those files are
+    absent (shapes-VQA); None for benchmarks that only come as files.
 
     ``prompt_template`` may use ``{question}``, ``{options}`` (``"A. ...\\nB. ..."``) and ``{context}``
     (``"Context: <hint>\\n"`` when the item has a hint, else empty). ``metric`` is a key of
@@ -58,9 +68,11 @@ class Task(Member):
     """
 
     load: Callable[[Path], Iterable[EvalItem]]
+    files: str
     prompt_template: str
     metric: str
     answer_kind: str
+    generate: Callable[[int], list[EvalItem]] | None = None
 
 
 def _require_answers(item: EvalItem) -> tuple[str, ...]:
@@ -87,20 +99,20 @@ SCORERS: dict[str, Callable[[str, EvalItem], float]] = {
 
 TASKS: Registry[Task] = Registry("task")
 for _task in (
-    Task(name="shapes-vqa", load=lambda d: read_shapes_vqa(d / "shapes-vqa" / "test"), prompt_template="{question}",
-         metric="exact_match", answer_kind="short"),
-    Task(name="vqav2", load=lambda d: read_vqav2(d / "vqav2/questions.json", d / "vqav2/annotations.json",
+    Task(name="shapes-vqa", load=lambda d: read_shapes_vqa(d / "shapes-vqa" / "test"), files="shapes-vqa/test",
+         prompt_template="{question}", metric="exact_match", answer_kind="short", generate=shapes_items),
+    Task(name="vqav2", files="vqav2", load=lambda d: read_vqav2(d / "vqav2/questions.json", d / "vqav2/annotations.json",
                                                  d / "vqav2/images"),
          prompt_template=SHORT_ANSWER_PROMPT, metric="vqa_accuracy", answer_kind="short"),
-    Task(name="textvqa", load=lambda d: read_textvqa(d / "textvqa/data.json", d / "textvqa/images"),
+    Task(name="textvqa", files="textvqa", load=lambda d: read_textvqa(d / "textvqa/data.json", d / "textvqa/images"),
          prompt_template=SHORT_ANSWER_PROMPT, metric="textvqa_accuracy", answer_kind="short"),
-    Task(name="gqa", load=lambda d: read_gqa(d / "gqa/questions.json", d / "gqa/images"),
+    Task(name="gqa", files="gqa", load=lambda d: read_gqa(d / "gqa/questions.json", d / "gqa/images"),
          prompt_template=SHORT_ANSWER_PROMPT, metric="exact_match", answer_kind="short"),
-    Task(name="pope", load=lambda d: _pope_items(d / "pope"), prompt_template=YES_NO_PROMPT, metric="pope",
+    Task(name="pope", files="pope", load=lambda d: _pope_items(d / "pope"), prompt_template=YES_NO_PROMPT, metric="pope",
          answer_kind="yes_no"),
-    Task(name="mme", load=lambda d: read_mme(d / "mme"), prompt_template=SHORT_ANSWER_PROMPT, metric="mme",
+    Task(name="mme", files="mme", load=lambda d: read_mme(d / "mme"), prompt_template=SHORT_ANSWER_PROMPT, metric="mme",
          answer_kind="yes_no"),
-    Task(name="scienceqa", load=lambda d: read_scienceqa(d / "scienceqa/problems.json", d / "scienceqa/images",
+    Task(name="scienceqa", files="scienceqa", load=lambda d: read_scienceqa(d / "scienceqa/problems.json", d / "scienceqa/images",
                                                          "test"),
          prompt_template=MULTIPLE_CHOICE_PROMPT, metric="multiple_choice", answer_kind="multiple_choice"),
 ):

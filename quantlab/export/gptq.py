@@ -131,7 +131,7 @@ def write_gptq(loaded: LoadedModel, results: Mapping[str, object], out: Path,
 
 
 FORMAT = ExportFormat(
-    name="gptq", write=write_gptq, layout=layout, uniform_only=True, bits=GPTQ_BITS,
+    name="gptq", write=write_gptq, layout=layout, uniform_only=True, bits=GPTQ_BITS, loader_package="gptqmodel",
     load_snippet=("```python\n# pip install optimum gptqmodel\nfrom transformers import AutoModelForImageTextToText\n"
         "model = AutoModelForImageTextToText.from_pretrained(\"{repo}\", device_map=\"auto\")\n```\n\n"
         "Mixed-bit GPTQ (a `dynamic` section in the config) loads in GPTQModel and vLLM, not through optimum."),

@@ -132,7 +132,8 @@ def read_native_results(directory: str | Path, dtype: torch.dtype = torch.float3
 
 
 def load_quantized(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Open a native checkpoint: the model with dequantized weights, its processor and adapter."""
+    """Open a quantlab native checkpoint (``quantlab.json``; BiLLM layers): the model with dequantized weights,
+    its processor and adapter. One of quantlab's four loaders (see :mod:`quantlab.export.open`)."""
     from transformers import AutoModelForImageTextToText
 
 

@@ -21,6 +21,8 @@ class ExportFormat(Member):
         uniform_only: stores only codes on a uniform grid (not BiLLM's bit planes).
         bits: the code widths it stores (None: every width the backends produce).
         load_snippet: how to open it (model card), with ``{repo}`` for the path or hub id.
+        loader_package: the Python package quantlab needs to load it back in-process (None: transformers or
+            quantlab alone).
     """
 
     write: Callable[..., None]
@@ -28,6 +30,7 @@ class ExportFormat(Member):
     uniform_only: bool
     load_snippet: str
     bits: tuple[int, ...] | None = None
+    loader_package: str | None = None
 
     def problem(self, scheme: QuantScheme) -> str | None:
         """Why this format cannot store ``scheme`` on any Linear (None: it can)."""

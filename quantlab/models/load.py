@@ -166,7 +166,10 @@ def load_model(
     dtype: torch.dtype | None = None,
     with_processor: bool = True,
 ) -> LoadedModel:
-    """Load model + processor + adapter.
+    """Load model + processor + adapter through transformers: the loader for everything transformers opens.
+
+    One of quantlab's four loaders (the table is in :mod:`quantlab.export.open`): aliases, checkpoint
+    directories (plain, compressed-tensors, GPTQ), hub ids, and config-only skeletons.
 
     Args:
         name_or_path: built-in alias, local checkpoint dir, config.json path, or hub id.

@@ -127,11 +127,12 @@ def recipe_problems(recipe: Recipe, *, stream: bool = False) -> list[str]:
     for task in recipe.eval.tasks:
         if task not in TASKS:
             problems.append(f"eval.tasks: unknown task {task!r}{_suggest(task, TASKS)}; valid: {sorted(TASKS)}")
-        elif task != "shapes-vqa":
+        elif TASKS.get(task).generate is None:
+            files = TASKS.get(task).files
             if recipe.eval.data_dir is None:
                 problems.append(f"eval.data_dir: task {task!r} reads benchmark files; set eval.data_dir")
-            elif not (Path(recipe.eval.data_dir) / task).is_dir():
-                problems.append(f"eval.data_dir: {Path(recipe.eval.data_dir) / task} does not exist (task {task!r})")
+            elif not (Path(recipe.eval.data_dir) / files).is_dir():
+                problems.append(f"eval.data_dir: {Path(recipe.eval.data_dir) / files} does not exist (task {task!r})")
     return problems + calibration_problems(recipe)
 
 

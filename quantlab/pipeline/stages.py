@@ -6,6 +6,7 @@ additionally resumes from the last finished block.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -16,12 +17,13 @@ from quantlab.calib.artifact import CalibrationStats
 from quantlab.calib.collect import CollectOptions, calibrate
 from quantlab.calib.data import build_calibration_set
 from quantlab.calib.plot import plot_entropy
-from quantlab.errors import problems_error
+from quantlab.errors import UserError, problems_error
 from quantlab.eval.memory import memory_report
 from quantlab.eval.report import ModelSize, StatsEntropy, compare, write_report
 from quantlab.eval.runner import EvalReport, evaluate
 from quantlab.export.api import export
 from quantlab.export.card import write_model_card
+from quantlab.export.formats import get_format
 from quantlab.export.open import open_model
 from quantlab.models.adapter import Component
 from quantlab.models.load import load_model, resolve
@@ -195,8 +197,9 @@ def stage_export(ctx: StageContext, plan, results) -> Path:
     if run.fresh("export", fp) and run.model.is_dir():
         ctx.say("export: up to date")
         return run.model
-    if fmt == "native" and ctx.recipe.export.format == "auto":
-        ctx.say("export: the plan has BiLLM layers, which no third-party format holds: writing the native format")
+    if fmt != ctx.recipe.export.format:
+        ctx.say(f"export: format auto -> {fmt}" + ("" if get_format(fmt).uniform_only else
+                                                   " (the plan has codes no third-party format holds)"))
     # The old model stays until the new one is complete; its evaluation and report go as it is replaced.
     export(ctx.loaded, results, plan, run.model, fmt, recipe=ctx.recipe, base_model=ctx.model_name,
            weights=ctx.weights, overwrite=True, before_replace=run.discard_evaluation)
@@ -207,17 +210,14 @@ def stage_export(ctx: StageContext, plan, results) -> Path:
 def _exported_or(ctx: StageContext, fake_quant):
     """The exported checkpoint as a loader opens it, or (GPTQ without gptqmodel here) the fake-quant model."""
     fmt = ctx.run.state["export"].get("format")
-    if fmt == "gptq":
-        try:
-            import gptqmodel  # noqa: F401
-        except ImportError:
-            if ctx.stream:
-                raise RuntimeError("eval: a GPTQ checkpoint needs gptqmodel to load, and a streamed run has no "
-                                   "in-memory model to evaluate instead; install gptqmodel or set "
-                                   "eval.tasks: []") from None
-            ctx.say("eval: a GPTQ checkpoint needs gptqmodel to load; evaluating the in-memory fake-quant "
-                    "model instead (it matches the export's dequantized weights)")
-            return fake_quant
+    package = get_format(fmt).loader_package
+    if package is not None and importlib.util.find_spec(package) is None:
+        if ctx.stream:
+            raise UserError(f"eval: a {fmt} checkpoint needs {package} to load, and a streamed run has no "
+                            f"in-memory model to evaluate instead", f"install {package} or set eval.tasks: []")
+        ctx.say(f"eval: a {fmt} checkpoint needs {package} to load; evaluating the in-memory fake-quant "
+                "model instead (it matches the export's dequantized weights)")
+        return fake_quant
     return open_model(ctx.run.model, dtype=fake_quant.model.dtype)
 
 
