@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,12 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantlab.errors import problems_error
-from quantlab.export.compressed_tensors import layout as ct_layout
 from quantlab.export.io import model_tensors, write_json
 from quantlab.export.spec import ExportFormat
 from quantlab.models.load import LoadedModel, get_adapter, load_config, processor_class
 from quantlab.models.processors import load_processor
-from quantlab.quant.layout import Layout
+from quantlab.quant.layout import FP16, INT32, Layout, TensorSpec, n_groups
 from quantlab.quant.pack import pack_int32, unpack_int32
 from quantlab.quant.registry import get_backend
 from quantlab.quant.result import QuantResult, g_idx_is_trivial
@@ -37,11 +37,21 @@ MARKER = "quantlab.json"
 
 
 def layout(out_f: int, in_f: int, scheme: QuantScheme, *, bias: bool, dtype_bytes: int) -> Layout:
-    """A backend's own codec layout if it has one (BiLLM's bit planes), else the compressed-tensors one."""
+    """What :func:`encode` stores for one Linear: a backend's own codec layout if it has one (BiLLM's bit
+    planes), else packed codes, fp16 scales and (asymmetric) packed zero points. A non-trivial act-order
+    ``g_idx`` (int32 ``[in]``) is stored too; a plan cannot know it in advance and does not count it."""
     codec = get_backend(scheme.backend).native
     if codec is not None:
         return codec.layout(out_f, in_f, scheme, bias=bias, dtype_bytes=dtype_bytes)
-    return ct_layout(out_f, in_f, scheme, bias=bias, dtype_bytes=dtype_bytes)
+    g = n_groups(in_f, scheme.group_size, where=f"native: Linear {out_f}x{in_f} (out x in): ")
+    b = scheme.bits
+    lay = {"codes_packed": TensorSpec((out_f, math.ceil(in_f * b / 32)), INT32),
+           "scales": TensorSpec((out_f, g), FP16)}
+    if not scheme.sym:
+        lay["zeros_packed"] = TensorSpec((math.ceil(out_f * b / 32), g), INT32)
+    if bias:
+        lay["bias"] = TensorSpec((out_f,), dtype_bytes)
+    return lay
 
 
 def encode(r) -> dict[str, torch.Tensor]:
