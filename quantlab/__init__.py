@@ -35,7 +35,7 @@ _EXPORTS = {
     "quantize_weight": "quantlab.quant.api",
     "QuantResult": "quantlab.quant.result",
     "quantize": "quantlab.quant.apply",
-    "load_quantized": "quantlab.export.native",
+    "load_native": "quantlab.export.native",
     "export": "quantlab.export.api",
     "evaluate": "quantlab.eval.runner",
     "Recipe": "quantlab.recipe",

@@ -110,7 +110,7 @@ def measure_runtime(model_dir_or_alias: str | Path, *, generate: bool = True, dt
     """Load a model in a fresh Python process, run one generate (or forward) on a tiny input, report RSS.
 
     Directories load with ``AutoModelForImageTextToText.from_pretrained`` (quantlab-native checkpoints with
-    ``load_quantized``); aliases and hub ids with :func:`quantlab.models.load.load_model`. With a CUDA
+    ``load_native``); aliases and hub ids with :func:`quantlab.models.load.load_model`. With a CUDA
     ``device``, the model and the input are moved there and the device's peak allocation is reported too.
 
     Raises:

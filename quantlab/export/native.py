@@ -7,7 +7,7 @@
     DIR/quantlab.json             {"format": "quantlab-native", "modules": [...], "backends": {...}}
     + processor and generation config
 
-Load with :func:`load_quantized`; the result is a regular transformers model holding the dequantized
+Load with :func:`load_native`; the result is a regular transformers model holding the dequantized
 (fake-quant) weights.
 """
 
@@ -141,7 +141,7 @@ def read_native_results(directory: str | Path, dtype: torch.dtype = torch.float3
     return out
 
 
-def load_quantized(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_native(directory: str | Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Open a quantlab native checkpoint (``quantlab.json``; BiLLM layers): the model with dequantized weights,
     its processor and adapter. One of quantlab's four loaders (see :mod:`quantlab.export.open`)."""
     from transformers import AutoModelForImageTextToText
@@ -177,6 +177,6 @@ def load_quantized(directory: str | Path, *, dtype: torch.dtype = torch.float32)
 
 FORMAT = ExportFormat(
     name="native", write=write_native, layout=layout, uniform_only=False,
-    load_snippet=("```python\nimport quantlab\nloaded = quantlab.load_quantized(\"{repo}\")   # BiLLM layers are dequantized "
+    load_snippet=("```python\nimport quantlab\nloaded = quantlab.load_native(\"{repo}\")   # BiLLM layers are dequantized "
         "on load\n```"),
 )

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from quantlab.export.io import write_dir_atomic
-from quantlab.export.native import load_quantized, read_native_results, write_native
+from quantlab.export.native import load_native, read_native_results, write_native
 from quantlab.plan.cost import linear_bytes
 from quantlab.quant.apply import quantize
 from quantlab.quant.scheme import QuantScheme
@@ -35,7 +35,7 @@ def test_native_round_trip_and_logits(tmp_path):
         for n, p in loaded.model.named_parameters():
             if n.rpartition(".")[0] not in results:
                 p.copy_(p.half().float())
-    reloaded = load_quantized(tmp_path / "m")
+    reloaded = load_native(tmp_path / "m")
     x = samples[0].inputs
     with torch.no_grad():
         torch.testing.assert_close(reloaded.model(**x).logits, loaded.model(**x).logits, rtol=0, atol=1e-6)
