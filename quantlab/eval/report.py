@@ -23,7 +23,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,28 +248,13 @@ def compare(baseline: EvalReport, quantized: EvalReport, memory: Mapping[str, Me
                       blocks=[_block_dict(r) for r in blocks or []])
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
+def _formatter(spec: str, scale: float = 1.0, suffix: str = "") -> Callable[[float | None], str]:
+    """A cell formatter: ``-`` for a missing value, else ``scale * x`` in ``spec`` plus ``suffix``."""
+    return lambda x: "-" if x is None else f"{format(scale * x, spec)}{suffix}"
 
 
-def _delta(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:+.1f}"
-
-
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / MIB:,.2f}"
-
-
-def _share(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def _bits(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
-def _entropy(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
+_pct, _delta, _share = _formatter(".1f", 100), _formatter("+.1f", 100), _formatter(".1f", 100, "%")
+_mib, _bits, _entropy = _formatter(",.2f", 1 / MIB), _formatter(".2f"), _formatter(".3f")
 
 
 def _unit(nbytes: float) -> tuple[str, int]:
