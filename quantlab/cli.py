@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from quantlab.errors import USER_ERRORS
+from quantlab.core.errors import USER_ERRORS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress vision-language models to a memory budget and measure what it cost.")
@@ -29,7 +29,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def friendly_errors(fn: F) -> F:
     """Run a command; an error becomes a short message and an exit code instead of a traceback.
 
-    User errors (bad recipe, model, flag, file, full disk: :data:`quantlab.errors.USER_ERRORS`) exit 2;
+    User errors (bad recipe, model, flag, file, full disk: :data:`quantlab.core.errors.USER_ERRORS`) exit 2;
     anything else is a bug in quantlab and exits 1. The traceback is in the run log when a run directory
     was open (the pipeline writes it there) and on the console only with ``--debug``.
     """
@@ -80,7 +80,7 @@ def _say(message: str) -> None:
 def _overrides(sets: list[str] | None) -> dict:
     import yaml
 
-    from quantlab.errors import UserError
+    from quantlab.core.errors import UserError
 
     out = {}
     for item in sets or []:
@@ -96,7 +96,7 @@ def _overrides(sets: list[str] | None) -> dict:
 
 def _refuse_existing(path: Path, overwrite: bool, is_ours: Callable[[Path], bool], what: str) -> None:
     """An existing output is replaced only with --overwrite, and only when it is quantlab's own ``what``."""
-    from quantlab.errors import NotOurs
+    from quantlab.core.errors import NotOurs
 
     if not path.exists():
         return
@@ -160,7 +160,7 @@ def eval_(
     debug: Debug = False,
 ) -> None:
     """Evaluate a model (built-in toy, local checkpoint, quantlab native checkpoint or hub id) on VQA tasks."""
-    from quantlab.errors import UserError, problems_error
+    from quantlab.core.errors import UserError, problems_error
     from quantlab.eval.runner import EvalReport, evaluate
     from quantlab.eval.tasks import TASKS
     from quantlab.export.open import open_model
@@ -219,7 +219,7 @@ def calibrate(
     from quantlab.calib.artifact import is_stats_dir
     from quantlab.calib.data import build_calibration_set
     from quantlab.calib.plot import plot_entropy
-    from quantlab.errors import problems_error
+    from quantlab.core.errors import problems_error
     from quantlab.models import load_model
     from quantlab.pipeline.preflight import (
         calibration_problems,
@@ -292,7 +292,7 @@ def quantize(
 
 
 def _stage_on_run(run_dir: Path, stop_after: str | None, device: str | None = None, stream: bool = False) -> None:
-    from quantlab.errors import UserError
+    from quantlab.core.errors import UserError
     from quantlab.pipeline import run_all
     from quantlab.pipeline.rundir import read_state
 
@@ -326,7 +326,7 @@ def plan(
     7B architecture is enough. The budget planner (and luq without --stats) calibrates the model first.
     """
     from quantlab.calib.artifact import is_stats_dir
-    from quantlab.errors import UserError
+    from quantlab.core.errors import UserError
     from quantlab.pipeline.preflight import check_device
     from quantlab.plan.plan import Plan
 

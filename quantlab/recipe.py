@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from quantlab.calib.data import CalibDataOptions
-from quantlab.errors import NotFound, UserError
+from quantlab.core.errors import NotFound, UserError
 from quantlab.plan.spec import PlanSpec, RuleSpec  # noqa: F401 - the recipe's plan section
 
 BUILTIN_RECIPES = Path(__file__).resolve().parent / "recipes"

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_flatten
 from quantlab.calib import executor
 from quantlab.calib.collect import calibrate
 from quantlab.calib.weights import load_streaming
-from quantlab.device import resolve_device
+from quantlab.core.device import resolve_device
 from quantlab.models import Component
 from quantlab.plan.sensitivity import measure_damage, units_of
 from quantlab.quant.apply import quantize

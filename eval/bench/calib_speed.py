@@ -39,7 +39,7 @@ from accelerate.utils import send_to_device
 from quantlab.calib.collect import CollectOptions, calibrate
 from quantlab.calib.executor import CalibSample
 from quantlab.data import shapes
-from quantlab.device import placed, resolve_device
+from quantlab.core.device import placed, resolve_device
 from quantlab.models import get_adapter
 from quantlab.models.inputs import build_inputs
 from quantlab.models.load import ALIASES, LoadedModel, load_model

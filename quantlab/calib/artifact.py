@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from quantlab.calib.stats import MODALITIES, TensorStats
-from quantlab.errors import NotOurs
-from quantlab.files import write_dir_atomic
+from quantlab.core.errors import NotOurs
+from quantlab.core.files import write_dir_atomic
 
 STATS_FILE = "stats.safetensors"
 SUMMARY_FILE = "summary.json"

@@ -52,7 +52,7 @@ from quantlab.calib.options import ENTROPY_ON, CollectOptions, EntropyOn  # noqa
 from quantlab.calib.stats import MODALITIES, Moments, TensorStats, TokenReservoir, hessian_update, summarize
 from quantlab.calib.weights import WeightSource
 from quantlab.models.load import LoadedModel
-from quantlab.progress import block_progress
+from quantlab.core.progress import block_progress
 
 log = logging.getLogger(__name__)
 

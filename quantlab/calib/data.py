@@ -30,7 +30,7 @@ from quantlab.calib.executor import CalibSample
 from quantlab.data import shapes
 from quantlab.models.inputs import build_inputs
 from quantlab.models.load import LoadedModel
-from quantlab.registry import Member, Registry
+from quantlab.core.registry import Member, Registry
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}

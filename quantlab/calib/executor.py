@@ -25,7 +25,7 @@ from torch import nn
 
 from quantlab.calib.capture import BlockCall, block_output, capture_calls
 from quantlab.calib.weights import InMemory, WeightSource
-from quantlab.device import placed, resolve_device
+from quantlab.core.device import placed, resolve_device
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from quantlab.files import write_dir_atomic
+from quantlab.core.files import write_dir_atomic
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),

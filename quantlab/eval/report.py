@@ -33,7 +33,7 @@ from quantlab.eval.memory import MIB, MemoryReport
 from quantlab.eval.paired import N_RESAMPLES, SEED, PairedDiff, paired_difference
 from quantlab.eval.runner import EvalReport, TaskResult
 from quantlab.eval.tasks import TASKS
-from quantlab.files import write_file_atomic
+from quantlab.core.files import write_file_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -42,9 +42,9 @@ from quantlab.eval.readers import (
     EvalItem,
 )
 from quantlab.eval.tasks import Task, format_prompt, get_task, score, seeded_subset, shapes_items  # noqa: F401
-from quantlab.files import write_file_atomic
+from quantlab.core.files import write_file_atomic
 from quantlab.models.load import LoadedModel
-from quantlab.progress import block_progress
+from quantlab.core.progress import block_progress
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from quantlab.eval.readers import (
     read_textvqa,
     read_vqav2,
 )
-from quantlab.registry import Member, Registry
+from quantlab.core.registry import Member, Registry
 
 SHORT_ANSWER_PROMPT = "{question}\nAnswer the question using a single word or phrase."
 YES_NO_PROMPT = "{question} Please answer yes or no."

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from quantlab.export import compressed_tensors, gptq, native
 from quantlab.export.spec import ExportFormat
-from quantlab.registry import Registry
+from quantlab.core.registry import Registry
 
 FORMATS: Registry[ExportFormat] = Registry("export format")
 register_format = FORMATS.register

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from quantlab.files import write_dir_atomic  # noqa: F401 - the export stage's writers use it from here
+from quantlab.core.files import write_dir_atomic  # noqa: F401 - the export stage's writers use it from here
 
 
 def write_json(path: Path, data: dict) -> None:

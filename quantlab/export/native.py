@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from quantlab.errors import problems_error
+from quantlab.core.errors import problems_error
 from quantlab.export.io import model_tensors, write_json
 from quantlab.export.spec import ExportFormat
 from quantlab.models.load import LoadedModel, get_adapter, load_config, processor_class

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from quantlab.quant.layout import Layout
 from quantlab.quant.registry import get_backend
 from quantlab.quant.scheme import QuantScheme
-from quantlab.registry import Member
+from quantlab.core.registry import Member
 
 
 class ExportFormat(Member):

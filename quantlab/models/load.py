@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from quantlab.errors import NotFound, problems_error
+from quantlab.core.errors import NotFound, problems_error
 from quantlab.models.adapter import ADAPTERS, Adapter
 from quantlab.models.processors import load_processor
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from torch import nn
 
 from quantlab.calib.data import IMAGE_SOURCE_KINDS, SOURCES, TEXT_SOURCE_KINDS, CalibSource
-from quantlab.device import resolve_device
-from quantlab.errors import UserError, problems_error
+from quantlab.core.device import resolve_device
+from quantlab.core.errors import UserError, problems_error
 from quantlab.eval.tasks import TASKS
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel, load_model, resolve

@@ -37,7 +37,7 @@ def run_all(model: str, recipe_path: str | Path, out: str | Path, *, overwrite: 
 
     Raises:
         UserError: anything wrong with the recipe, the model, the flags or ``out``, before anything is
-            written; :class:`quantlab.errors.RunDirBusy` when another process works in ``out``.
+            written; :class:`quantlab.core.errors.RunDirBusy` when another process works in ``out``.
     """
     recipe = Recipe.from_yaml(recipe_path, overrides)
     skeleton = preflight(model, recipe, out=out, stream=stream, device=device, push_to_hub=push_to_hub)

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from quantlab.errors import NotOurs, RunDirBusy
-from quantlab.files import write_file_atomic
+from quantlab.core.errors import NotOurs, RunDirBusy
+from quantlab.core.files import write_file_atomic
 
 log = logging.getLogger(__name__)
 STAGES = ("calibrate", "plan", "quantize", "export", "eval", "report")

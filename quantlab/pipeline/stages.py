@@ -17,7 +17,7 @@ from quantlab.calib.artifact import CalibrationStats
 from quantlab.calib.collect import CollectOptions, calibrate
 from quantlab.calib.data import build_calibration_set
 from quantlab.calib.plot import plot_entropy
-from quantlab.errors import UserError, problems_error
+from quantlab.core.errors import UserError, problems_error
 from quantlab.eval.memory import memory_report
 from quantlab.eval.report import ModelSize, StatsEntropy, compare, write_report
 from quantlab.eval.runner import EvalReport, evaluate

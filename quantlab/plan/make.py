@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from quantlab.calib.executor import CalibSample
-from quantlab.errors import problems_error
+from quantlab.core.errors import problems_error
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
 from quantlab.plan import planners
@@ -31,7 +31,7 @@ from quantlab.plan.sensitivity import measure_damage, quantized_kl, units_of
 from quantlab.plan.spec import PlanSpec
 from quantlab.quant.registry import get_backend
 from quantlab.quant.scheme import QuantScheme
-from quantlab.registry import Member, Registry
+from quantlab.core.registry import Member, Registry
 
 
 def plan_format(schemes: Sequence[QuantScheme | None], requested: str) -> str:

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from quantlab.files import write_file_atomic
+from quantlab.core.files import write_file_atomic
 from quantlab.models.adapter import Adapter, Component
 from quantlab.plan.cost import FORMATS
 from quantlab.quant.scheme import QuantScheme

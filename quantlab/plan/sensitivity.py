@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantlab.calib.executor import CalibSample, capture_decoder_inputs, decoder_logits, run_block
-from quantlab.device import placed, resolve_device
+from quantlab.core.device import placed, resolve_device
 from quantlab.models import Component
 from quantlab.models.load import LoadedModel
-from quantlab.progress import block_progress
+from quantlab.core.progress import block_progress
 from quantlab.quant import quantize_weight
 from quantlab.quant.scheme import QuantScheme
 

@@ -20,7 +20,7 @@ from quantlab.calib.executor import CalibSample, stream_decoder
 from quantlab.calib.weights import WeightSource
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
-from quantlab.progress import block_progress
+from quantlab.core.progress import block_progress
 from quantlab.quant import quantize_weight
 from quantlab.quant.registry import outside_decoder_problem
 from quantlab.quant.scheme import QuantScheme

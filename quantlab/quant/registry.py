@@ -16,7 +16,7 @@ from torch import Tensor
 
 from quantlab.quant.layout import Layout
 from quantlab.quant.scheme import QuantScheme
-from quantlab.registry import Member, Registry
+from quantlab.core.registry import Member, Registry
 
 if TYPE_CHECKING:  # results are created by the backends; the registry only names the type
     from quantlab.quant.result import QuantResult
@@ -111,6 +111,6 @@ def outside_decoder_problem(scheme: QuantScheme) -> str | None:
 
 
 def get_backend(name: str) -> Backend:
-    """The backend registered as ``name``; :class:`quantlab.registry.UnknownName` (a ``KeyError``) listing the
+    """The backend registered as ``name``; :class:`quantlab.core.registry.UnknownName` (a ``KeyError``) listing the
     valid names otherwise."""
     return BACKENDS.get(name)

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from quantlab.files import write_file_atomic
+from quantlab.core.files import write_file_atomic
 from quantlab.quant.result import QuantResult
 
 _TENSOR_FIELDS = ("codes", "scales", "zeros", "g_idx", "dequantized")

@@ -18,7 +18,7 @@ from typing import Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from quantlab.errors import UserError
+from quantlab.core.errors import UserError
 
 
 class Member(BaseModel):
