@@ -51,8 +51,8 @@ from quantlab.calib.kmeans import kmeans_entropy
 from quantlab.calib.options import ENTROPY_ON, CollectOptions, EntropyOn  # noqa: F401 (re-exported)
 from quantlab.calib.stats import MODALITIES, Moments, TensorStats, TokenReservoir, hessian_update, summarize
 from quantlab.calib.weights import WeightSource
-from quantlab.models.load import LoadedModel
 from quantlab.core.progress import block_progress
+from quantlab.models.load import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from quantlab.calib.executor import CalibSample
+from quantlab.core.registry import Member, Registry
 from quantlab.data import shapes
 from quantlab.models.inputs import build_inputs
 from quantlab.models.load import LoadedModel
-from quantlab.core.registry import Member, Registry
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}

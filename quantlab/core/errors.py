@@ -7,6 +7,9 @@ with ``--debug``). It subclasses ``ValueError`` so code that catches bad values 
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class UserError(ValueError):
     """Bad input: a recipe key, a flag, a model, a file. ``remedy`` is the one line that fixes it."""
@@ -26,6 +29,12 @@ class NotOurs(UserError, FileExistsError):
 
 class RunDirBusy(UserError):
     """Another process works in this run directory (its lock is held)."""
+
+
+def did_you_mean(word: str, valid: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the valid name closest to ``word``, or ``''`` when none is close."""
+    close = difflib.get_close_matches(str(word), list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def problems_error(title: str, problems: list[str], remedy: str | None = None, *, limit: int = 40) -> UserError:

@@ -12,13 +12,12 @@ quantlab asks about a member, so no code outside the member's own module tests i
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from quantlab.core.errors import UserError
+from quantlab.core.errors import UserError, did_you_mean
 
 
 class Member(BaseModel):
@@ -68,9 +67,8 @@ class Registry(Generic[T]):
         try:
             return self._members[name]
         except KeyError:
-            close = difflib.get_close_matches(str(name), list(self._members), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UnknownName(f"unknown {self.kind} {name!r}{hint}; valid: {sorted(self._members)}") from None
+            raise UnknownName(f"unknown {self.kind} {name!r}{did_you_mean(name, self._members)}; "
+                              f"valid: {sorted(self._members)}") from None
 
     def names(self) -> list[str]:
         return list(self._members)

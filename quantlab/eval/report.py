@@ -20,25 +20,35 @@ Each file is written to a temporary sibling and renamed into place.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from quantlab.calib.artifact import SUMMARY_FILE
-from quantlab.eval.memory import MIB, MemoryReport
+from quantlab.core.files import write_file_atomic
+from quantlab.eval.memory import MemoryReport
 from quantlab.eval.paired import N_RESAMPLES, SEED, PairedDiff, paired_difference
+from quantlab.eval.report_figure import (  # noqa: F401 - figure: part of the report's API
+    W4_LABEL,
+    byte_unit,
+    cell_bits,
+    cell_delta,
+    cell_entropy,
+    cell_mib,
+    cell_pct,
+    cell_share,
+    figure,
+    figure_png,
+)
 from quantlab.eval.runner import EvalReport, TaskResult
 from quantlab.eval.tasks import TASKS
-from quantlab.core.files import write_file_atomic
 
 logger = logging.getLogger(__name__)
 
 OVERALL = "overall"
-W4_LABEL = "uniform GPTQ W4 g128"
 # The name a task's overall score goes under in ``tasks``: the per-item metric, "accuracy" for right/wrong ones
 METRIC_NAMES = {"exact_match": "accuracy", "pope": "accuracy", "mme": "accuracy", "multiple_choice": "accuracy"}
 
@@ -248,32 +258,6 @@ def compare(baseline: EvalReport, quantized: EvalReport, memory: Mapping[str, Me
                       blocks=[_block_dict(r) for r in blocks or []])
 
 
-def _formatter(spec: str, scale: float = 1.0, suffix: str = "") -> Callable[[float | None], str]:
-    """A cell formatter: ``-`` for a missing value, else ``scale * x`` in ``spec`` plus ``suffix``."""
-    return lambda x: "-" if x is None else f"{format(scale * x, spec)}{suffix}"
-
-
-_pct, _delta, _share = _formatter(".1f", 100), _formatter("+.1f", 100), _formatter(".1f", 100, "%")
-_mib, _bits, _entropy = _formatter(",.2f", 1 / MIB), _formatter(".2f"), _formatter(".3f")
-
-
-def _unit(nbytes: float) -> tuple[str, int]:
-    """A byte unit that keeps ``nbytes`` readable: KiB below 1 MiB, GiB from 4 GiB, MiB between."""
-    if nbytes >= 4 * 2**30:
-        return "GiB", 2**30
-    return ("MiB", MIB) if nbytes >= MIB else ("KiB", 2**10)
-
-
-MODEL_MEASURES = ("predicted_bytes", "disk_tensor_bytes", "disk_file_bytes")  # the model's bytes
-RUNTIME_MEASURES = ("runtime_peak_bytes", "runtime_import_bytes", "runtime_device_peak_bytes")  # a process's
-
-
-def _measures(c: Comparison, attrs: tuple[str, ...]) -> list[tuple[str, str]]:
-    """``(row name, attribute)`` of the measures in ``attrs`` that were measured for some model."""
-    return [(name, attr) for name, attr in MemoryReport.ROWS
-            if attr in attrs and any(getattr(m, attr) is not None for m in c.memory.values())]
-
-
 def _paired_md(c: Comparison) -> list[str]:
     if not c.paired:
         return []
@@ -283,8 +267,8 @@ def _paired_md(c: Comparison) -> list[str]:
            "|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for t, p in c.paired.items():
         test = "McNemar exact" if p.test == "mcnemar-exact" else "sign test"
-        out.append(f"| {t} | {metric_name(t)} | {p.n} | {_pct(p.baseline)} | {_pct(p.quantized)} | "
-                   f"{_delta(p.diff)} | [{_delta(p.ci_low)}, {_delta(p.ci_high)}] | {p.n_better} / {p.n_worse} | "
+        out.append(f"| {t} | {metric_name(t)} | {p.n} | {cell_pct(p.baseline)} | {cell_pct(p.quantized)} | "
+                   f"{cell_delta(p.diff)} | [{cell_delta(p.ci_low)}, {cell_delta(p.ci_high)}] | {p.n_better} / {p.n_worse} | "
                    f"{p.p_value:.3g} ({test}) |")
     out += ["", (f"Interval: percentile bootstrap over items ({any_p.n_resamples:,} resamples, seed {any_p.seed}). "
                  "p: exact two-sided sign test on the items that changed (McNemar's exact test for right/wrong "
@@ -305,12 +289,12 @@ def _size_md(c: Comparison) -> list[str]:
     out = ["", "## Model size (stored bytes, cost model)", "",
            "| model | all weights (MiB) | decoder Linears (MiB) | stored bits / decoder weight |",
            "|---|---:|---:|---:|"]
-    out += [f"| {lb} | {_mib(m.bytes)} | {_mib(m.decoder_bytes)} | {_bits(m.avg_bits)} |" for lb, m in models]
+    out += [f"| {lb} | {cell_mib(m.bytes)} | {cell_mib(m.decoder_bytes)} | {cell_bits(m.avg_bits)} |" for lb, m in models]
     s = c.savings
     if s:
-        out.append(f"| {W4_LABEL} (reference) | {_mib(s['w4_bytes'])} | - | - |")
-        out += ["", (f"Saving of the quantized model (all weights): **{_share(s['vs_fp16'])}** vs fp16, "
-                     f"**{_share(s['vs_w4'])}** vs {W4_LABEL} (every decoder Linear; a width 128 does not "
+        out.append(f"| {W4_LABEL} (reference) | {cell_mib(s['w4_bytes'])} | - | - |")
+        out += ["", (f"Saving of the quantized model (all weights): **{cell_share(s['vs_fp16'])}** vs fp16, "
+                     f"**{cell_share(s['vs_w4'])}** vs {W4_LABEL} (every decoder Linear; a width 128 does not "
                      "divide stays fp16). Negative: larger.")]
     return out
 
@@ -318,12 +302,12 @@ def _size_md(c: Comparison) -> list[str]:
 def _blocks_md(c: Comparison) -> list[str]:
     if not c.blocks:
         return []
-    unit, div = _unit(max(b["bytes"] for b in c.blocks))
+    unit, div = byte_unit(max(b["bytes"] for b in c.blocks))
     out = ["", "## Decoder blocks: bits and activation entropy by modality", "",
            (f"| block | schemes | stored bits / weight | Linears ({unit}) | entropy, image tokens (bits) | "
             "entropy, text tokens (bits) |"), "|---:|---|---:|---:|---:|---:|"]
-    out += [f"| {b['block']} | {', '.join(b['schemes'])} | {_bits(b['avg_bits'])} | {b['bytes'] / div:,.1f} | "
-            f"{_entropy(b.get('entropy_image'))} | {_entropy(b.get('entropy_text'))} |" for b in c.blocks]
+    out += [f"| {b['block']} | {', '.join(b['schemes'])} | {cell_bits(b['avg_bits'])} | {b['bytes'] / div:,.1f} | "
+            f"{cell_entropy(b.get('entropy_image'))} | {cell_entropy(b.get('entropy_text'))} |" for b in c.blocks]
     if all(b.get("entropy_image") is None and b.get("entropy_text") is None for b in c.blocks):
         out += ["", "(no calibration entropies: RUN/stats has none for these blocks)"]
     return out
@@ -340,7 +324,7 @@ def _points_md(c: Comparison) -> list[str]:
     for model in dict.fromkeys(p["model"] for p in pts):
         mine = {(p["task"], p["metric"]): p for p in pts if p["model"] == model}
         nbytes = next(iter(mine.values()))["bytes"]
-        out.append(f"| {model} | {_mib(nbytes)} | " + " | ".join(_pct(mine[k]["score"]) if k in mine else "-"
+        out.append(f"| {model} | {cell_mib(nbytes)} | " + " | ".join(cell_pct(mine[k]["score"]) if k in mine else "-"
                                                              for k in cols) + " |")
     return out
 
@@ -351,7 +335,7 @@ def markdown(c: Comparison) -> str:
     out = ["# Evaluation: baseline vs quantized", "", f"- baseline: `{c.baseline_model}`",
            f"- quantized: `{c.quantized_model}`", "", "## Accuracy (%)", "",
            "| task | question type | n | baseline | quantized | delta |", "|---|---|---:|---:|---:|---:|"]
-    out += [f"| {r.task} | {r.question_type} | {r.n} | {_pct(r.baseline)} | {_pct(r.quantized)} | {_delta(r.delta)} |"
+    out += [f"| {r.task} | {r.question_type} | {r.n} | {cell_pct(r.baseline)} | {cell_pct(r.quantized)} | {cell_delta(r.delta)} |"
             for r in c.rows]
     if any(v["baseline"] or v["quantized"] for v in c.failed.values()):
         out += ["", "Failed items (unreadable images): " + ", ".join(
@@ -362,7 +346,7 @@ def markdown(c: Comparison) -> str:
         labels = list(c.memory)
         out += ["", "## Memory (MiB)", "", "| measure | " + " | ".join(labels) + " |",
                 "|---|" + "---:|" * len(labels)]
-        out += [f"| {name} | " + " | ".join(_mib(getattr(c.memory[lb], attr)) for lb in labels) + " |"
+        out += [f"| {name} | " + " | ".join(cell_mib(getattr(c.memory[lb], attr)) for lb in labels) + " |"
                 for name, attr in MemoryReport.ROWS
                 if any(getattr(m, attr) is not None for m in c.memory.values())]  # measured rows only
         for lb, m in c.memory.items():
@@ -370,7 +354,7 @@ def markdown(c: Comparison) -> str:
                 f = m.fits
                 out.append(f"\n{lb}: fits in {f['budget_bytes'] / 2**30:g} GiB with {f['images']} image(s) and "
                            f"{f['text_tokens']} text tokens: **{'yes' if f['fits'] else 'no'}** "
-                           f"(need {_mib(f['total_bytes'])} MiB; at most {f['max_images']} images)")
+                           f"(need {cell_mib(f['total_bytes'])} MiB; at most {f['max_images']} images)")
     out += _blocks_md(c)
     out += _points_md(c)
     if c.fallbacks:
@@ -379,159 +363,6 @@ def markdown(c: Comparison) -> str:
     if c.notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in c.notes]
     return "\n".join(out) + "\n"
-
-
-def _no_data(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="grey")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _accuracy_panel(ax, c: Comparison) -> None:
-    labels = [f"{r.task}: {r.question_type}" for r in c.rows]
-    xs = list(range(len(c.rows)))
-    for k, (name, values) in enumerate((("baseline", [r.baseline for r in c.rows]),
-                                        ("quantized", [r.quantized for r in c.rows]))):
-        ax.bar([x + (k - 0.5) * 0.4 for x in xs], [100 * (v or 0.0) for v in values], 0.4, label=name,
-               color=f"C{k}")
-    ax.set_xticks(xs, labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 115)
-    title = "accuracy per task / question type"
-    if c.paired:
-        title += "\n" + "; ".join(f"{t}: delta {_delta(p.diff)} pts, {100 * p.level:g}% CI "
-                                   f"[{_delta(p.ci_low)}, {_delta(p.ci_high)}]" for t, p in c.paired.items())
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper right", ncol=2, fontsize=8)
-
-
-def _bytes_bars(ax, c: Comparison, measures: list[tuple[str, str]], title: str, ylabel: str,
-                extra: float = 0.0) -> int | None:
-    """Grouped bars, one group per measure, one bar per model, labelled with their values; returns the unit's
-    bytes (None: nothing measured). ``extra``: another value (bytes) the axis must show."""
-    if not measures:
-        _no_data(ax, "not measured")
-        ax.set_title(title, fontsize=10)
-        return None
-    top = max([extra] + [getattr(m, a) or 0 for m in c.memory.values() for _, a in measures])
-    unit, div = _unit(top)
-    width = 0.8 / max(1, len(c.memory))
-    for k, (label, m) in enumerate(c.memory.items()):
-        bars = ax.bar([i + (k - (len(c.memory) - 1) / 2) * width for i in range(len(measures))],
-                      [(getattr(m, a) or 0) / div for _, a in measures], width, label=label, color=f"C{k}")
-        ax.bar_label(bars, [_fmt_size(getattr(m, a), div) for _, a in measures], fontsize=7, padding=2)
-    ax.set_xticks(range(len(measures)), [n.replace("run time: ", "").replace("on disk: ", "on disk:\n")
-                                         for n, _ in measures], fontsize=8)
-    ax.set_ylabel(f"{ylabel} ({unit})")
-    ax.set_title(title, fontsize=10)
-    ax.set_ylim(0, 1.35 * top / div)  # room for the legend above the bars
-    return div
-
-
-def _fmt_size(n: int | None, div: int) -> str:
-    return "n/a" if n is None else f"{n / div:,.3g}"
-
-
-def _model_bytes_panel(ax, c: Comparison) -> None:
-    w4 = c.savings.get("w4_bytes") or 0
-    div = _bytes_bars(ax, c, _measures(c, MODEL_MEASURES), "model weights: predicted (cost model) and on disk",
-                      "stored bytes", extra=w4)
-    if div is not None:
-        if w4:
-            ax.axhline(w4 / div, color="grey", ls="--", lw=1, label=f"{W4_LABEL} (predicted)")
-        ax.legend(fontsize=8, loc="upper center", ncol=2)
-
-
-def _runtime_panel(ax, c: Comparison) -> None:
-    if _bytes_bars(ax, c, _measures(c, RUNTIME_MEASURES), "run-time memory: whole process (interpreter, "
-                   "libraries, model)", "memory"):
-        ax.legend(fontsize=8, loc="upper center", ncol=2)
-
-
-def _scatter_panel(ax, c: Comparison) -> None:
-    pts = c.points
-    ax.set_title("accuracy vs model bytes", fontsize=10)
-    if not pts:
-        _no_data(ax, "no scores or no sizes")
-        return
-    unit, div = _unit(max(p["bytes"] for p in pts))
-    tasks = list(dict.fromkeys(p["task"] for p in pts))
-    markers = "osD^v<>Pp*"
-    for k, model in enumerate(dict.fromkeys(p["model"] for p in pts)):
-        for p in (p for p in pts if p["model"] == model):
-            ax.scatter(p["bytes"] / div, 100 * p["score"], s=60, color=f"C{k}",
-                       marker=markers[tasks.index(p["task"]) % len(markers)],
-                       label=f"{model}: {p['task']}" if len(tasks) > 1 else model)
-            ax.annotate(f"{100 * p['score']:.1f}", (p["bytes"] / div, 100 * p["score"]), textcoords="offset points",
-                        xytext=(6, 4), fontsize=8)
-    if c.savings.get("w4_bytes"):
-        ax.axvline(c.savings["w4_bytes"] / div, color="grey", ls="--", lw=1, label=f"{W4_LABEL} bytes")
-    ax.set_xlim(0, 1.15 * max(p["bytes"] for p in pts) / div)
-    lo = min(100 * p["score"] for p in pts)
-    ax.set_ylim(max(0.0, min(lo - 5, 90.0)), 102)
-    ax.set_xlabel(f"stored bytes, cost model ({unit})")
-    ax.set_ylabel("overall score (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-
-
-def _blocks_panels(ax_bits, ax_ent, c: Comparison) -> None:
-    """Stored bits per weight of each decoder block (top) and its activation entropy by modality (bottom)."""
-    ax_bits.set_title("decoder blocks: stored bits / weight (quantized)", fontsize=10)
-    ax_ent.set_title("decoder blocks: activation entropy by modality (calibration)", fontsize=10)
-    if not c.blocks:
-        _no_data(ax_bits, "no plan blocks")
-        _no_data(ax_ent, "no plan blocks")
-        return
-    xs = [b["block"] for b in c.blocks]
-    bars = ax_bits.bar(xs, [b["avg_bits"] for b in c.blocks], 0.6, color="C1", label="quantized")
-    ax_bits.bar_label(bars, [f"{b['avg_bits']:.2f}" for b in c.blocks], fontsize=7, padding=1)
-    ax_bits.axhline(4.0, color="grey", ls=":", lw=1, label="4 bits (baseline: 16)")
-    ax_bits.set_ylabel("stored bits / weight")
-    ax_bits.set_ylim(0, max(5.0, 1.35 * max(b["avg_bits"] for b in c.blocks)))
-    ax_bits.set_xticks(xs)
-    ax_bits.legend(fontsize=8, loc="upper right", ncol=2)
-    ent = [(m, [b.get(f"entropy_{m}") for b in c.blocks]) for m in ("image", "text")]
-    ent = [(m, v) for m, v in ent if any(e is not None for e in v)]
-    if not ent:
-        _no_data(ax_ent, "no calibration entropies")
-        return
-    for (m, vals), (style, color) in zip(ent, (("-o", "C2"), ("--s", "C3"))):
-        ax_ent.plot([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None], style,
-                    color=color, label=f"{m} tokens")
-    ax_ent.set_xticks(xs)
-    ax_ent.set_xlabel("decoder block")
-    ax_ent.set_ylabel("entropy (bits)")
-    ax_ent.set_ylim(0, 1.3 * max(v for _, vals in ent for v in vals if v is not None))
-    ax_ent.grid(alpha=0.3)
-    ax_ent.legend(fontsize=8, loc="lower right", ncol=2)
-
-
-def figure(c: Comparison):
-    """The report figure (a matplotlib ``Figure`` on an Agg canvas, no pyplot state): accuracy, accuracy vs
-    bytes, model bytes, run-time memory and decoder blocks, each on its own axes (``fig.axes`` in that order,
-    the blocks as bits then entropy)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(16, 10), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplot_mosaic([["acc", "acc", "scatter"], ["bytes", "rss", "bits"], ["bytes", "rss", "entropy"]],
-                              height_ratios=[2, 1, 1])
-    _accuracy_panel(axes["acc"], c)
-    _scatter_panel(axes["scatter"], c)
-    _model_bytes_panel(axes["bytes"], c)
-    _runtime_panel(axes["rss"], c)
-    _blocks_panels(axes["bits"], axes["entropy"], c)
-    fig.suptitle(f"baseline {c.baseline_model}  vs  quantized {c.quantized_model}", fontsize=11)
-    return fig
-
-
-def figure_png(c: Comparison) -> bytes:
-    """PNG bytes of :func:`figure`."""
-    buf = io.BytesIO()
-    figure(c).savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
 
 
 def write_report(out_dir: str | Path, comparison: Comparison) -> dict[str, Path]:

@@ -36,15 +36,15 @@ from typing import Any
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from quantlab.core.files import write_file_atomic
+from quantlab.core.progress import block_progress
 from quantlab.eval import metrics
 from quantlab.eval.generate import generate_answers
 from quantlab.eval.readers import (
     EvalItem,
 )
 from quantlab.eval.tasks import Task, format_prompt, get_task, score, seeded_subset, shapes_items  # noqa: F401
-from quantlab.core.files import write_file_atomic
 from quantlab.models.load import LoadedModel
-from quantlab.core.progress import block_progress
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from quantlab.core.registry import Member, Registry
 from quantlab.data import shapes
 from quantlab.eval import metrics
 from quantlab.eval.readers import (
@@ -30,7 +31,6 @@ from quantlab.eval.readers import (
     read_textvqa,
     read_vqav2,
 )
-from quantlab.core.registry import Member, Registry
 
 SHORT_ANSWER_PROMPT = "{question}\nAnswer the question using a single word or phrase."
 YES_NO_PROMPT = "{question} Please answer yes or no."

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from quantlab.core.errors import problems_error
+from quantlab.core.files import write_dir_atomic
 from quantlab.export.card import write_model_card
 from quantlab.export.formats import get_format
-from quantlab.core.files import write_dir_atomic
 from quantlab.models.load import LoadedModel
 from quantlab.quant.scheme import QuantScheme
 

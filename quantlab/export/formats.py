@@ -8,9 +8,9 @@ opened (the model card). A new format is one module declaring ``FORMAT = ExportF
 
 from __future__ import annotations
 
+from quantlab.core.registry import Registry
 from quantlab.export import compressed_tensors, gptq, native
 from quantlab.export.spec import ExportFormat
-from quantlab.core.registry import Registry
 
 FORMATS: Registry[ExportFormat] = Registry("export format")
 register_format = FORMATS.register

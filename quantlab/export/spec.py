@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from quantlab.core.registry import Member
 from quantlab.quant.layout import Layout
 from quantlab.quant.registry import get_backend
 from quantlab.quant.scheme import QuantScheme
-from quantlab.core.registry import Member
 
 
 class ExportFormat(Member):

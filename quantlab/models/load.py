@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from quantlab.core.errors import NotFound, problems_error
+from quantlab.core.errors import NotFound, did_you_mean, problems_error
 from quantlab.models.adapter import ADAPTERS, Adapter
 from quantlab.models.processors import load_processor
 
@@ -117,12 +117,9 @@ def load_config(name_or_path: str | Path):
 
 def _check_hub(repo_id: str) -> None:
     if str(repo_id).startswith(("/", ".", "~")) or str(repo_id).count("/") != 1:
-        import difflib
-
-        close = difflib.get_close_matches(str(repo_id), list(ALIASES), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise NotFound(f"model {repo_id!r}: no such file or directory, built-in alias or hub id (org/name)",
-                        f"{hint}`quantlab models` lists the aliases; or pass a checkpoint directory")
+        raise NotFound(f"model {repo_id!r}{did_you_mean(repo_id, ALIASES)}: no such file or directory, built-in "
+                       "alias or hub id (org/name)", "`quantlab models` lists the aliases; or pass a checkpoint "
+                       "directory")
     if not _hub_cached(repo_id) and not _hub_reachable():
         raise ConnectionError(
             f"cannot load {repo_id!r}: the Hugging Face Hub is not reachable and the model is not in the local "

@@ -14,8 +14,6 @@ Nothing here loads weights or writes a file: the model is a meta-device skeleton
 
 from __future__ import annotations
 
-import difflib
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,48 +21,17 @@ from torch import nn
 
 from quantlab.calib.data import IMAGE_SOURCE_KINDS, SOURCES, TEXT_SOURCE_KINDS, CalibSource
 from quantlab.core.device import resolve_device
-from quantlab.core.errors import UserError, problems_error
+from quantlab.core.errors import UserError, did_you_mean, problems_error
 from quantlab.eval.tasks import TASKS
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel, load_model, resolve
 from quantlab.plan.cost import linear_bytes, model_size
-from quantlab.plan.fit import fit_scheme, scheme_problem
+from quantlab.plan.fit import fit_scheme, group_by_block, scheme_problem
 from quantlab.plan.make import PLANNERS, plan_format
 from quantlab.plan.plan import apply_rules
 from quantlab.quant.registry import outside_decoder_problem
 from quantlab.quant.scheme import QuantScheme
 from quantlab.recipe import Recipe
-
-
-def group_by_block(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """``(module, message)`` pairs folded over block indices, so every module is named in a few lines:
-    ``layers.0.mlp.down_proj`` ... ``layers.7.mlp.down_proj`` with one message -> ``layers.{0-7}.mlp.down_proj``."""
-    groups: dict[tuple[str, str], list[int]] = {}
-    order: list[tuple[str, str]] = []
-    for name, why in items:
-        m = re.search(r"\.(\d+)\.", name)
-        key = (name[:m.start(1)] + "{}" + name[m.end(1):], why) if m else (name, why)
-        if key not in groups:
-            groups[key] = []
-            order.append(key)
-        if m:
-            groups[key].append(int(m.group(1)))
-    out = []
-    for pattern, why in order:
-        idx = sorted(set(groups[(pattern, why)]))
-        runs, start = [], None
-        for i, v in enumerate(idx):
-            start = v if start is None else start
-            if i + 1 == len(idx) or idx[i + 1] != v + 1:
-                runs.append(str(start) if start == v else f"{start}-{v}")
-                start = None
-        out.append((pattern.replace("{}", "{" + ",".join(runs) + "}") if idx else pattern, why))
-    return out
-
-
-def _suggest(word: str, valid) -> str:
-    close = difflib.get_close_matches(word, list(valid), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def recipe_schemes(recipe: Recipe) -> Iterator[tuple[str, QuantScheme]]:
@@ -90,7 +57,7 @@ def _source_problems(key: str, sources: list[CalibSource], kinds: tuple[str, ...
     for i, src in enumerate(sources):
         where = f"calibration.{key}[{i}]"
         if src.kind not in kinds:
-            out.append(f"{where}.kind: unknown kind {src.kind!r}{_suggest(src.kind, kinds)}; valid: {list(kinds)}")
+            out.append(f"{where}.kind: unknown kind {src.kind!r}{did_you_mean(src.kind, kinds)}; valid: {list(kinds)}")
         elif SOURCES.get(src.kind).needs_path and not src.path:
             out.append(f"{where}.path: kind {src.kind!r} needs a path")
         elif src.path and SOURCES.get(src.kind).local_path and not Path(src.path).expanduser().exists():
@@ -122,22 +89,22 @@ def recipe_problems(recipe: Recipe, *, stream: bool = False) -> list[str]:
         if why is not None:
             problems.append(f"{key} ({scheme.label()}): {why}")
     if stream and planner.measures(spec):
-        problems.append(f"plan.planner: the {spec.planner} planner measures the model's output with every block in memory, which --stream does not "
-                        "hold; run without --stream, or plan with luq (k / target_avg_bits / budget_gb) or uniform")
+        problems.append(f"plan.planner: the {spec.planner} planner measures the model's output with every block "
+                        "in memory, which --stream does not hold; run without --stream, or plan with luq (k / target_avg_bits / budget_gb) or uniform")
     for task in recipe.eval.tasks:
         if task not in TASKS:
-            problems.append(f"eval.tasks: unknown task {task!r}{_suggest(task, TASKS)}; valid: {sorted(TASKS)}")
+            problems.append(f"eval.tasks: unknown task {task!r}{did_you_mean(task, TASKS)}; valid: {sorted(TASKS)}")
         elif TASKS.get(task).generate is None:
             files = TASKS.get(task).files
             if recipe.eval.data_dir is None:
                 problems.append(f"eval.data_dir: task {task!r} reads benchmark files; set eval.data_dir")
             elif not (Path(recipe.eval.data_dir) / files).is_dir():
-                problems.append(f"eval.data_dir: {Path(recipe.eval.data_dir) / files} does not exist (task {task!r})")
+                problems.append(f"eval.data_dir: {Path(recipe.eval.data_dir) / files} does not exist "
+                                f"(task {task!r})")
     return problems + calibration_problems(recipe)
 
 
 def _cheapest(fmt: str, schemes: list[QuantScheme], out_f: int, in_f: int, policy: str) -> QuantScheme | None:
-
     fitted = [fit_scheme(out_f, in_f, s, fmt, policy).scheme for s in schemes]  # type: ignore[arg-type]
     return min(fitted, key=lambda s: linear_bytes(out_f, in_f, s, fmt, bias=False), default=None)
 
@@ -229,7 +196,7 @@ def check_hub_id(repo_id: str) -> None:
 
 
 def preflight(model: str, recipe: Recipe, *, out: str | Path | None = None, stream: bool = False,
-              device: str | None = None, push_to_hub: str | None = None, model_checks: bool = True) -> LoadedModel:
+              device: str | None = None, push_to_hub: str | None = None) -> LoadedModel:
     """Every check above; returns the model's skeleton. Raises :class:`UserError` listing all problems."""
     check_device(device)
     if push_to_hub is not None:
@@ -238,7 +205,7 @@ def preflight(model: str, recipe: Recipe, *, out: str | Path | None = None, stre
         check_out(out, model=model)
     skeleton = open_skeleton(model, stream=stream)
     problems = recipe_problems(recipe, stream=stream)
-    if not problems and model_checks:
+    if not problems:
         problems = model_problems(skeleton, recipe)
     if problems:
         raise problems_error(f"{recipe.name}: the recipe cannot run on {model}", problems,

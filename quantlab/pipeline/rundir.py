@@ -114,6 +114,11 @@ class RunDir:
         return self.root / "model"
 
     @property
+    def quant_previous(self) -> Path:
+        """Where a finished quantization's blocks wait while a new one (another plan) is under way."""
+        return self.root / "quant.previous"
+
+    @property
     def eval(self) -> Path:
         return self.root / "eval"
 
@@ -138,12 +143,12 @@ class RunDir:
         foreign = sorted(p.name for p in root.iterdir() if p.name not in (LOCK_FILE, LOG_FILE))
         if state is None and foreign:
             raise NotOurs(f"{root} exists and is not a quantlab run directory (no quantlab state.json; it holds "
-                            f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); quantlab replaces only "
-                            "its own runs", "pass a new or empty directory as --out")
+                          f"{', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); quantlab replaces only "
+                          "its own runs", "pass a new or empty directory as --out")
         started = state is not None and any(isinstance(v, dict) and v.get("done") for v in state.values())
         if state is not None and state["_model"] != model and started and not overwrite:
             raise NotOurs(f"{root} holds a run of {state['_model']!r}, not {model!r}",
-                            "pass another --out, or --overwrite to replace that run")
+                          "pass another --out, or --overwrite to replace that run")
 
     @classmethod
     def open(cls, root: str | Path, model: str, recipe_yaml: str, *, overwrite: bool = False) -> RunDir:
@@ -188,6 +193,11 @@ class RunDir:
     def done(self, stage: str, **info: Any) -> None:
         self.state[stage].update(done=True, **info)
         self.save()
+
+    def set_quant_aside(self) -> None:
+        """Move finished blocks of another plan to :attr:`quant_previous` (replacing older ones there)."""
+        _remove(self.quant_previous)
+        self.quant.rename(self.quant_previous)
 
     def discard_evaluation(self) -> None:
         """Remove eval/ and report.*: called when the model they describe is being replaced."""

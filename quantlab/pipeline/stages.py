@@ -155,13 +155,9 @@ def stage_quantize(ctx: StageContext, plan):
     previous = run.state.get("quantize", {}).get("fingerprint")
     finished = run.fresh("quantize", fp)
     marker = run.quant / "fingerprint"
-    recorded = marker.read_text().strip() if marker.is_file() else previous
-    if run.quant.is_dir() and recorded != fp:
-        # Blocks of another plan: set them aside (not deleted) until this quantization is complete.
-        stash = run.root / "quant.previous"
-        if stash.exists():
-            shutil.rmtree(stash)
-        run.quant.rename(stash)
+    blocks_fp = marker.read_text().strip() if marker.is_file() else previous
+    if run.quant.is_dir() and blocks_fp != fp:
+        run.set_quant_aside()  # blocks of another plan: kept until this quantization is complete
     run.quant.mkdir(exist_ok=True)
     marker.write_text(fp + "\n")
 
@@ -183,7 +179,7 @@ def stage_quantize(ctx: StageContext, plan):
                        load_block=load_block, save_block=lambda i, r: save_results(run.block_file(i), r),
                        device=ctx.device, weights=ctx.weights)
     run.done("quantize", modules=len(results))
-    shutil.rmtree(run.root / "quant.previous", ignore_errors=True)
+    shutil.rmtree(run.quant_previous, ignore_errors=True)
     return results
 
 

@@ -22,6 +22,7 @@ Every fallback is recorded per module in ``plan.yaml`` (``info.fallbacks``) and 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,6 +89,32 @@ def fit_scheme(out_features: int, in_features: int, scheme: QuantScheme | None, 
         if shape_problem(out_features, in_features, candidate, fmt) is None:
             return Fitted(candidate, f"{why}: {scheme.label()} -> {candidate.label()}")
     return Fitted(None, f"{why}: {scheme.label()} -> kept in fp16")
+
+
+def group_by_block(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``(module, message)`` pairs folded over block indices, so every module is named in a few lines:
+    ``layers.0.mlp.down_proj`` ... ``layers.7.mlp.down_proj`` with one message -> ``layers.{0-7}.mlp.down_proj``."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    order: list[tuple[str, str]] = []
+    for name, why in items:
+        m = re.search(r"\.(\d+)\.", name)
+        key = (name[:m.start(1)] + "{}" + name[m.end(1):], why) if m else (name, why)
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        if m:
+            groups[key].append(int(m.group(1)))
+    out = []
+    for pattern, why in order:
+        idx = sorted(set(groups[(pattern, why)]))
+        runs, start = [], None
+        for i, v in enumerate(idx):
+            start = v if start is None else start
+            if i + 1 == len(idx) or idx[i + 1] != v + 1:
+                runs.append(str(start) if start == v else f"{start}-{v}")
+                start = None
+        out.append((pattern.replace("{}", "{" + ",".join(runs) + "}") if idx else pattern, why))
+    return out
 
 
 def plan_problems(layers: dict[str, QuantScheme | None], linears: dict, fmt: str,

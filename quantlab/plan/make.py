@@ -21,17 +21,17 @@ from torch import nn
 
 from quantlab.calib.executor import CalibSample
 from quantlab.core.errors import problems_error
+from quantlab.core.registry import Member, Registry
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
 from quantlab.plan import planners
 from quantlab.plan.cost import linear_bytes, model_size, nominal_bits
-from quantlab.plan.fit import Fitted, ShapeFallback, fit_scheme
+from quantlab.plan.fit import Fitted, ShapeFallback, fit_scheme, group_by_block
 from quantlab.plan.plan import Plan, apply_rules
 from quantlab.plan.sensitivity import measure_damage, quantized_kl, units_of
 from quantlab.plan.spec import PlanSpec
 from quantlab.quant.registry import get_backend
 from quantlab.quant.scheme import QuantScheme
-from quantlab.core.registry import Member, Registry
 
 
 def plan_format(schemes: Sequence[QuantScheme | None], requested: str) -> str:
@@ -49,8 +49,7 @@ def _linears(loaded: LoadedModel) -> dict[str, nn.Linear]:
 
 def _bytes(mod: nn.Linear, scheme: QuantScheme | None, fmt: str, fallback: ShapeFallback = "smaller_group") -> int:
     """Stored bytes of one Linear under ``scheme`` after the shape fallback (what the plan will assign)."""
-    fitted = fit_scheme(mod.out_features, mod.in_features, scheme, fmt, fallback)
-    scheme = fitted.scheme if fallback != "error" else scheme
+    scheme = fit_scheme(mod.out_features, mod.in_features, scheme, fmt, fallback).scheme
     return linear_bytes(mod.out_features, mod.in_features, scheme, fmt, bias=mod.bias is not None,
                         dtype_bytes=2)
 
@@ -67,7 +66,7 @@ def fit_shapes(mapping: dict[str, QuantScheme | None], linears: dict[str, nn.Lin
     notes = {n: f.note for n, f in fitted.items() if f.note is not None}
     if fallback == "error" and notes:
         raise problems_error(f"{len(notes)} module(s) cannot take their scheme in {fmt}",
-                             [f"{n}: {why}" for n, why in notes.items()],
+                             [f"{names}: {why}" for names, why in group_by_block(list(notes.items()))],
                              "set plan.shape_fallback to smaller_group, per_channel or keep, or pin these "
                              "modules with a rule")
     return {n: f.scheme for n, f in fitted.items()}, notes

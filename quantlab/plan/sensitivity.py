@@ -21,9 +21,9 @@ from torch import nn
 
 from quantlab.calib.executor import CalibSample, capture_decoder_inputs, decoder_logits, run_block
 from quantlab.core.device import placed, resolve_device
+from quantlab.core.progress import block_progress
 from quantlab.models import Component
 from quantlab.models.load import LoadedModel
-from quantlab.core.progress import block_progress
 from quantlab.quant import quantize_weight
 from quantlab.quant.scheme import QuantScheme
 

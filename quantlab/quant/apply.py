@@ -18,9 +18,9 @@ from torch import nn
 
 from quantlab.calib.executor import CalibSample, stream_decoder
 from quantlab.calib.weights import WeightSource
+from quantlab.core.progress import block_progress
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
-from quantlab.core.progress import block_progress
 from quantlab.quant import quantize_weight
 from quantlab.quant.registry import outside_decoder_problem
 from quantlab.quant.scheme import QuantScheme

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from quantlab.core.registry import Member, Registry
 from quantlab.quant.layout import Layout
 from quantlab.quant.scheme import QuantScheme
-from quantlab.core.registry import Member, Registry
 
 if TYPE_CHECKING:  # results are created by the backends; the registry only names the type
     from quantlab.quant.result import QuantResult
