@@ -156,17 +156,28 @@ def eval_(
     seed: Annotated[int, typer.Option()] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write results as JSON here")] = None,
     overwrite: bool = typer.Option(False, help="replace an existing --json written by quantlab"),
+    engine: Annotated[str, typer.Option(help="generation engine: transformers (in-process) or vllm "
+                                             "(see quantlab engines)")] = "transformers",
+    engine_python: Annotated[Optional[Path], typer.Option(help="the Python that runs --engine (default: "
+                                                               "its quantlab-built environment)")] = None,
+    tensor_parallel: Annotated[Optional[int], typer.Option(help="vllm: GPUs to shard the model over")] = None,
     device: Device = None,
     debug: Debug = False,
 ) -> None:
     """Evaluate a model (built-in toy, local checkpoint, quantlab native checkpoint or hub id) on VQA tasks."""
     from quantlab.core.errors import UserError, problems_error
+    from quantlab.eval.engines import get_engine, open_engine
     from quantlab.eval.runner import EvalReport, evaluate
     from quantlab.eval.tasks import TASKS
     from quantlab.export.open import open_model
-    from quantlab.pipeline.preflight import check_device
+    from quantlab.pipeline.preflight import check_device, engine_problems
 
     check_device(device)
+    problems = engine_problems(engine, None if engine_python is None else str(engine_python))
+    if problems:
+        raise problems_error("--engine", problems, "quantlab engines lists the engines and how to install them")
+    if tensor_parallel is not None and get_engine(engine).in_process:
+        raise UserError(f"--tensor-parallel is a vllm option; engine {engine!r} runs in this process")
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in TASKS]
     if unknown or not names:
@@ -176,9 +187,13 @@ def eval_(
         _refuse_existing(json_out, overwrite, lambda p: _loads(EvalReport.load_json, p), "a quantlab evaluation")
     if data_dir is not None and not data_dir.is_dir():
         raise UserError(f"--data-dir {data_dir} is not a directory")
-    loaded = open_model(model)
-    if device is not None:
-        loaded.model.to(device)
+    if get_engine(engine).in_process:
+        loaded = open_model(model)
+        if device is not None:
+            loaded.model.to(device)
+    else:
+        loaded = open_engine(engine, model, python=engine_python,
+                             options={} if tensor_parallel is None else {"tensor_parallel_size": tensor_parallel})
     report = evaluate(loaded, names, data_dir=data_dir, limit=limit, seed=seed, batch_size=batch_size, progress=True)
     for name, r in report.tasks.items():
         table = Table(title=f"{name} ({r.n} items, {r.n_failed} failed)")
@@ -192,6 +207,28 @@ def eval_(
     if json_out is not None:
         report.save_json(json_out)
         console.print(f"wrote {json_out}")
+
+
+@app.command()
+@friendly_errors
+def engines(
+    install: Annotated[Optional[str], typer.Option(help="build this engine's own environment")] = None,
+    debug: Debug = False,
+) -> None:
+    """List the generation engines `quantlab eval --engine` takes, or install one (`--install vllm`)."""
+    from quantlab.eval.engines import ENGINES, engines_dir, install_engine
+
+    if install is not None:
+        py = install_engine(install, log=lambda m: console.print(f"[dim]{m}[/]"))
+        console.print(f"engine {install!r} ready: {py}")
+        return
+    table = Table(title=f"generation engines (environments under {engines_dir()})")
+    for col in ("engine", "runs", "environment"):
+        table.add_column(col, overflow="fold")
+    for e in ENGINES.values():
+        where = "quantlab's own" if e.in_process else ", ".join(e.requirements)
+        table.add_row(e.name, e.description, where)
+    console.print(table)
 
 
 def _loads(reader: Callable[[Path], Any], path: Path) -> bool:

@@ -87,6 +87,10 @@ class EvalSpec(_Strict):
     data_dir: str | None = Field(default=None, description="root of the benchmark folders (not needed for shapes-vqa)")
     limit: int = Field(default=500, description="seeded subset of this many items per task")
     batch_size: int = Field(default=32, description="generation batch size")
+    engine: str = Field(default="transformers", description="generation engine: transformers (in-process) or "
+                        "vllm (its own environment: quantlab engines --install vllm); see docs/engines.md")
+    engine_options: dict[str, Any] = Field(default_factory=dict, description="passed to the engine, e.g. "
+                                           "{tensor_parallel_size: 2, dtype: bfloat16} for vllm.LLM")
 
 
 class Recipe(_Strict):

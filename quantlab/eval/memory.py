@@ -196,6 +196,7 @@ class MemoryReport:
     runtime_import_bytes: int | None = None
     fits: dict[str, Any] | None = None
     runtime_device_peak_bytes: int | None = None
+    runtime_note: str | None = None  # why run-time memory was not measured
 
     ROWS = (("predicted (cost model)", "predicted_bytes"), ("on disk: tensors", "disk_tensor_bytes"),
             ("on disk: files", "disk_file_bytes"), ("run time: peak RSS", "runtime_peak_bytes"),
@@ -223,9 +224,11 @@ class MemoryReport:
 
 def memory_report(label: str, *, predicted: int | None = None, directory: str | Path | None = None,
                   runtime_source: str | Path | None = None, generate: bool = True,
-                  fits_result: dict[str, Any] | None = None, device: str | None = None) -> MemoryReport:
+                  fits_result: dict[str, Any] | None = None, device: str | None = None,
+                  runtime_note: str | None = None) -> MemoryReport:
     """Gather a :class:`MemoryReport`: disk sizes of ``directory`` and run-time memory of ``runtime_source``
-    (host RSS; with a CUDA ``device``, also the device's peak allocation)."""
+    (host RSS; with a CUDA ``device``, also the device's peak allocation); ``runtime_note`` says why there is
+    no ``runtime_source``."""
     disk = disk_bytes(directory) if directory is not None else None
     rt = measure_runtime(runtime_source, generate=generate, device=device) if runtime_source is not None else None
     return MemoryReport(label=label, predicted_bytes=predicted,
@@ -233,4 +236,4 @@ def memory_report(label: str, *, predicted: int | None = None, directory: str | 
                         disk_file_bytes=disk.total_file_bytes if disk else None,
                         runtime_peak_bytes=rt.peak_rss if rt else None,
                         runtime_import_bytes=rt.import_rss if rt else None, fits=fits_result,
-                        runtime_device_peak_bytes=rt.device_peak if rt else None)
+                        runtime_device_peak_bytes=rt.device_peak if rt else None, runtime_note=runtime_note)

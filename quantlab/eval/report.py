@@ -350,6 +350,8 @@ def markdown(c: Comparison) -> str:
                 for name, attr in MemoryReport.ROWS
                 if any(getattr(m, attr) is not None for m in c.memory.values())]  # measured rows only
         for lb, m in c.memory.items():
+            if m.runtime_note is not None:
+                out.append(f"\n{lb}: run-time memory not measured: {m.runtime_note}")
             if m.fits is not None:
                 f = m.fits
                 out.append(f"\n{lb}: fits in {f['budget_bytes'] / 2**30:g} GiB with {f['images']} image(s) and "

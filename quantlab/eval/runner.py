@@ -2,7 +2,8 @@
 
 Works the same for a base model, quantlab's in-memory quantized model and an exported checkpoint: all
 three are a :class:`~quantlab.models.load.LoadedModel`, and answers come from
-:func:`quantlab.eval.generate.generate_answers` (processor + chat template).
+:func:`quantlab.eval.generate.generate_answers` (processor + chat template); or for a checkpoint served by
+an external engine (:mod:`quantlab.eval.engines`, e.g. vLLM), which gets the same templated prompts.
 
 Data layout under ``data_dir`` (one folder per task):
 
@@ -39,6 +40,7 @@ from pydantic import BaseModel, ConfigDict
 from quantlab.core.files import write_file_atomic
 from quantlab.core.progress import block_progress
 from quantlab.eval import metrics
+from quantlab.eval.engines import ChildEngine
 from quantlab.eval.generate import generate_answers
 from quantlab.eval.readers import (
     EvalItem,
@@ -178,21 +180,32 @@ def _try_open(item: EvalItem) -> tuple[Image.Image | None, FailedItem | None]:
 # --- running -----------------------------------------------------------------------------------------------
 
 
-def _batches(items: Sequence[EvalItem], batch_size: int) -> Iterator[list[int]]:
-    """Index batches: items with an image first, then text-only items, never mixed."""
+def _batches(items: Sequence[EvalItem], batch_size: int | None) -> Iterator[list[int]]:
+    """Index batches: items with an image first, then text-only items, never mixed; ``None``: one batch of
+    everything (an external engine batches by itself and is started once)."""
+    if batch_size is None:
+        yield list(range(len(items)))
+        return
     for group in ([i for i, it in enumerate(items) if _has_image(it)],
                   [i for i, it in enumerate(items) if not _has_image(it)]):
         for lo in range(0, len(group), batch_size):
             yield group[lo:lo + batch_size]
 
 
-def predict(loaded: LoadedModel, task: Task, items: Sequence[EvalItem], *, batch_size: int,
+def _answer(model: LoadedModel | ChildEngine, prompts: list[str], images: list[Image.Image | None],
+            max_new_tokens: int) -> list[str]:
+    if isinstance(model, ChildEngine):
+        return model.answer(prompts, images, max_new_tokens=max_new_tokens)
+    return generate_answers(model, prompts, images, batch_size=len(prompts), max_new_tokens=max_new_tokens)
+
+
+def predict(model: LoadedModel | ChildEngine, task: Task, items: Sequence[EvalItem], *, batch_size: int,
             max_new_tokens: int, advance: Callable[[int], None] = lambda _n: None
             ) -> tuple[list[str | None], list[FailedItem]]:
     """Greedy predictions (``None`` for failed items) and the failed items, in item order."""
     preds: list[str | None] = [None] * len(items)
     failed: dict[int, FailedItem] = {}
-    for batch in _batches(items, batch_size):
+    for batch in _batches(items, None if isinstance(model, ChildEngine) else batch_size):
         keep, images = [], []
         for i in batch:
             img, fail = _try_open(items[i]) if _has_image(items[i]) else (None, None)
@@ -202,8 +215,7 @@ def predict(loaded: LoadedModel, task: Task, items: Sequence[EvalItem], *, batch
             keep.append(i)
             images.append(img)
         if keep:
-            answers = generate_answers(loaded, [format_prompt(task, items[i]) for i in keep], images,
-                                       batch_size=len(keep), max_new_tokens=max_new_tokens)
+            answers = _answer(model, [format_prompt(task, items[i]) for i in keep], images, max_new_tokens)
             for i, a in zip(keep, answers):
                 preds[i] = a
         for img in images:
@@ -281,12 +293,14 @@ def _by_items(tick: Callable[[int], None]) -> Callable[[int], None]:
     return advance
 
 
-def evaluate(loaded: LoadedModel, tasks: list[str], *, data_dir: Path | None, limit: int | None, seed: int = 0,
-             batch_size: int = 32, max_new_tokens: int = 16, progress: bool = False) -> EvalReport:
+def evaluate(loaded: LoadedModel | ChildEngine, tasks: list[str], *, data_dir: Path | None, limit: int | None,
+             seed: int = 0, batch_size: int = 32, max_new_tokens: int = 16, progress: bool = False) -> EvalReport:
     """Evaluate ``loaded`` on ``tasks`` with batched greedy generation.
 
     Args:
-        loaded: model + processor (base, in-memory quantized, or an exported checkpoint).
+        loaded: model + processor (base, in-memory quantized, or an exported checkpoint), answered by
+            transformers in this process; or an external engine serving a checkpoint
+            (:func:`quantlab.eval.engines.open_engine`), answered in its own process.
         tasks: names from :data:`quantlab.eval.tasks.TASKS`.
         data_dir: root of the per-task folders (see the module table); ``None`` only for shapes-vqa.
         limit: evaluate a seeded subset of this many items per task (``None``: all).

@@ -53,4 +53,6 @@ def export(loaded: LoadedModel, results: Mapping[str, Any], plan, out: str | Pat
 
 
 def _scheme_of(r) -> QuantScheme:
-    return QuantScheme(backend=r.backend, bits=r.bits, group_size=r.group_size, sym=r.sym)
+    grid = r.args.get("grid")
+    return QuantScheme(backend=r.backend, bits=r.bits, group_size=r.group_size, sym=r.sym,
+                       args={"grid": grid} if grid else {})

@@ -125,7 +125,7 @@ def write_gptq(loaded: LoadedModel, results: Mapping[str, object], out: Path,
     # literally and rejects the hub-legacy layout; transformers 5 and vLLM accept both (docs/formats.md#loader-quirks).
     tensors = dense_tensors(loaded, set(results), dtype, legacy_names=False, weights=weights)
     for name, r in results.items():
-        tensors.update(gptq_tensors(r, name))
+        tensors.update(gptq_tensors(r, loaded.adapter.checkpoint_name(name)))
     write_model_dir(loaded, tensors, qcfg, out, dtype)
     write_json(out / "quantize_config.json", qcfg)
 

@@ -36,7 +36,7 @@ def model_tensors(loaded, skip: Callable[[str], bool], weights=None) -> Iterator
 
 def dense_tensors(loaded, quantized: set[str], dtype, *, legacy_names: bool = True, weights=None) -> dict:
     """Every checkpoint tensor except the weights of ``quantized`` Linears, under hub-legacy names
-    (or transformers 5's module names with ``legacy_names=False``).
+    (or, with ``legacy_names=False``, transformers 5's layout as ``Adapter.checkpoint_name`` spells it).
 
     Floating tensors are cast to ``dtype``; a head tied to the embeddings is written once (as the embedding).
     ``weights``: where a streamed model's meta tensors are read from (see :func:`model_tensors`).
@@ -48,7 +48,8 @@ def dense_tensors(loaded, quantized: set[str], dtype, *, legacy_names: bool = Tr
         module_name, _, leaf = name.rpartition(".")
         return (module_name in quantized and leaf == "weight") or (tied and name == f"{adapter.lm_head}.weight")
 
-    return {adapter.legacy_name(name) if legacy_names else name: (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    rename = adapter.legacy_name if legacy_names else adapter.checkpoint_name
+    return {rename(name): (t.to(dtype) if t.is_floating_point() else t).contiguous()
             for name, t in model_tensors(loaded, skip, weights)}
 
 

@@ -23,6 +23,7 @@ class ExportFormat(Member):
         load_snippet: how to open it (model card), with ``{repo}`` for the path or hub id.
         loader_package: the Python package quantlab needs to load it back in-process (None: transformers or
             quantlab alone).
+        k_grids: stores GGUF K-quant grids (``scheme.args["grid"]``, :mod:`quantlab.quant.kquant`).
     """
 
     write: Callable[..., None]
@@ -31,12 +32,17 @@ class ExportFormat(Member):
     load_snippet: str
     bits: tuple[int, ...] | None = None
     loader_package: str | None = None
+    k_grids: bool = False
 
     def problem(self, scheme: QuantScheme) -> str | None:
         """Why this format cannot store ``scheme`` on any Linear (None: it can)."""
         if self.uniform_only and not get_backend(scheme.backend).uniform_grid:
             return (f"{scheme.backend} codes are not a uniform grid: export format {self.name!r} cannot hold them "
                     "(use native or auto)")
+        grid = scheme.args.get("grid")
+        if grid and not self.k_grids:
+            return (f"{grid} is a GGUF K-quant grid (sub-block minima are not integer zero points): export format "
+                    f"{self.name!r} cannot hold it; use export.format: gguf")
         if self.bits is not None and scheme.bits not in self.bits:
             return f"{self.name} stores bits in {list(self.bits)}, got {scheme.bits}"
         return None

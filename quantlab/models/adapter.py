@@ -44,6 +44,10 @@ class Adapter:
     lm_head: str = "lm_head"
     image_token_attr: tuple[str, ...] = ("image_token_id", "image_token_index")
     legacy_names: tuple[tuple[str, str], ...] = ()
+    # transformers 5 module names as checkpoints saved in that layout spell them: the same, but where a
+    # sub-model keeps a level transformers 5 drops (LLaVA's CLIP tower: ``vision_model``). vLLM maps these
+    # names to its own and needs that level; transformers 5 accepts both (docs/formats.md#tensor-names).
+    checkpoint_names: tuple[tuple[str, str], ...] = ()
     # Linears that read the same input inside a block (one Hessian) and that vLLM fuses (one scheme).
     fused_groups: tuple[tuple[str, ...], ...] = (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -104,16 +108,25 @@ class Adapter:
 
     def legacy_name(self, name: str) -> str:
         """The hub-legacy tensor name for a transformers 5.x parameter name."""
-        for new, old in self.legacy_names:
-            if name == new or name.startswith(new + "."):
-                return old + name[len(new):]
-        return name
+        return _rename(name, self.legacy_names)
+
+    def checkpoint_name(self, name: str) -> str:
+        """The tensor name a transformers 5 layout checkpoint uses for a parameter name (see ``checkpoint_names``)."""
+        return _rename(name, self.checkpoint_names)
 
     def iter_linears(self, model: nn.Module, component: Component | None = None) -> Iterator[tuple[str, nn.Linear]]:
         """All ``nn.Linear`` modules, optionally only those of one component, in module order."""
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear) and (component is None or self.component_of(name) == component):
                 yield name, module
+
+
+def _rename(name: str, prefixes: tuple[tuple[str, str], ...]) -> str:
+    """``name`` with the first matching ``(new, old)`` prefix replaced (whole dotted components only)."""
+    for new, old in prefixes:
+        if name == new or name.startswith(new + "."):
+            return old + name[len(new):]
+    return name
 
 
 LLAVA = Adapter(
@@ -132,6 +145,7 @@ LLAVA = Adapter(
         ("model.multi_modal_projector", "multi_modal_projector"),
         ("lm_head", "language_model.lm_head"),
     ),
+    checkpoint_names=(("model.vision_tower", "model.vision_tower.vision_model"),),
 )
 
 _QWEN_COMMON = dict(

@@ -8,36 +8,48 @@ with them opens with ``AutoProcessor`` on a machine that has torchvision.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
 
 
-class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+class _ImageOnly:
+    """Mixin: drop the video processor (no torchvision needed here), but save what loaders elsewhere expect.
+
+    vLLM (and transformers with torchvision) build the full processor from the saved files and refuse a
+    Qwen checkpoint without a video processor config ("Can't load video processor"), so :meth:`save_pretrained`
+    writes the original processor class and a ``video_processor`` entry with the image processor's
+    settings (Qwen2-VL's video processor shares patch, merge and normalisation parameters with it).
+    """
+
+    @classmethod
+    def get_attributes(cls) -> list[str]:
+        return [a for a in super().get_attributes() if a != "video_processor"]
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        kwargs.pop("video_processor", None)
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
+        self.video_processor = None
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        path = Path(save_directory) / "processor_config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["processor_class"] = type(self).__mro__[2].__name__  # the transformers class we stand in for
+        video = {k: v for k, v in config["image_processor"].items() if k != "image_processor_type"}
+        config["video_processor"] = {**video, "video_processor_type": "Qwen2VLVideoProcessor"}
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return out
+
+
+class ImageOnlyQwen2VLProcessor(_ImageOnly, Qwen2VLProcessor):
     """Qwen2-VL processor without the video processor (no torchvision needed)."""
 
-    @classmethod
-    def get_attributes(cls) -> list[str]:
-        return [a for a in super().get_attributes() if a != "video_processor"]
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        kwargs.pop("video_processor", None)
-        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
-        self.video_processor = None
-
-
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+class ImageOnlyQwen2_5_VLProcessor(_ImageOnly, Qwen2_5_VLProcessor):
     """Qwen2.5-VL processor without the video processor (no torchvision needed)."""
-
-    @classmethod
-    def get_attributes(cls) -> list[str]:
-        return [a for a in super().get_attributes() if a != "video_processor"]
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        kwargs.pop("video_processor", None)
-        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
-        self.video_processor = None
 
 
 IMAGE_ONLY_PROCESSORS: dict[str, type] = {  # processor_class as saved -> the class that loads it here

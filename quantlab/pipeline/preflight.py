@@ -22,6 +22,7 @@ from torch import nn
 from quantlab.calib.data import IMAGE_SOURCE_KINDS, SOURCES, TEXT_SOURCE_KINDS, CalibSource
 from quantlab.core.device import resolve_device
 from quantlab.core.errors import UserError, did_you_mean, problems_error
+from quantlab.eval.engines import ENGINES, engine_python
 from quantlab.eval.tasks import TASKS
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel, load_model, resolve
@@ -101,7 +102,20 @@ def recipe_problems(recipe: Recipe, *, stream: bool = False) -> list[str]:
             elif not (Path(recipe.eval.data_dir) / files).is_dir():
                 problems.append(f"eval.data_dir: {Path(recipe.eval.data_dir) / files} does not exist "
                                 f"(task {task!r})")
+    if recipe.eval.tasks:
+        problems += engine_problems(recipe.eval.engine)
     return problems + calibration_problems(recipe)
+
+
+def engine_problems(name: str, python: str | None = None) -> list[str]:
+    """Why evaluation cannot run through engine ``name`` (unknown, or not installed); empty: it can."""
+    if name not in ENGINES.names():
+        return [f"eval.engine: unknown engine {name!r}{did_you_mean(name, ENGINES.names())}; valid: {ENGINES.names()}"]
+    try:
+        engine_python(name, python)
+    except UserError as e:
+        return [f"eval.engine: {e}"]
+    return []
 
 
 def _cheapest(fmt: str, schemes: list[QuantScheme], out_f: int, in_f: int, policy: str) -> QuantScheme | None:

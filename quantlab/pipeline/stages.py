@@ -18,6 +18,7 @@ from quantlab.calib.collect import CollectOptions, calibrate
 from quantlab.calib.data import build_calibration_set
 from quantlab.calib.plot import plot_entropy
 from quantlab.core.errors import UserError, problems_error
+from quantlab.eval.engines import get_engine, open_engine
 from quantlab.eval.memory import memory_report
 from quantlab.eval.report import ModelSize, StatsEntropy, compare, write_report
 from quantlab.eval.runner import EvalReport, evaluate
@@ -203,11 +204,17 @@ def stage_export(ctx: StageContext, plan, results) -> Path:
     return run.model
 
 
+def _missing_loader(fmt: str) -> str | None:
+    """The package this process lacks to load a ``fmt`` checkpoint (None: it loads here)."""
+    package = get_format(fmt).loader_package
+    return package if package is not None and importlib.util.find_spec(package) is None else None
+
+
 def _exported_or(ctx: StageContext, fake_quant):
     """The exported checkpoint as a loader opens it, or (GPTQ without gptqmodel here) the fake-quant model."""
     fmt = ctx.run.state["export"].get("format")
-    package = get_format(fmt).loader_package
-    if package is not None and importlib.util.find_spec(package) is None:
+    package = _missing_loader(fmt)
+    if package is not None:
         if ctx.stream:
             raise UserError(f"eval: a {fmt} checkpoint needs {package} to load, and a streamed run has no "
                             f"in-memory model to evaluate instead", f"install {package} or set eval.tasks: []")
@@ -233,9 +240,13 @@ def stage_eval(ctx: StageContext, quantized_loaded) -> dict:
                                   max_new_tokens=0, tasks={})
             out[key].save_json(files[key])
             continue
-        loaded = _exported_or(ctx, quantized_loaded) if key == "quantized" else load_model(ctx.model_name)
-        if ctx.device is not None:
-            loaded.model.to(ctx.device)  # generation runs whole models: they must fit on the device
+        if not get_engine(spec.engine).in_process:  # the engine loads the checkpoints itself
+            loaded = open_engine(spec.engine, ctx.run.model if key == "quantized" else ctx.model_name,
+                                 options=spec.engine_options)
+        else:
+            loaded = _exported_or(ctx, quantized_loaded) if key == "quantized" else load_model(ctx.model_name)
+            if ctx.device is not None:
+                loaded.model.to(ctx.device)  # generation runs whole models: they must fit on the device
         out[key] = evaluate(loaded, spec.tasks, data_dir=spec.data_dir, limit=spec.limit,
                             batch_size=spec.batch_size, progress=ctx.progress)
         out[key].save_json(files[key])
@@ -254,12 +265,16 @@ def stage_report(ctx: StageContext, plan, results, evals: dict) -> Path:
     base_size = model_size(model, adapter, {}, plan.format, dtype_bytes=2)
     quant_size = model_size(model, adapter, plan.layers, plan.format, dtype_bytes=2)
     base_bytes = base_size.total_bytes
+    fmt = run.state["export"]["format"]
+    missing = _missing_loader(fmt)
     memory = {
         "baseline": memory_report("baseline (fp16)", predicted=base_bytes,
                                   directory=base_dir if base_dir.is_dir() else None,
                                   runtime_source=base_dir if measure_base else None, device=ctx.device),
-        "quantized": memory_report(f"quantized ({run.state['export']['format']})", predicted=plan.predicted_bytes,
-                                   directory=run.model, runtime_source=run.model, device=ctx.device),
+        "quantized": memory_report(
+            f"quantized ({fmt})", predicted=plan.predicted_bytes, directory=run.model,
+            runtime_source=run.model if missing is None else None, device=ctx.device,
+            runtime_note=None if missing is None else f"loading a {fmt} checkpoint needs {missing}, not installed here"),
     }
     sizes = {"baseline": ModelSize(base_bytes, base_size.decoder_linear_bytes, base_size.avg_bits),
              "quantized": ModelSize(plan.predicted_bytes, quant_size.decoder_linear_bytes, quant_size.avg_bits)}

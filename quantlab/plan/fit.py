@@ -39,12 +39,9 @@ def scheme_problem(scheme: QuantScheme, fmt: str) -> str | None:
     """Why ``scheme`` cannot be used on any Linear when exporting to ``fmt`` (None: it can)."""
     if scheme.backend not in BACKENDS:
         return f"unknown backend {scheme.backend!r}; registered: {sorted(BACKENDS)}"
-    backend = BACKENDS.get(scheme.backend)
-    if scheme.bits not in backend.bits:
-        return f"backend {scheme.backend!r} takes bits in {list(backend.bits)}, got {scheme.bits}"
-    unknown = sorted(set(scheme.args) - set(backend.options))
-    if unknown:
-        return f"unknown option(s) {unknown} for backend {scheme.backend!r}; valid: {sorted(backend.options)}"
+    why = BACKENDS.get(scheme.backend).problem(scheme)
+    if why is not None:
+        return why
     return None if fmt == "auto" else get_format(fmt).problem(scheme)
 
 
@@ -53,6 +50,9 @@ def shape_problem(out_features: int, in_features: int, scheme: QuantScheme, fmt:
     g = scheme.group_size
     if g != -1 and in_features % g:
         return f"group_size {g} does not divide in_features {in_features}"
+    why = BACKENDS.get(scheme.backend).check and BACKENDS.get(scheme.backend).check(scheme, in_features)
+    if why:
+        return why
     try:
         linear_layout(out_features, in_features, scheme, "compressed-tensors" if fmt == "auto" else fmt, bias=False)
     except ValueError as err:

@@ -27,12 +27,9 @@ def check_weight(weight: Tensor, scheme: QuantScheme, hessian: Tensor | None) ->
         raise ValueError(f"expected a 2-D floating weight [out, in], got {tuple(weight.shape)} {weight.dtype}")
     out_f, in_f = weight.shape
     where = f"{scheme.label()}: weight {out_f}x{in_f} (out x in)"
-    if scheme.bits not in backend.bits:
-        raise ValueError(f"{where}: backend {backend.name!r} takes bits in {backend.bits}, got {scheme.bits}")
-    unknown = sorted(set(scheme.args) - set(backend.options))
-    if unknown:
-        raise ValueError(f"{where}: unknown option(s) {unknown} for backend {backend.name!r}; "
-                         f"valid: {sorted(backend.options)}")
+    why = backend.problem(scheme, in_f)
+    if why is not None:
+        raise ValueError(f"{where}: {why}")
     if scheme.group_size != -1 and in_f % scheme.group_size:
         raise ValueError(f"{where}: group_size {scheme.group_size} does not divide in_features {in_f}; "
                          "use a divisor of in_features or group_size=-1 (per channel)")

@@ -72,8 +72,11 @@ def as_stored(result, dtype: torch.dtype = torch.float16):
     """The result with its scales (and BiLLM means) rounded to the dtype checkpoints store them in.
 
     The fake-quant weight is recomputed from the rounded values, so the in-memory model equals what a
-    loader rebuilds from the exported checkpoint.
+    loader rebuilds from the exported checkpoint. GGUF K-grid results (``args['grid']``) are returned as
+    they are: their d/dmin are fp16 and their sub-block scales integers already.
     """
+    if result.args.get("grid") is not None:
+        return result
     changes = {"scales": result.scales.to(dtype).to(result.scales.dtype)}
     if "means" in result.extra:
         means = result.extra["means"]

@@ -17,21 +17,30 @@ Differences from the reference, all deliberate:
   This is the paper's sequential algorithm; for ``g == block_size`` both agree.
 * Per-channel parameters are computed after dead columns are zeroed.
 * Symmetric grids are always centred (see :mod:`quantlab.quant.grid`).
+
+With a GGUF K-quant grid (``grid="q4_k"`` etc., :mod:`quantlab.quant.kquant`) the grid's stored parameters
+(fp16 ``d``/``dmin``, integer sub-block scales/mins) are chosen once from the weight before the solve, as
+with ``static_groups``, and every column is rounded onto that fixed grid with the format's own arithmetic,
+so ``dequantized`` is what llama.cpp decodes from the exported blocks, bit for bit.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor
 
-from quantlab.quant import grid
+from quantlab.quant import grid, kquant
 from quantlab.quant.hessian import inverse_hessian_cholesky, relative_output_error
+from quantlab.quant.kquant_search import kquant_params
 from quantlab.quant.registry import register_backend
 from quantlab.quant.result import QuantResult, uniform_bits_per_weight
 from quantlab.quant.scheme import QuantScheme
 
-GPTQ_BITS = (2, 3, 4, 8)
-GPTQ_OPTIONS = ("damp", "block_size", "act_order", "static_groups", "mse")
+GPTQ_UNIFORM_BITS = (2, 3, 4, 8)  # the GPTQ checkpoint widths
+GPTQ_BITS = (2, 3, 4, 5, 6, 8)  # 5 and 6 only with a K grid (q5_k, q6_k)
+GPTQ_OPTIONS = ("damp", "block_size", "act_order", "static_groups", "mse", "grid")
 SUB_BLOCK = 16  # rank-1 updates stay inside 16 columns; a small matmul carries them to the rest of the block
 
 
@@ -52,13 +61,13 @@ def _group_values(W1: Tensor, Err1: Tensor, Wt: Tensor, Hinv: Tensor, i1: int, i
 
 def gptq_solve(W: Tensor, H: Tensor, bits: int, group_size: int = 128, sym: bool = True, damp: float = 0.01,
                block_size: int = 128, act_order: bool = False, static_groups: bool = False, mse: bool = False,
-               *, compute_error: bool = True) -> QuantResult:
+               *, compute_error: bool = True, kgrid: str | None = None) -> QuantResult:
     """Quantize ``W [out, in]`` with GPTQ against the Hessian ``H [in, in]``.
 
     Args:
         W: weight ``[out, in]`` (any float dtype; solved in float32).
         H: undamped Hessian ``[in, in]`` (``XᵀX / n``).
-        bits: code width (2, 3, 4 or 8).
+        bits: code width (2, 3, 4 or 8; with ``kgrid`` the type's, 2-6).
         group_size: columns per group, ``-1`` per channel.
         sym: symmetric grid.
         damp: relative dampening, ``λ = damp · mean(diag H)``.
@@ -69,11 +78,20 @@ def gptq_solve(W: Tensor, H: Tensor, bits: int, group_size: int = 128, sym: bool
             order), so that with ``act_order`` the group index stays ``c // group_size``.
         mse: MSE range search for each group's grid.
         compute_error: report the relative output error (costs two ``out·in²`` matmuls).
+        kgrid: a GGUF K-quant grid (``q2_k`` .. ``q6_k``); bits/group_size/sym must be the type's and
+            ``in % 256 == 0``; its parameters are fixed from ``W`` up front (``extra``: ``d``, ``sc``, and
+            ``dmin``, ``m`` for the unsigned types).
 
     Returns:
         A :class:`QuantResult`; ``dequantized`` equals ``dequantize()`` bit for bit.
     """
     out_f, in_f = W.shape
+    kg = None if kgrid is None else kquant.check_grid(kgrid, bits, group_size, sym, in_f)
+    if kg is None and bits not in GPTQ_UNIFORM_BITS:
+        raise ValueError(f"gptq takes bits in {GPTQ_UNIFORM_BITS}, got {bits}; 5 and 6 bits only on a K grid "
+                         "(option grid='q5_k' or 'q6_k')")
+    if kg is not None and mse:
+        raise ValueError(f"gptq: mse does not apply to the K grid {kg.name!r}, which searches its own parameters")
     g = grid.group_width(in_f, group_size)
     n_groups = grid.num_groups(in_f, group_size)
     dev = W.device  # everything below runs where the weight is
@@ -82,11 +100,18 @@ def gptq_solve(W: Tensor, H: Tensor, bits: int, group_size: int = 128, sym: bool
     dead = torch.diag(Hd) == 0
     Hd[dead, dead] = 1
     Wt[dead] = 0
-    static = static_groups or group_size == -1
+    static = static_groups or group_size == -1 or kg is not None
     scales = torch.zeros(n_groups, out_f, device=dev)  # [n_groups, out]
-    zeros = torch.zeros(n_groups, out_f, device=dev)  # [n_groups, out]
+    zeros = torch.zeros(n_groups, out_f, device=dev)  # [n_groups, out]; K grids: the shift (offset or zero)
+    if kg is not None:
+        params = kquant_params(Wt.T, kg)
+        s, z = kquant.expand(params)  # [out, n_groups]
+        quantize, dequantize = partial(kquant.quantize_codes, grid=kg), partial(kquant.dequantize_codes, grid=kg)
+    else:
+        quantize, dequantize = partial(grid.quantize_codes, bits=bits), grid.dequantize_codes
+        if static:
+            s, z = grid.compute_qparams(grid.to_groups(Wt.T, group_size), bits, sym, mse=mse)  # [out, n_groups]
     if static:
-        s, z = grid.compute_qparams(grid.to_groups(Wt.T, group_size), bits, sym, mse=mse)  # [out, n_groups]
         scales, zeros = s.T.contiguous(), z.T.contiguous()
     perm = torch.argsort(torch.diag(Hd), descending=True) if act_order else torch.arange(in_f, device=dev)
     if act_order:
@@ -119,8 +144,8 @@ def gptq_solve(W: Tensor, H: Tensor, bits: int, group_size: int = 128, sym: bool
             scale, zero = scales[gid[j]], zeros[gid[j]]  # [out]
             w = W1[i]  # [out]
             d = Hinv1[i, i]
-            codes_t[j] = grid.quantize_codes(w, scale, zero, bits)
-            q = grid.dequantize_codes(codes_t[j], scale, zero)
+            codes_t[j] = quantize(w, scale, zero)
+            q = dequantize(codes_t[j], scale, zero)
             Q1[i] = q
             err1 = (w - q) / d
             Err1[i] = err1
@@ -133,23 +158,26 @@ def gptq_solve(W: Tensor, H: Tensor, bits: int, group_size: int = 128, sym: bool
     codes = codes_t[invperm].T.contiguous()  # [out, in], original column order
     w_hat = Qt[invperm].T.contiguous().to(W.dtype)  # [out, in]
     g_idx = group_of[invperm].to(torch.int32) if act_order else None  # [in] group of original column c
+    args = {"damp": damp, "block_size": block_size, "act_order": act_order, "static_groups": static_groups,
+            "mse": mse} | ({} if kg is None else {"grid": kg.name})
     return QuantResult(
-        backend="gptq",
-        args={"damp": damp, "block_size": block_size, "act_order": act_order, "static_groups": static_groups,
-              "mse": mse},
-        bits=bits, group_size=group_size, sym=sym,
-        codes=codes, scales=scales.T.contiguous(), zeros=None if sym else zeros.T.contiguous(), g_idx=g_idx,
-        dequantized=w_hat,
-        bits_per_weight=uniform_bits_per_weight(out_f, in_f, bits, group_size, sym, g_idx),
+        backend="gptq", args=args, bits=bits, group_size=group_size, sym=sym,
+        codes=codes, scales=scales.T.contiguous(), zeros=None if sym or kg is not None else zeros.T.contiguous(),
+        g_idx=g_idx, dequantized=w_hat,
+        bits_per_weight=(uniform_bits_per_weight(out_f, in_f, bits, group_size, sym, g_idx) if kg is None
+                         else kg.bits_per_weight),
+        extra={} if kg is None else kquant.params_extra(params),
         error=relative_output_error(W, w_hat, H) if compute_error else None,
     )
 
 
-@register_backend("gptq", bits=GPTQ_BITS, needs_hessian=True, options=GPTQ_OPTIONS)
+@register_backend("gptq", bits=GPTQ_BITS, needs_hessian=True, options=GPTQ_OPTIONS,
+                  check=partial(kquant.scheme_grid_problem, plain_bits=GPTQ_UNIFORM_BITS))
 def gptq_backend(weight: Tensor, scheme: QuantScheme, hessian: Tensor | None) -> QuantResult:
     """Registry adapter for :func:`gptq_solve` (options from ``scheme.args``)."""
     assert hessian is not None, "quantize_weight checks needs_hessian"
     a = scheme.args
     return gptq_solve(weight, hessian, scheme.bits, scheme.group_size, scheme.sym, damp=float(a.get("damp", 0.01)),
                       block_size=int(a.get("block_size", 128)), act_order=bool(a.get("act_order", False)),
-                      static_groups=bool(a.get("static_groups", False)), mse=bool(a.get("mse", False)))
+                      static_groups=bool(a.get("static_groups", False)), mse=bool(a.get("mse", False)),
+                      kgrid=a.get("grid"))

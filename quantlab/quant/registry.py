@@ -58,6 +58,8 @@ class Backend(Member):
         nominal_bits: LUQ's nominal width of a weight (None: ``scheme.bits``).
         native: how the native format stores codes that are not a uniform grid; None for uniform-grid
             backends, whose codes every format (compressed-tensors, GPTQ, native) stores.
+        check: ``(scheme, in_features or None) -> reason or None``: what else the backend refuses (a K grid
+            that does not match the scheme, rows it cannot take), asked before any work.
     """
 
     fn: Callable[..., Any]
@@ -66,11 +68,21 @@ class Backend(Member):
     options: tuple[str, ...] = ()
     nominal_bits: float | None = Field(default=None, gt=0)
     native: NativeCodec | None = None
+    check: Callable[[QuantScheme, int | None], str | None] | None = None
 
     @property
     def uniform_grid(self) -> bool:
         """Codes are integers on a uniform grid (scale, zero point): any uniform format can store them."""
         return self.native is None
+
+    def problem(self, scheme: QuantScheme, in_features: int | None = None) -> str | None:
+        """Why this backend cannot run ``scheme`` (on rows of ``in_features``, when given); None: it can."""
+        if scheme.bits not in self.bits:
+            return f"backend {self.name!r} takes bits in {list(self.bits)}, got {scheme.bits}"
+        unknown = sorted(set(scheme.args) - set(self.options))
+        if unknown:
+            return f"unknown option(s) {unknown} for backend {self.name!r}; valid: {sorted(self.options)}"
+        return None if self.check is None else self.check(scheme, in_features)
 
     def nominal(self, scheme: QuantScheme) -> float:
         """LUQ's nominal bits per weight of ``scheme`` (BiLLM: 1.08 whatever its stored size)."""
@@ -85,16 +97,18 @@ BACKENDS: Registry[Backend] = Registry("quantization backend")
 
 def register_backend(name: str, *, bits: tuple[int, ...] = tuple(range(1, 9)), needs_hessian: bool = False,
                      options: tuple[str, ...] = (), nominal_bits: float | None = None,
-                     native: NativeCodec | None = None) -> Callable[[BackendFn], BackendFn]:
+                     native: NativeCodec | None = None,
+                     check: Callable[[QuantScheme, int | None], str | None] | None = None
+                     ) -> Callable[[BackendFn], BackendFn]:
     """Decorator registering ``fn`` under ``name``; a duplicate name raises ``ValueError``.
 
     ``bits``, ``needs_hessian`` and ``options`` are what ``quantize_weight`` validates before the call;
-    ``nominal_bits`` and ``native`` see :class:`Backend`.
+    ``nominal_bits``, ``native`` and ``check`` see :class:`Backend`.
     """
 
     def deco(fn: BackendFn) -> BackendFn:
         BACKENDS.register(Backend(name=name, fn=fn, bits=tuple(bits), needs_hessian=needs_hessian,
-                                  options=tuple(options), nominal_bits=nominal_bits, native=native))
+                                  options=tuple(options), nominal_bits=nominal_bits, native=native, check=check))
         return fn
 
     return deco

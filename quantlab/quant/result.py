@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from quantlab.quant import grid
+from quantlab.quant import grid, kquant
 from quantlab.quant.registry import get_backend
 
 SCALE_BITS = 16  # scales (and billm means) are exported as fp16/bf16
@@ -29,6 +29,12 @@ class QuantResult:
     (``second`` = residual sign on salient columns, group bit elsewhere); ``scales`` and
     ``extra['means']`` are ``[out, 4 * n_blocks]`` (4 binarizations per row and block); the salient
     column bitmap is ``extra['salient_mask']``; ``group_size`` is the block size.
+
+    GGUF K grids (rtn/gptq with ``args['grid']``, see :mod:`quantlab.quant.kquant`): ``group_size`` is the
+    sub-block; ``extra`` holds what the format stores, fp16 ``d`` ``[out, in/256]`` and integer ``sc``
+    ``[out, in/sub]`` (unsigned types also ``dmin`` and ``m``); ``scales = d·sc`` (float32, exact) and
+    ``zeros`` is None (an unsigned type's offset ``−dmin·m`` is no integer zero point: uniform exporters
+    cannot store these results); ``bits_per_weight`` is the type's ``type_size·8/256``.
 
     Attributes:
         backend: registered backend name.
@@ -79,6 +85,8 @@ class QuantResult:
     def dequantize(self) -> Tensor:
         """Recompute the weight from the stored tensors (bit-exact with ``dequantized`` for rtn/gptq/billm)."""
         dtype = self.dequantized.dtype
+        if kquant.grid_of(self) is not None:  # GGUF K grid: from the stored d/sc (dmin/m)
+            return kquant.dequantize_result(self).to(dtype)
         codec = get_backend(self.backend).native
         if codec is not None:  # codes of the backend's own kind (BiLLM's bit planes)
             return codec.dequantize(self).to(dtype)

@@ -30,7 +30,9 @@ class QuantScheme(BaseModel):
         return v
 
     def label(self) -> str:
-        """Short human label, e.g. ``gptq-w4-g128`` or ``rtn-w8-ch-asym``."""
+        """Short human label, e.g. ``gptq-w4-g128``, ``rtn-w8-ch-asym`` or ``gptq-q4_k`` (a GGUF K-quant grid)."""
+        if self.args.get("grid"):
+            return f"{self.backend}-{self.args['grid']}"
         g = "ch" if self.group_size == -1 else f"g{self.group_size}"
         return f"{self.backend}-w{self.bits}-{g}" + ("" if self.sym else "-asym")
 

