@@ -75,8 +75,9 @@ class StatsSpec(_Strict):
 class ExportSpec(_Strict):
     """Which checkpoint format the run writes."""
 
-    format: Literal["compressed-tensors", "gptq", "native", "auto"] = Field(
-        default="auto", description="auto: compressed-tensors, or native when the plan holds BiLLM layers")
+    format: Literal["compressed-tensors", "gptq", "native", "gguf", "auto"] = Field(
+        default="auto", description="auto: compressed-tensors, or native when the plan holds BiLLM layers; gguf: "
+        "llama.cpp's model.gguf + mmproj.gguf (docs/formats.md#gguf)")
 
 
 class EvalSpec(_Strict):

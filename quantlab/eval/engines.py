@@ -22,11 +22,13 @@ engine (a GPU machine with ``pip install vllm`` beside quantlab).
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,12 +36,24 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from pydantic import BaseModel, ConfigDict
 
 from quantlab.core.errors import UserError
 from quantlab.core.registry import Member, Registry
 
 CHILDREN = Path(__file__).parent / "engine_children"
 REFUSED = 3  # a child's exit code when its engine refuses the model
+
+
+class SourcePatch(BaseModel):
+    """One fix applied to an engine's source before it is built: ``old`` must occur exactly once in ``file``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    file: str
+    old: str
+    new: str
+    tracks: str  # the upstream issue (or the reason, where none is filed)
 
 
 class Engine(Member):
@@ -54,6 +68,9 @@ class Engine(Member):
             per line, so that torch comes from the pinned CPU wheel before anything asks for it).
         remove: packages uninstalled after the requirements (ones that are pulled in but cannot import).
         site_fix: a file under ``engine_children/`` installed as the environment's ``sitecustomize.py``.
+        source_build: a requirement built from its sdist with ``patches`` applied (the wheel is cached under
+            ``engines_dir()/wheels``, keyed by the requirement and the patches) and installed first.
+        patches: fixes to upstream bugs that would otherwise make the engine compute something else.
     """
 
     description: str
@@ -62,6 +79,8 @@ class Engine(Member):
     requirements: tuple[str, ...] = ()
     remove: tuple[str, ...] = ()
     site_fix: str | None = None
+    source_build: str | None = None
+    patches: tuple[SourcePatch, ...] = ()
 
     @property
     def in_process(self) -> bool:
@@ -78,6 +97,25 @@ ENGINES.register(Engine(
     remove=("torchaudio", "torchcodec"),
     site_fix="torchvision_cpu_fix.py",
 ))
+ENGINES.register(Engine(
+    name="llama-cpp", description="llama.cpp through llama-cpp-python (mtmd for images) in its own environment; "
+    "serves the gguf export", imports=("llama_cpp.mtmd_cpp", "numpy", "PIL"), child="llama_cpp_child.py",
+    requirements=("numpy", "pillow"), source_build="llama-cpp-python==0.3.36",
+    patches=(
+        SourcePatch(file="vendor/llama.cpp/tools/mtmd/models/llava.cpp",
+                    old="inp = ggml_concat(ctx0, inp, model.class_embedding, 1);",
+                    new="inp = ggml_concat(ctx0, model.class_embedding, inp, 1);",
+                    tracks="ggml-org/llama.cpp#25814: the llava graph puts CLS after the patches (fix: open PR #25844)"),
+        SourcePatch(file="vendor/llama.cpp/tools/mtmd/clip.cpp",
+                    old=("get_u32(KEY_WIN_ATTN_PATTERN, hparams.n_wa_pattern, model.proj_type == "
+                         "PROJECTOR_TYPE_QWEN25VL); // only 2.5 requires it"),
+                    new=("get_u32(KEY_WIN_ATTN_PATTERN, hparams.n_wa_pattern, model.proj_type == "
+                         "PROJECTOR_TYPE_QWEN25VL); // only 2.5 requires it\n"
+                         "                        get_u32(KEY_ATTN_WINDOW_SIZE, hparams.attn_window_size, false);"),
+                    tracks=("Qwen2.5-VL's attention window is hard-coded to 112 px (clip.vision.window_size is "
+                            "read for other projectors only); no upstream issue found")),
+    ),
+))
 get_engine = ENGINES.get
 
 
@@ -90,7 +128,7 @@ def engines_dir() -> Path:
     return Path(os.environ.get("QUANTLAB_ENGINES_DIR", Path.home() / ".cache" / "quantlab" / "engines"))
 
 
-@functools.lru_cache(maxsize=None)  # an engine's import takes seconds; its answer does not change in a run
+@functools.cache  # an engine's import takes seconds; its answer does not change in a run
 def _imports_cached(python: str, modules: tuple[str, ...]) -> bool:
     return _imports(python, modules)
 
@@ -98,7 +136,7 @@ def _imports_cached(python: str, modules: tuple[str, ...]) -> bool:
 def _imports(python: str, modules: tuple[str, ...]) -> bool:
     try:
         return subprocess.run([python, "-c", f"import {', '.join(modules)}"], capture_output=True,
-                              timeout=300).returncode == 0
+                              timeout=300, check=False).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -143,7 +181,7 @@ def install_engine(name: str, *, root: Path | None = None, log: Callable[[str], 
 
     def run(step: str, cmd: list[str]) -> None:
         log(f"{name}: {step}")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise UserError(f"installing engine {name!r} in {venv}: {step} failed:\n{proc.stderr[-2000:]}")
 
@@ -155,6 +193,10 @@ def install_engine(name: str, *, root: Path | None = None, log: Callable[[str], 
         shutil.copyfile(CHILDREN / engine.site_fix, Path(site) / "sitecustomize.py")
     if _imports(str(py), engine.imports):
         return py
+    if engine.source_build is not None:
+        wheels = _patched_wheel(engine, log, run)
+        run(f"pip install {engine.source_build} (patched)", [str(py), "-m", "pip", "install", "-q",
+                                                             *map(str, wheels)])
     for req in engine.requirements:
         run(f"pip install {req}", [str(py), "-m", "pip", "install", "-q", req])
     if engine.remove:
@@ -163,6 +205,41 @@ def install_engine(name: str, *, root: Path | None = None, log: Callable[[str], 
         raise UserError(f"engine {name!r}: {py} still cannot import {', '.join(engine.imports)} after installing")
     _imports_cached.cache_clear()
     return py
+
+
+def patch_id(engine: Engine) -> str:
+    """A short hash of the source build and its patches (the wheel cache key)."""
+    data = [engine.source_build, [p.model_dump() for p in engine.patches]]
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:10]
+
+
+def _patched_wheel(engine: Engine, log: Callable[[str], None], run: Callable[[str, list[str]], None]) -> list[Path]:
+    """The engine's wheel built from its sdist with its patches, from the cache or built now (llama-cpp-python:
+    20-40 min on 2 cores)."""
+    cache = engines_dir() / "wheels" / f"{engine.source_build.replace('==', '-')}-{patch_id(engine)}"
+    if not list(cache.glob("*.whl")):
+        with tempfile.TemporaryDirectory(prefix=f"quantlab-{engine.name}-") as tmp:
+            tmp_path = Path(tmp)
+            run(f"pip download {engine.source_build} (sdist)",
+                [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                 engine.source_build, "-d", str(tmp_path)])
+            with tarfile.open(next(tmp_path.glob("*.tar.gz"))) as tar:
+                tar.extractall(tmp_path / "src", filter="data")
+            src = next((tmp_path / "src").iterdir())
+            for p in engine.patches:
+                f = src / p.file
+                text = f.read_text()
+                if text.count(p.old) != 1:
+                    raise UserError(f"engine {engine.name!r}: the patch for {p.tracks!r} does not apply to {p.file} "
+                                    f"of {engine.source_build}")
+                f.write_text(text.replace(p.old, p.new))
+                log(f"{engine.name}: patched {p.file} ({p.tracks})")
+            run(f"build {engine.source_build} from source (minutes)",
+                [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(src), "-w", str(tmp_path / "wheel")])
+            cache.mkdir(parents=True, exist_ok=True)
+            for whl in (tmp_path / "wheel").glob("*.whl"):
+                shutil.copy2(whl, cache / whl.name)
+    return sorted(cache.glob("*.whl"))
 
 
 # --- answering -----------------------------------------------------------------------------------------------
@@ -209,7 +286,7 @@ class ChildEngine:
             child = CHILDREN / get_engine(self.engine).child
             cmd = [self.python, str(child), "--model", str(self.model_dir), "--requests", str(req),
                    "--out", str(ans), "--options", json.dumps(self.options)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, cwd=tmp)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, cwd=tmp, check=False)
             if proc.returncode != 0:
                 reason = next((ln.split(":", 1)[1].strip() for ln in reversed(proc.stderr.splitlines())
                                if ln.startswith("ENGINE-REFUSED:")), None)

@@ -9,12 +9,12 @@ opened (the model card). A new format is one module declaring ``FORMAT = ExportF
 from __future__ import annotations
 
 from quantlab.core.registry import Registry
-from quantlab.export import compressed_tensors, gptq, native
+from quantlab.export import compressed_tensors, gguf, gptq, native
 from quantlab.export.spec import ExportFormat
 
 FORMATS: Registry[ExportFormat] = Registry("export format")
 register_format = FORMATS.register
 get_format = FORMATS.get
 
-for _module in (compressed_tensors, gptq, native):
+for _module in (compressed_tensors, gptq, native, gguf):
     register_format(_module.FORMAT)

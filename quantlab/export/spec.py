@@ -24,6 +24,8 @@ class ExportFormat(Member):
         loader_package: the Python package quantlab needs to load it back in-process (None: transformers or
             quantlab alone).
         k_grids: stores GGUF K-quant grids (``scheme.args["grid"]``, :mod:`quantlab.quant.kquant`).
+        in_process: quantlab can load it back in its own process (False: only an external engine serves it,
+            e.g. GGUF through ``--engine llama-cpp``).
     """
 
     write: Callable[..., None]
@@ -33,6 +35,7 @@ class ExportFormat(Member):
     bits: tuple[int, ...] | None = None
     loader_package: str | None = None
     k_grids: bool = False
+    in_process: bool = True
 
     def problem(self, scheme: QuantScheme) -> str | None:
         """Why this format cannot store ``scheme`` on any Linear (None: it can)."""

@@ -205,8 +205,11 @@ def stage_export(ctx: StageContext, plan, results) -> Path:
 
 
 def _missing_loader(fmt: str) -> str | None:
-    """The package this process lacks to load a ``fmt`` checkpoint (None: it loads here)."""
-    package = get_format(fmt).loader_package
+    """What this process lacks to load a ``fmt`` checkpoint (None: it loads here)."""
+    spec = get_format(fmt)
+    if not spec.in_process:
+        return "an external engine (quantlab opens it only through eval.engine)"
+    package = spec.loader_package
     return package if package is not None and importlib.util.find_spec(package) is None else None
 
 
@@ -274,7 +277,7 @@ def stage_report(ctx: StageContext, plan, results, evals: dict) -> Path:
         "quantized": memory_report(
             f"quantized ({fmt})", predicted=plan.predicted_bytes, directory=run.model,
             runtime_source=run.model if missing is None else None, device=ctx.device,
-            runtime_note=None if missing is None else f"loading a {fmt} checkpoint needs {missing}, not installed here"),
+            runtime_note=None if missing is None else f"loading a {fmt} checkpoint here needs {missing}"),
     }
     sizes = {"baseline": ModelSize(base_bytes, base_size.decoder_linear_bytes, base_size.avg_bits),
              "quantized": ModelSize(plan.predicted_bytes, quant_size.decoder_linear_bytes, quant_size.avg_bits)}

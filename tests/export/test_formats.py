@@ -42,7 +42,7 @@ def test_predicted_bytes_are_the_stored_bytes(tmp_path, recipe, sets):
 
 
 def test_the_registry_answers_what_the_pipeline_asks():
-    assert set(FORMATS) == {"compressed-tensors", "gptq", "native"}
+    assert set(FORMATS) == {"compressed-tensors", "gptq", "native", "gguf"}
     billm = QuantScheme(backend="billm", bits=1, group_size=128)
     w3 = QuantScheme(backend="rtn", bits=3, group_size=128)
     assert "not a uniform grid" in get_format("compressed-tensors").problem(billm)

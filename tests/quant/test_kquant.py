@@ -17,7 +17,14 @@ import pytest
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from quantlab.quant import QuantScheme, gptq_solve, kquant, quantize_weight, relative_output_error, rtn_quantize
+from quantlab.quant import (
+    QuantScheme,
+    gptq_solve,
+    kquant,
+    quantize_weight,
+    relative_output_error,
+    rtn_quantize,
+)
 from quantlab.quant.apply import as_stored
 from quantlab.quant.kquant import K_GRIDS
 from quantlab.quant.kquant_ggml import BYTES_PER_BLOCK, encode_blocks, ggml_type
