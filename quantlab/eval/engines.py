@@ -4,6 +4,7 @@
 |----------------|--------------------------------------------------|-----------------------------------------|
 | ``transformers`` | in quantlab's process (:func:`generate_answers`) | everything :func:`open_model` opens     |
 | ``vllm``       | ``engine_children/vllm_child.py`` in vLLM's Python | base checkpoints, compressed-tensors, GPTQ |
+| ``llama-cpp``  | ``engine_children/llama_cpp_child.py`` (mtmd)     | the gguf export (model.gguf + mmproj.gguf) |
 
 An external engine gets the same prompts, images and greedy settings as the transformers path: quantlab
 applies the model's chat template itself (:func:`quantlab.models.inputs.prompt_text`) and hands the child

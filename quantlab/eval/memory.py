@@ -74,6 +74,13 @@ def safetensors_tensor_bytes(path: str | Path) -> int:
     return sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
 
 
+def gguf_tensor_bytes(path: str | Path) -> int:
+    """Bytes of the tensor data in a GGUF file (quantized blocks included), from its header."""
+    import gguf
+
+    return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors)
+
+
 def disk_bytes(directory: str | Path) -> DiskSize:
     """Tensor bytes and file sizes of a checkpoint directory (searched recursively).
 
@@ -85,7 +92,8 @@ def disk_bytes(directory: str | Path) -> DiskSize:
         raise FileNotFoundError(f"directory not found: {directory}")
     files = [p for p in directory.rglob("*") if p.is_file()]
     st = [p for p in files if p.suffix == ".safetensors"]
-    return DiskSize(tensor_bytes=sum(safetensors_tensor_bytes(p) for p in st),
+    return DiskSize(tensor_bytes=sum(safetensors_tensor_bytes(p) for p in st) + sum(map(gguf_tensor_bytes,
+                                                                                      (p for p in files if p.suffix == ".gguf"))),
                     safetensors_file_bytes=sum(p.stat().st_size for p in st),
                     total_file_bytes=sum(p.stat().st_size for p in files), n_safetensors=len(st))
 

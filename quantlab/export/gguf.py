@@ -273,8 +273,18 @@ def write_gguf(loaded: LoadedModel, results: Mapping[str, object], out: Path, *,
     loaded.processor.save_pretrained(out)
 
 
+def dense_element_bytes(legacy: str, ndim: int, dtype_bytes: int) -> int:
+    """Bytes per element of an unquantized tensor in the GGUF files, by its hub-legacy name (the cost model's
+    view of :func:`dense_type`): 0 for what a family drops, F32 for 1-D tensors and position embeddings,
+    else F16."""
+    if any(legacy in fam.drop for fam in GGUF_FAMILIES.values()):
+        return 0
+    return 4 if ndim <= 1 or "position_embedding" in legacy else 2
+
+
 FORMAT = GGUFFormat(
     name="gguf", write=write_gguf, layout=layout, uniform_only=True, k_grids=True, in_process=False,
+    dense_element_bytes=dense_element_bytes,
     load_snippet=("```python\n# pip install llama-cpp-python (with mtmd: the multimodal library)\n"
                   "# llama-mtmd-cli -m {repo}/model.gguf --mmproj {repo}/mmproj.gguf --image IMAGE -p PROMPT\n```"),
 )

@@ -26,6 +26,9 @@ class ExportFormat(Member):
         k_grids: stores GGUF K-quant grids (``scheme.args["grid"]``, :mod:`quantlab.quant.kquant`).
         in_process: quantlab can load it back in its own process (False: only an external engine serves it,
             e.g. GGUF through ``--engine llama-cpp``).
+        dense_element_bytes: ``(hub-legacy tensor name, ndim, model dtype bytes) -> bytes per element`` of an
+            unquantized tensor, where the format does not store it at the model's dtype (0: not stored;
+            None: every tensor at the model's dtype).
     """
 
     write: Callable[..., None]
@@ -36,6 +39,7 @@ class ExportFormat(Member):
     loader_package: str | None = None
     k_grids: bool = False
     in_process: bool = True
+    dense_element_bytes: Callable[[str, int, int], int] | None = None
 
     def problem(self, scheme: QuantScheme) -> str | None:
         """Why this format cannot store ``scheme`` on any Linear (None: it can)."""

@@ -137,9 +137,12 @@ def model_size(model: nn.Module, adapter: Adapter, mapping: Any, fmt: str, *,
     linears = _linears(model, mapping)
     quantized = {n: s for n, s in mapping.items() if s is not None}
     by_comp: dict[str, int] = defaultdict(int)
+    dense = EXPORT_FORMATS.get(fmt).dense_element_bytes if fmt in EXPORT_FORMATS.names() else None
     for name, p in model.named_parameters():
         if name.rpartition(".")[0] not in quantized:
-            by_comp[adapter.component_of(name).value] += p.numel() * (dtype_bytes or p.element_size())
+            size = dtype_bytes or p.element_size()
+            by_comp[adapter.component_of(name).value] += p.numel() * (size if dense is None else
+                                                                      dense(adapter.legacy_name(name), p.dim(), size))
     numel = qbytes = 0
     nominal = 0.0
     for name, lin in linears.items():

@@ -41,6 +41,18 @@ def test_predicted_bytes_are_the_stored_bytes(tmp_path, recipe, sets):
     assert stored_tensor_bytes(out / "model") == plan["total_predicted_bytes"], plan["format"]
 
 
+@pytest.mark.parametrize("toy", ["toy-llava", "toy-qwen2.5-vl"])
+def test_gguf_predicted_bytes_are_the_bytes_in_the_gguf_files(tmp_path, toy):
+    from quantlab.eval.memory import gguf_tensor_bytes
+
+    out = tmp_path / "run"
+    run_all(toy, "w4a16", out, overrides={"calibration.num_samples": 4, "eval.tasks": [], "export.format": "gguf",
+                                          "plan.scheme": {"backend": "gptq", "bits": 4, "group_size": 32}},
+            progress=False, say=lambda m: None, stop_after="export")
+    plan = yaml.safe_load((out / "plan.yaml").read_text())
+    assert sum(map(gguf_tensor_bytes, (out / "model").glob("*.gguf"))) == plan["total_predicted_bytes"]
+
+
 def test_the_registry_answers_what_the_pipeline_asks():
     assert set(FORMATS) == {"compressed-tensors", "gptq", "native", "gguf"}
     billm = QuantScheme(backend="billm", bits=1, group_size=128)
