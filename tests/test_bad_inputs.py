@@ -249,6 +249,14 @@ def test_late_errors_come_before_any_work(tmp_path, sets, words):
     assert not out.exists()
 
 
+def test_an_unreachable_bits_target_is_refused_before_any_work(tmp_path):
+    """gguf-budget on a toy: K-quants need 256-wide rows, so only Q8_0 fits and 3.0 bits cannot be met."""
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["quantize", "toy-llava", "--recipe", "gguf-budget", "--out", str(out)])
+    refused(res, "plan.target_avg_bits: 3.0 is below the smallest stored bits", "8.500")
+    assert not out.exists()
+
+
 def test_an_empty_recipe_is_refused_before_any_work(tmp_path):
     recipe = tmp_path / "empty.yaml"
     recipe.write_text("")
@@ -374,7 +382,7 @@ def test_builtin_recipes_are_package_data():
     text = (ROOT / "pyproject.toml").read_text()
     assert '"recipes/*.yaml"' in text
     shipped = Path(quantlab.__file__).parent / "recipes"
-    assert sorted(p.stem for p in shipped.glob("*.yaml")) == ["luq", "luq-budget", "w2a16-g64", "w3a16", "w4a16"]
+    assert sorted(p.stem for p in shipped.glob("*.yaml")) == ["gguf-budget", "luq", "luq-budget", "w2a16-g64", "w3a16", "w4a16"]
 
 
 # --- 8. widths a group size does not divide ---------------------------------------------------------------

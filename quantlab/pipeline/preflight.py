@@ -153,6 +153,17 @@ def model_problems(skeleton: LoadedModel, recipe: Recipe) -> list[str]:
             problems.append(f"plan.budget_gb: {budget} GB ({int(budget * 1e9):,} bytes) is below the smallest size "
                             f"this recipe reaches on this model, {smallest / 1e9:.6f} GB ({smallest:,} bytes, every "
                             "planned Linear at its cheapest scheme)")
+    target = spec.target_avg_bits if spec.planner == "budget" else None
+    if target is not None and choices and free and not problems:
+        sizes = {n: (linears[n].out_features, linears[n].in_features) for n in free}
+        least = sum(linear_bytes(o, i, _cheapest(fmt, choices, o, i, spec.shape_fallback), fmt, bias=False)
+                    for n, (o, i) in sizes.items())
+        numel = sum(o * i for o, i in sizes.values())
+        if least * 8 > target * numel:
+            problems.append(f"plan.target_avg_bits: {target} is below the smallest stored bits per weight this recipe "
+                            f"reaches on this model's planned decoder Linears, {least * 8 / numel:.3f} (every one at "
+                            f"its cheapest candidate after plan.shape_fallback {spec.shape_fallback!r}, which keeps "
+                            "in full precision what no candidate fits)")
     return problems
 
 
