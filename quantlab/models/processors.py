@@ -18,10 +18,12 @@ from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
 class _ImageOnly:
     """Mixin: drop the video processor (no torchvision needed here), but save what loaders elsewhere expect.
 
-    vLLM (and transformers with torchvision) build the full processor from the saved files and refuse a
-    Qwen checkpoint without a video processor config ("Can't load video processor"), so :meth:`save_pretrained`
-    writes the original processor class and a ``video_processor`` entry with the image processor's
-    settings (Qwen2-VL's video processor shares patch, merge and normalisation parameters with it).
+    vLLM builds the full Qwen processor from the saved files and refuses a checkpoint without a video
+    processor config ("Can't load video processor"), so :meth:`save_pretrained` adds a ``video_processor``
+    entry with the image processor's settings (Qwen2-VL's video processor shares patch, merge and
+    normalisation parameters with it). ``processor_class`` stays this image-only class: GPTQModel opens a
+    checkpoint with ``AutoProcessor``, which builds a video processor for the original class name and fails
+    without torchvision (docs/engines.md).
     """
 
     @classmethod
@@ -37,7 +39,6 @@ class _ImageOnly:
         out = super().save_pretrained(save_directory, *args, **kwargs)
         path = Path(save_directory) / "processor_config.json"
         config = json.loads(path.read_text(encoding="utf-8"))
-        config["processor_class"] = type(self).__mro__[2].__name__  # the transformers class we stand in for
         video = {k: v for k, v in config["image_processor"].items() if k != "image_processor_type"}
         config["video_processor"] = {**video, "video_processor_type": "Qwen2VLVideoProcessor"}
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -104,6 +104,11 @@ def recipe_problems(recipe: Recipe, *, stream: bool = False) -> list[str]:
                                 f"(task {task!r})")
     if recipe.eval.tasks:
         problems += engine_problems(recipe.eval.engine)
+        engine = ENGINES.get(recipe.eval.engine) if recipe.eval.engine in ENGINES.names() else None
+        auto_ok = fmt == "auto" and "compressed-tensors" in engine.formats if engine is not None else False
+        if engine is not None and engine.formats and fmt not in engine.formats and not auto_ok:
+            problems.append(f"eval.engine: {engine.name} serves export formats {list(engine.formats)}; "
+                            f"export.format is {fmt!r}")
     return problems + calibration_problems(recipe)
 
 

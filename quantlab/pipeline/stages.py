@@ -243,7 +243,8 @@ def stage_eval(ctx: StageContext, quantized_loaded) -> dict:
                                   max_new_tokens=0, tasks={})
             out[key].save_json(files[key])
             continue
-        if not get_engine(spec.engine).in_process:  # the engine loads the checkpoints itself
+        engine = get_engine(spec.engine)
+        if not engine.in_process and (key == "quantized" or engine.serves_base):  # it loads the checkpoint itself
             loaded = open_engine(spec.engine, ctx.run.model if key == "quantized" else ctx.model_name,
                                  options=spec.engine_options)
         else:

@@ -83,3 +83,13 @@ def test_child_engine_protocol_scores_through_the_runner(tmp_path, monkeypatch, 
                            options={"refuse": True})
     with pytest.raises(EngineRefused, match="fake refused .*toy-llava: ValueError: no kernel for this"):
         refusing.answer(["what colour?"], [Image.new("RGB", (8, 8))], max_new_tokens=4)
+
+
+def test_an_engine_that_cannot_serve_the_export_format_is_refused(tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["quantize", "toy-llava", "--recipe", "w4a16", "--out", str(out),
+                              "--set", "eval.engine=llama-cpp"])
+    assert res.exit_code == 2, res.output
+    text = " ".join(res.output.split())
+    assert "eval.engine: llama-cpp serves export formats ['gguf']; export.format is 'compressed-tensors'" in text
+    assert not out.exists()

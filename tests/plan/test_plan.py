@@ -45,7 +45,7 @@ def test_refuses_overwrite(tmp_path):
 @pytest.mark.parametrize("old,new,key", [
     ("bits: 4", "bitz: 4", "bitz"),
     ("planner: luq", "planner: luq\nplaner: x", "planer"),
-    ("format: compressed-tensors", "format: gguf", "format"),
+    ("format: compressed-tensors", "format: onnx", "format"),
     ("bits: 4", "bits: 9", "bits"),
 ])
 def test_errors_name_file_and_key(tmp_path, old, new, key):
