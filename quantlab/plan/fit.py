@@ -50,8 +50,8 @@ def shape_problem(out_features: int, in_features: int, scheme: QuantScheme, fmt:
     g = scheme.group_size
     if g != -1 and in_features % g:
         return f"group_size {g} does not divide in_features {in_features}"
-    why = BACKENDS.get(scheme.backend).check and BACKENDS.get(scheme.backend).check(scheme, in_features)
-    if why:
+    why = BACKENDS.get(scheme.backend).problem(scheme, in_features)
+    if why is not None:
         return why
     try:
         linear_layout(out_features, in_features, scheme, "compressed-tensors" if fmt == "auto" else fmt, bias=False)
