@@ -19,7 +19,12 @@ from pathlib import Path
 
 from torch import nn
 
-from quantlab.calib.data import IMAGE_SOURCE_KINDS, SOURCES, TEXT_SOURCE_KINDS, CalibSource
+from quantlab.calib.data import (
+    IMAGE_SOURCE_KINDS,
+    SOURCES,
+    TEXT_SOURCE_KINDS,
+    CalibSource,
+)
 from quantlab.core.device import resolve_device
 from quantlab.core.errors import UserError, did_you_mean, problems_error
 from quantlab.eval.engines import ENGINES, engine_python
@@ -30,7 +35,7 @@ from quantlab.plan.cost import linear_bytes, model_size
 from quantlab.plan.fit import fit_scheme, group_by_block, scheme_problem
 from quantlab.plan.make import PLANNERS, plan_format
 from quantlab.plan.plan import apply_rules
-from quantlab.quant.registry import outside_decoder_problem
+from quantlab.quant.registry import BACKENDS, outside_decoder_problem
 from quantlab.quant.scheme import QuantScheme
 from quantlab.recipe import Recipe
 
@@ -105,10 +110,11 @@ def recipe_problems(recipe: Recipe, *, stream: bool = False) -> list[str]:
     if recipe.eval.tasks:
         problems += engine_problems(recipe.eval.engine)
         engine = ENGINES.get(recipe.eval.engine) if recipe.eval.engine in ENGINES.names() else None
-        auto_ok = fmt == "auto" and "compressed-tensors" in engine.formats if engine is not None else False
-        if engine is not None and engine.formats and fmt not in engine.formats and not auto_ok:
+        known = [s for _, s in recipe_schemes(recipe) if s.backend in BACKENDS]  # unknown ones are reported above
+        written = plan_format(known, fmt)  # what "auto" resolves to
+        if engine is not None and engine.formats and written not in engine.formats:
             problems.append(f"eval.engine: {engine.name} serves export formats {list(engine.formats)}; "
-                            f"export.format is {fmt!r}")
+                            f"export.format is {written!r}")
     return problems + calibration_problems(recipe)
 
 
@@ -148,27 +154,27 @@ def model_problems(skeleton: LoadedModel, recipe: Recipe) -> list[str]:
                if (note := fit_scheme(linears[n].out_features, linears[n].in_features, s, fmt, "error").note)]
         problems += [f"{names} {why}" for names, why in group_by_block(bad)]
     budget = spec.budget_gb
-    if budget is not None and choices and not problems:
+    target = spec.target_avg_bits if spec.planner == "budget" else None
+    if (budget is not None or target is not None) and choices and not problems:
         cheapest = {n: _cheapest(fmt, choices, linears[n].out_features, linears[n].in_features, spec.shape_fallback)
                     for n in free}
-        mapping = {**{n: fit_scheme(linears[n].out_features, linears[n].in_features, s, fmt,
-                                    spec.shape_fallback).scheme for n, s in pinned.items()}, **cheapest}
-        smallest = model_size(skeleton.model, adapter, mapping, fmt, dtype_bytes=2).total_bytes
-        if smallest > budget * 1e9:
-            problems.append(f"plan.budget_gb: {budget} GB ({int(budget * 1e9):,} bytes) is below the smallest size "
-                            f"this recipe reaches on this model, {smallest / 1e9:.6f} GB ({smallest:,} bytes, every "
-                            "planned Linear at its cheapest scheme)")
-    target = spec.target_avg_bits if spec.planner == "budget" else None
-    if target is not None and choices and free and not problems:
-        sizes = {n: (linears[n].out_features, linears[n].in_features) for n in free}
-        least = sum(linear_bytes(o, i, _cheapest(fmt, choices, o, i, spec.shape_fallback), fmt, bias=False)
-                    for n, (o, i) in sizes.items())
-        numel = sum(o * i for o, i in sizes.values())
-        if least * 8 > target * numel:
-            problems.append(f"plan.target_avg_bits: {target} is below the smallest stored bits per weight this recipe "
-                            f"reaches on this model's planned decoder Linears, {least * 8 / numel:.3f} (every one at "
-                            f"its cheapest candidate after plan.shape_fallback {spec.shape_fallback!r}, which keeps "
-                            "in full precision what no candidate fits)")
+        if budget is not None:
+            mapping = {**{n: fit_scheme(linears[n].out_features, linears[n].in_features, s, fmt,
+                                        spec.shape_fallback).scheme for n, s in pinned.items()}, **cheapest}
+            smallest = model_size(skeleton.model, adapter, mapping, fmt, dtype_bytes=2).total_bytes
+            if smallest > budget * 1e9:
+                problems.append(f"plan.budget_gb: {budget} GB ({int(budget * 1e9):,} bytes) is below the smallest "
+                                f"size this recipe reaches on this model, {smallest / 1e9:.6f} GB ({smallest:,} bytes, "
+                                "every planned Linear at its cheapest scheme)")
+        if target is not None and free:
+            least = sum(linear_bytes(linears[n].out_features, linears[n].in_features, s, fmt, bias=False)
+                        for n, s in cheapest.items())
+            numel = sum(linears[n].out_features * linears[n].in_features for n in free)
+            if least * 8 > target * numel:
+                problems.append(f"plan.target_avg_bits: {target} is below the smallest stored bits per weight this "
+                                f"recipe reaches on this model's planned decoder Linears, {least * 8 / numel:.3f} "
+                                f"(every one at its cheapest candidate after plan.shape_fallback "
+                                f"{spec.shape_fallback!r}, which keeps in full precision what no candidate fits)")
     return problems
 
 
