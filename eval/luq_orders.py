@@ -1,14 +1,16 @@
 """Does LUQ's order matter? Equal memory, different choices of which blocks go ultra-low.
 
     python eval/luq_orders.py --model toy-llava --out eval/results/orders-toy-llava.json
+    python eval/luq_orders.py --model toy-llava-hard --low w2g64 --out eval/results/orders-toy-llava-hard.json
 
 At the size of LUQ's plan with half the decoder blocks ultra-low (k = n_blocks / 2; BiLLM by default,
 ``--low w2g64`` for GPTQ W2 g64), the rest GPTQ W4 g128, compare which blocks are ultra-low:
 LUQ's rule (lowest k-means entropy first), the reverse (highest first), three seeded random orders,
 and quantlab's budget planner (measured KL sensitivity + MILP over GPTQ 2/3/4/8-bit) given the same
-whole-model bytes. Every row: shapes-VQA accuracy (500 test items, greedy exact match), POPE F1 on the
-exist questions, and the logit KL to the fp model on 64 held-out image+text samples. All blocks of a toy
-have the same shapes, so every order costs exactly the same bytes.
+whole-model bytes. Every row: accuracy on the model's task (500 test items, greedy exact match), POPE F1
+on the exist questions, the logit KL to the fp model on 64 held-out image+text samples, and a paired test
+against LUQ's row over the same items. All blocks of a toy have the same shapes, so every order costs
+exactly the same bytes.
 """
 
 from __future__ import annotations
@@ -20,18 +22,27 @@ import random
 import sys
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from luq_table import BUDGET_CANDIDATES, KEEP, W4, evaluate_row, seeded_setup, sizes  # noqa: E402
+from luq_table import (  # noqa: E402
+    BUDGET_CANDIDATES,
+    KEEP,
+    W4,
+    evaluate_row,
+    held_out,
+    paired_cell,
+    seeded_setup,
+    sizes,
+    task_of,
+    versus,
+)
 
-from quantlab.quant.apply import quantize  # noqa: E402
 from quantlab.calib.collect import calibrate  # noqa: E402
-from quantlab.calib.data import CalibDataOptions, build_calibration_set  # noqa: E402
 from quantlab.eval.runner import evaluate  # noqa: E402
 from quantlab.models import Component  # noqa: E402
 from quantlab.plan import planners  # noqa: E402
 from quantlab.plan.plan import Plan  # noqa: E402
 from quantlab.plan.sensitivity import _log_probs, kl_damage  # noqa: E402
+from quantlab.quant.apply import quantize  # noqa: E402
 from quantlab.quant.scheme import QuantScheme  # noqa: E402
 from quantlab.recipe import PlanSpec  # noqa: E402
 
@@ -40,7 +51,7 @@ LOWS = {"billm": (QuantScheme(backend="billm", bits=1, group_size=128), "native"
 
 
 def order_row(name: str, base, samples, order: list[int], k: int, low: QuantScheme, fmt: str, *, limit: int,
-              held) -> dict:
+              held, task: str) -> dict:
     """Quantize a copy of ``base`` with blocks ``order[:k]`` at ``low`` and the rest at W4; evaluate it."""
     loaded = copy.deepcopy(base)
     adapter = loaded.adapter
@@ -48,11 +59,11 @@ def order_row(name: str, base, samples, order: list[int], k: int, low: QuantSche
     mapping = {n: (low if adapter.block_index(n) in lows else W4)
                for n, _ in adapter.iter_linears(loaded.model, Component.DECODER)}
     quantize(loaded, mapping, samples, progress=False)
-    r = evaluate(loaded, ["shapes-vqa"], data_dir=None, limit=limit, batch_size=64).tasks["shapes-vqa"]
+    r = evaluate(loaded, [task], data_dir=None, limit=limit, batch_size=64).tasks[task]
     plan = Plan(model=base.source, format=fmt, planner="hand", layers=mapping, predicted_bytes=0)
     return {"row": name, "low_blocks": sorted(lows), "accuracy": r.score,
             "per_type": {t: s.score for t, s in r.per_type.items()},
-            "exist_f1": r.aggregates.get("exist", {}).get("f1"),
+            "exist_f1": r.aggregates.get("exist", {}).get("f1"), "item_scores": r.item_scores,
             "kl_to_fp": kl_damage(held[1], _log_probs(loaded, held[0])), **sizes(base, plan, fmt)}
 
 
@@ -66,10 +77,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     low, fmt = LOWS[a.low]
+    task = task_of(a.model)[0]
     base, calib = seeded_setup(a.model, a.samples, a.seed)
     stats = calibrate(base, calib, hessians=True, progress=False)
-    held_set = build_calibration_set(base, CalibDataOptions(num_samples=64, alpha=1.0, seed=a.seed + 1))
-    held = (held_set.samples, _log_probs(base, held_set.samples))
+    held = held_out(base, a.model, a.seed)
     entropy = stats.block_entropy("all")
     luq = planners.luq_order(entropy)
     k = len(luq) // 2
@@ -78,15 +89,17 @@ def main() -> None:
         orders[f"random order (seed {s})"] = random.Random(s).sample(luq, len(luq))
     table = []
     for name, order in orders.items():
-        table.append(order_row(name, base, calib.samples, order, k, low, fmt, limit=a.limit, held=held))
-        print(json.dumps(table[-1]), flush=True)
+        table.append(order_row(name, base, calib.samples, order, k, low, fmt, limit=a.limit, held=held, task=task))
     bud = evaluate_row("quantlab budget @ same bytes", base, calib.samples, stats,
                        PlanSpec(planner="budget", candidates=BUDGET_CANDIDATES, rules=KEEP), limit=a.limit,
-                       budget_bytes=table[0]["model_bytes"], held=held)
+                       budget_bytes=table[0]["model_bytes"], held=held, task=task)
     bplan = bud.pop("plan")
     bud.update(sizes(base, bplan, bud["format"]))
     table.append(bud)
-    print(json.dumps(bud), flush=True)
+    for r in table[1:]:
+        r["vs_luq"] = versus(table[0]["item_scores"], r["item_scores"])  # this row - LUQ's, same items
+    for r in table:
+        print(json.dumps({k: v for k, v in r.items() if k != "item_scores"}), flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"model": a.model, "low": a.low, "k": k, "entropy_all": entropy, "luq_order": luq,
                                  "samples": a.samples, "limit": a.limit, "seed": a.seed, "rows": table}, indent=2) + "\n")
@@ -98,11 +111,13 @@ def markdown(model: str, low: str, k: int, n: int, entropy: dict, table: list[di
     ent = ", ".join(f"{b}: {entropy[b]:.3f}" for b in sorted(entropy))
     lines = [f"### {model}: {k} of {n} blocks at {low}, the rest GPTQ W4 g128", "",
              f"k-means entropy (all tokens) per block: {ent}", "",
-             "| row | ultra-low blocks | accuracy | exist F1 | logit KL to fp | model bytes |", "|---|---|---|---|---|---|"]
+             "| row | ultra-low blocks | accuracy | Δ vs LUQ [95% CI], McNemar p | exist F1 | logit KL to fp | model bytes |",
+             "|---|---|---|---|---|---|---|"]
     for r in table:
         blocks = ", ".join(map(str, r.get("low_blocks", []))) or "(mixed GPTQ 2/3/4/8)"
         f1 = r.get("exist_f1")
-        lines.append(f"| {r['row']} | {blocks} | {r['accuracy']:.3f} | {'-' if f1 is None else f'{f1:.3f}'} | "
+        vs = paired_cell(r["vs_luq"]) if "vs_luq" in r else "-"
+        lines.append(f"| {r['row']} | {blocks} | {r['accuracy']:.3f} | {vs} | {'-' if f1 is None else f'{f1:.3f}'} | "
                      f"{r['kl_to_fp']:.5f} | {r['model_bytes']:,} |")
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,10 @@
 """The LUQ main table, in miniature, on the toy VLMs.
 
     python eval/luq_table.py --model toy-llava --out eval/results/toy-llava.json
+    python eval/luq_table.py --model toy-llava-hard --out eval/results/toy-llava-hard.json
+
+The task and the calibration source follow the model (shapes-VQA-hard for the hard toys,
+docs/hard-testbed.md); every accuracy row carries a paired test against the fp row (McNemar, exact).
 
 Rows: fp32; RTN and GPTQ at 4/3/2 bits uniform; BiLLM on every decoder block; LUQ (the paper's rule:
 lowest-entropy blocks to BiLLM until the nominal average reaches 2.54 bits, the rest GPTQ W4 g128);
@@ -23,14 +27,17 @@ from pathlib import Path
 
 import torch
 
-from quantlab.quant.apply import quantize
 from quantlab.calib.collect import calibrate
-from quantlab.calib.data import CalibDataOptions, build_calibration_set
+from quantlab.calib.data import CalibDataOptions, CalibSource, build_calibration_set
+from quantlab.data.synthetic import set_of_model
+from quantlab.eval.paired import paired_difference
 from quantlab.eval.runner import evaluate
 from quantlab.models import load_model
+from quantlab.models.load import resolve
 from quantlab.plan.cost import model_size
 from quantlab.plan.make import make_plan
 from quantlab.plan.sensitivity import _log_probs, kl_damage
+from quantlab.quant.apply import quantize
 from quantlab.quant.scheme import QuantScheme
 from quantlab.recipe import PlanSpec, RuleSpec
 
@@ -60,15 +67,39 @@ def rows() -> dict[str, PlanSpec]:
 BUDGET_CANDIDATES = [QuantScheme(backend="gptq", bits=b, group_size=g) for b, g in ((2, 64), (3, 128), (4, 128), (8, 128))]
 
 
+def task_of(model: str) -> tuple[str, str]:
+    """(eval task, calibration source kind) of a toy: its training set's."""
+    member = set_of_model(resolve(model))
+    return member.name, member.calib_kind
+
+
+def calib_options(model: str, samples: int, seed: int, alpha: float = 0.5) -> CalibDataOptions:
+    src = [CalibSource(kind=task_of(model)[1])]
+    return CalibDataOptions(num_samples=samples, alpha=alpha, seed=seed, image_sources=src, text_sources=src)
+
+
 def seeded_setup(model: str, samples: int, seed: int):
     """The model and the calibration set every row starts from (64 samples, alpha = 0.5, seeded)."""
     torch.manual_seed(seed)
     base = load_model(model)
-    return base, build_calibration_set(base, CalibDataOptions(num_samples=samples, alpha=0.5, seed=seed))
+    return base, build_calibration_set(base, calib_options(model, samples, seed))
+
+
+def held_out(base, model: str, seed: int):
+    """64 held-out image+text samples (seed + 1) and the fp model's log-probs on them (the KL column)."""
+    held_set = build_calibration_set(base, calib_options(model, 64, seed + 1, alpha=1.0))
+    return held_set.samples, _log_probs(base, held_set.samples)
+
+
+def versus(fp_scores: dict, scores: dict) -> dict:
+    """Paired difference to the fp row over the same items (exact McNemar p, 95% bootstrap interval)."""
+    d = paired_difference(fp_scores, scores)
+    return {"diff_vs_fp": d.diff, "ci_vs_fp": [d.ci_low, d.ci_high], "p_vs_fp": d.p_value,
+            "better_worse_vs_fp": [d.n_better, d.n_worse]}
 
 
 def evaluate_row(name: str, base, samples, stats, spec: PlanSpec, *, limit: int, budget_bytes: int | None = None,
-                 held=None) -> dict:
+                 held=None, task: str = "shapes-vqa") -> dict:
     loaded = copy.deepcopy(base)
     t0 = time.time()
     fmt = "native" if spec.planner != "budget" and any(
@@ -77,12 +108,13 @@ def evaluate_row(name: str, base, samples, stats, spec: PlanSpec, *, limit: int,
                      progress=False)
     quantize(loaded, plan.layers, samples, progress=False)
     seconds = time.time() - t0
-    report = evaluate(loaded, ["shapes-vqa"], data_dir=None, limit=limit, batch_size=64)
-    r = report.tasks["shapes-vqa"]
+    report = evaluate(loaded, [task], data_dir=None, limit=limit, batch_size=64)
+    r = report.tasks[task]
     kl = kl_damage(held[1], _log_probs(loaded, held[0])) if held is not None else None
     return {"row": name, "plan": plan, "format": fmt, "accuracy": r.score, "kl_to_fp": kl,
             "per_type": {t: s.score for t, s in r.per_type.items()},
-            "exist_f1": r.aggregates.get("exist", {}).get("f1"), "quantize_seconds": round(seconds, 1)}
+            "exist_f1": r.aggregates.get("exist", {}).get("f1"), "quantize_seconds": round(seconds, 1),
+            "item_scores": r.item_scores}
 
 
 def sizes(base, plan, fmt: str) -> dict:
@@ -99,38 +131,41 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
+    task = task_of(a.model)[0]
     base, calib = seeded_setup(a.model, a.samples, a.seed)
     stats = calibrate(base, calib, hessians=True, progress=False)
     # held-out image+text samples (other seed) for the logit-KL column: a continuous damage measure
-    held_set = build_calibration_set(base, CalibDataOptions(num_samples=64, alpha=1.0, seed=a.seed + 1))
-    held = (held_set.samples, _log_probs(base, held_set.samples))
+    held = held_out(base, a.model, a.seed)
     table = []
-    fp = evaluate(base, ["shapes-vqa"], data_dir=None, limit=a.limit, batch_size=64).tasks["shapes-vqa"]
+    fp = evaluate(base, [task], data_dir=None, limit=a.limit, batch_size=64).tasks[task]
     fp_plan = {n: None for n, _ in base.adapter.iter_linears(base.model)}
     rep = model_size(base.model, base.adapter, fp_plan, "compressed-tensors", dtype_bytes=2)
-    table.append({"row": "fp32 (stored fp16)", "accuracy": fp.score, "per_type": {t: s.score for t, s in fp.per_type.items()},
+    table.append({"row": "fp32 (stored fp16)", "accuracy": fp.score, "item_scores": fp.item_scores, "per_type": {t: s.score for t, s in fp.per_type.items()},
                   "exist_f1": fp.aggregates.get("exist", {}).get("f1"), "kl_to_fp": 0.0, "model_bytes": rep.total_bytes,
                   "decoder_linear_bytes": rep.decoder_linear_bytes, "avg_bits": 16.0, "nominal_bits": 16.0})
-    print(json.dumps(table[-1]), flush=True)
+    print(json.dumps({k: v for k, v in table[-1].items() if k != "item_scores"}), flush=True)
     for name, spec in rows().items():
-        row = evaluate_row(name, base, calib.samples, stats, spec, limit=a.limit, held=held)
+        row = evaluate_row(name, base, calib.samples, stats, spec, limit=a.limit, held=held, task=task)
+        row.update(versus(fp.item_scores, row["item_scores"]))
         plan = row.pop("plan")
         row.update(sizes(base, plan, row["format"]))
         if name.startswith("LUQ"):
             row["luq_k"] = plan.info["luq"]["k"]
             row["luq_order"] = plan.info["luq"]["order"]
         table.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "item_scores"}), flush=True)
         if name.startswith("LUQ"):
             bud = evaluate_row(f"quantlab budget @ {name.split(',')[0]} bytes", base, calib.samples, stats,
                                PlanSpec(planner="budget", candidates=BUDGET_CANDIDATES, rules=KEEP),
                                limit=a.limit, budget_bytes=plan.predicted_bytes if row["format"] == "compressed-tensors"
-                               else row["model_bytes"], held=held)
+                               else row["model_bytes"], held=held, task=task)
+            bud.update(versus(fp.item_scores, bud["item_scores"]))
+            bud["vs_luq"] = versus(row["item_scores"], bud["item_scores"])  # budget - LUQ, same items
             bplan = bud.pop("plan")
             bud.update(sizes(base, bplan, bud["format"]))
             bud["choice"] = {k: v["choice"] for k, v in bplan.info.items() if isinstance(v, dict) and "choice" in v}
             table.append(bud)
-            print(json.dumps({k: v for k, v in bud.items() if k != "choice"}), flush=True)
+            print(json.dumps({k: v for k, v in bud.items() if k not in ("choice", "item_scores")}), flush=True)
     w4 = next(r for r in table if r["row"] == "GPTQ W4 g128")
     for r in table:
         r["saving_vs_w4_decoder"] = 1 - r["decoder_linear_bytes"] / w4["decoder_linear_bytes"]
@@ -146,18 +181,32 @@ def main() -> None:
 def markdown(model: str, table: list[dict]) -> str:
     """The table as markdown (accuracy per question type, POPE F1, bytes, bits, saving vs W4)."""
     types = sorted(table[0]["per_type"])
-    head = ["row", *types, "overall", "exist F1", "logit KL to fp", "decoder Linear bytes", "model bytes", "bits/weight (stored)",
-            "nominal bits", "saving vs W4 (decoder)", "rel. drop vs W4"]
+    head = ["row", *types, "overall", "Δ vs fp [95% CI], McNemar p", "exist F1", "logit KL to fp",
+            "decoder Linear bytes", "model bytes", "bits/weight (stored)", "nominal bits", "saving vs W4 (decoder)",
+            "rel. drop vs W4"]
     lines = [f"### {model}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         f1 = r.get("exist_f1")
         cells = [r["row"], *(f"{r['per_type'][t]:.3f}" for t in types), f"**{r['accuracy']:.3f}**",
-                 "-" if f1 is None else f"{f1:.3f}", f"{r.get('kl_to_fp', float('nan')):.5f}",
+                 paired_cell(r), "-" if f1 is None else f"{f1:.3f}", f"{r.get('kl_to_fp', float('nan')):.5f}",
                  f"{r['decoder_linear_bytes']:,}", f"{r['model_bytes']:,}",
                  f"{r['avg_bits']:.3f}", f"{r['nominal_bits']:.2f}", f"{100 * r['saving_vs_w4_decoder']:.1f}%",
                  f"{100 * r['rel_acc_drop_vs_w4']:.1f}%"]
         lines.append("| " + " | ".join(cells) + " |")
+    budget = [r for r in table if "vs_luq" in r]
+    if budget:
+        lines += ["", "Budget planner minus LUQ at the same bytes, same items:", ""]
+        lines += [f"- {r['row']}: {paired_cell(r['vs_luq'], 'diff_vs_fp', 'ci_vs_fp', 'p_vs_fp')} "
+                  f"(better on {r['vs_luq']['better_worse_vs_fp'][0]} items, worse on {r['vs_luq']['better_worse_vs_fp'][1]})"
+                  for r in budget]
     return "\n".join(lines) + "\n"
+
+
+def paired_cell(r: dict, diff: str = "diff_vs_fp", ci: str = "ci_vs_fp", p: str = "p_vs_fp") -> str:
+    """``-0.124 [-0.156, -0.092], p=1e-12`` (points of accuracy, as fractions), or ``-`` for the fp row."""
+    if diff not in r:
+        return "-"
+    return f"{r[diff]:+.3f} [{r[ci][0]:+.3f}, {r[ci][1]:+.3f}], p={r[p]:.2g}"
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Sources (``CalibSource.kind``):
 | kind       | path                                   | what each record gives                                  |
 |------------|----------------------------------------|---------------------------------------------------------|
 | shapes     | none (generated) or a split directory  | image + question (image samples), caption (text samples)|
+| shapes-hard | none (generated) or a split directory | the same, from shapes-VQA-hard (the hard toys' task)    |
 | jsonl      | a ``.jsonl`` file                      | ``image`` (relative to the file) + ``prompt``/``text``  |
 | folder     | a directory of images                  | image + a fixed prompt                                  |
 | text       | a ``.txt`` (one sample per paragraph) or ``.jsonl`` with a ``text`` field | text only   |
@@ -21,6 +22,7 @@ import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -28,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from quantlab.calib.executor import CalibSample
 from quantlab.core.registry import Member, Registry
-from quantlab.data import shapes
+from quantlab.data.synthetic import SETS
 from quantlab.models.inputs import build_inputs
 from quantlab.models.load import LoadedModel
 
@@ -41,7 +43,7 @@ class CalibSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: str = Field(description="shapes (built-in generator) | jsonl | folder (images) | text (one sample per "
+    kind: str = Field(description="shapes | shapes-hard (built-in generators) | jsonl | folder (images) | text (one sample per "
                                   "line) | hf (a `datasets` dataset)")
     path: str | None = Field(default=None, description="file, folder or dataset name (every kind but shapes)")
     prompt: str = Field(default="Describe the image.", description="prompt for images that come without one")
@@ -107,12 +109,12 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
 
 
-def _shapes_images(src: CalibSource, n: int, seed: int) -> Iterator[RawSample]:
-    if src.path:  # an on-disk split written by shapes.write_split
+def _shapes_images(src: CalibSource, n: int, seed: int, set_name: str = "shapes-vqa") -> Iterator[RawSample]:
+    if src.path:  # an on-disk split written by shapes.write_split / synthetic.write_set_split
         yield from _jsonl_images(CalibSource(kind="jsonl", path=str(Path(src.path) / "questions.jsonl"),
                                              text_column="question"), n, seed)
         return
-    for s in shapes.iter_samples("calibration", n, start=seed * 100_000):
+    for s in SETS.get(set_name).samples("calibration", n, start=seed * 100_000):
         yield RawSample(s.id, s.question, s.render())
 
 
@@ -136,8 +138,8 @@ def _hf_images(src: CalibSource, n: int, seed: int) -> Iterator[RawSample]:
         yield RawSample(f"hf:{i}", str(rec.get(src.text_column) or src.prompt), rec[src.image_column])
 
 
-def _shapes_texts(src: CalibSource, n: int, seed: int) -> Iterator[RawSample]:
-    for s in shapes.iter_samples("calibration", n, start=seed * 100_000 + 50_000):
+def _shapes_texts(src: CalibSource, n: int, seed: int, set_name: str = "shapes-vqa") -> Iterator[RawSample]:
+    for s in SETS.get(set_name).samples("calibration", n, start=seed * 100_000 + 50_000):
         yield RawSample(s.id + "-caption", s.caption(), None)
 
 
@@ -181,6 +183,8 @@ class SourceKind(Member):
 
 SOURCES: Registry[SourceKind] = Registry("calibration source kind")
 for _kind in (SourceKind(name="shapes", images=_shapes_images, texts=_shapes_texts, needs_path=False),
+              SourceKind(name="shapes-hard", images=partial(_shapes_images, set_name="shapes-vqa-hard"),
+                         texts=partial(_shapes_texts, set_name="shapes-vqa-hard"), needs_path=False),
               SourceKind(name="jsonl", images=_jsonl_images),
               SourceKind(name="folder", images=_folder_images),
               SourceKind(name="text", texts=_text_file),

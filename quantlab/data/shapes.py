@@ -16,20 +16,18 @@ Negatives of ``exist`` questions are half "random" (colour or shape absent from 
 "adversarial" (both colour and shape present, but on different objects), as in POPE.
 
 Every sample is derived from ``numpy.random.default_rng([split_seed, index])``, so a split is a pure
-function of its seed: the same index always gives the same image, question and answer.
+function of its seed: the same index always gives the same image, question and answer. Splits are written to
+disk by :func:`quantlab.data.synthetic.write_set_split`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from quantlab.core.files import write_dir_atomic
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
@@ -184,36 +182,3 @@ def iter_samples(split: str, n: int, *, start: int = 0, **kwargs) -> Iterator[Sh
     """Samples ``start .. start+n-1`` of a split."""
     for i in range(start, start + n):
         yield make_sample(split, i, **kwargs)
-
-
-def write_split(out_dir: str | Path, split: str, n: int, **kwargs) -> Path:
-    """Write ``n`` samples of ``split`` as ``questions.jsonl`` + ``images/*.png`` under ``out_dir/split``.
-
-    The split directory is built in a temporary sibling and renamed into place, so an interrupted run
-    never leaves a half-written split behind. Returns the split directory.
-    """
-    out_dir = Path(out_dir)
-    final = out_dir / split
-    if final.exists():
-        raise FileExistsError(f"{final} already exists; remove it or choose another directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return write_dir_atomic(final, lambda tmp: _write_split_files(tmp, split, n, **kwargs))
-
-
-def _write_split_files(tmp: Path, split: str, n: int, **kwargs) -> None:
-    (tmp / "images").mkdir()
-    with open(tmp / "questions.jsonl", "w") as f:
-        for s in iter_samples(split, n, **kwargs):
-            image_rel = f"images/{s.id}.png"
-            s.render().save(tmp / image_rel)
-            record = {
-                "question_id": s.id,
-                "image": image_rel,
-                "question": s.question,
-                "answer": s.answer,
-                "answers": [s.answer] * 10,  # VQAv2-style: ten (agreeing) human answers
-                "question_type": s.question_type,
-                "caption": s.caption(),
-                "objects": [asdict(o) for o in s.objects],
-            }
-            f.write(json.dumps(record) + "\n")

@@ -39,13 +39,21 @@ from pydantic import BaseModel, ConfigDict
 
 from quantlab.core.files import write_file_atomic
 from quantlab.core.progress import block_progress
+from quantlab.data.synthetic import SETS
 from quantlab.eval import metrics
 from quantlab.eval.engines import ChildEngine
 from quantlab.eval.generate import generate_answers
 from quantlab.eval.readers import (
     EvalItem,
 )
-from quantlab.eval.tasks import Task, format_prompt, get_task, score, seeded_subset, shapes_items  # noqa: F401
+from quantlab.eval.tasks import (  # noqa: F401
+    Task,
+    format_prompt,
+    get_task,
+    score,
+    seeded_subset,
+    shapes_items,
+)
 from quantlab.models.load import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -246,10 +254,21 @@ def _shapes_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[s
     return {"exist": metrics.pope_metrics([p for _, p in exist], [a for a, _ in exist])} if exist else {}
 
 
+def _shapes_hard_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[str, Any]:
+    """POPE metrics of ``exist`` and, for read text, ANLS beside exact match (DocVQA's official metric)."""
+    out = _shapes_aggregate(items, preds)
+    text = [(it, p) for it, p in zip(items, preds) if it.question_type in SETS.get("shapes-vqa-hard").text_types]
+    if text:
+        out["text"] = {"n": len(text), "exact_match": sum(metrics.exact_match(p, it.answers) for it, p in text) / len(text),
+                       "anls": sum(metrics.anls(p, it.answers) for it, p in text) / len(text)}
+    return out
+
+
 AGGREGATES: dict[str, Callable[[Sequence[EvalItem], Sequence[str]], dict[str, Any]]] = {
     "pope": _pope_aggregate,
     "mme": _mme_aggregate,
     "shapes-vqa": _shapes_aggregate,
+    "shapes-vqa-hard": _shapes_hard_aggregate,
 }
 
 

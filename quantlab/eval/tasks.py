@@ -3,6 +3,7 @@
 | task        | reader            | prompt                         | metric (per item)   | aggregate          |
 |-------------|-------------------|--------------------------------|---------------------|--------------------|
 | shapes-vqa  | read_shapes_vqa   | raw question                   | exact_match         | mean               |
+| shapes-vqa-hard | read_shapes_vqa | raw question                 | exact_match (+ ANLS on text) | mean      |
 | vqav2       | read_vqav2        | short answer                   | vqa_accuracy        | mean               |
 | textvqa     | read_textvqa      | short answer                   | textvqa_accuracy    | mean               |
 | gqa         | read_gqa          | short answer                   | exact_match         | mean               |
@@ -19,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from quantlab.core.registry import Member, Registry
-from quantlab.data import shapes
+from quantlab.data.synthetic import SETS
 from quantlab.eval import metrics
 from quantlab.eval.readers import (
     EvalItem,
@@ -47,11 +48,11 @@ def _pope_items(root: Path) -> Iterator[EvalItem]:
                           question_type=item.question_type or f.stem)
 
 
-def shapes_items(n: int, split: str = "test") -> list[EvalItem]:
-    """``n`` shapes-VQA items generated in memory; images are rendered lazily (``extra["render"]``)."""
+def shapes_items(n: int, split: str = "test", set_name: str = "shapes-vqa") -> list[EvalItem]:
+    """``n`` items of a synthetic set generated in memory; images are rendered lazily (``extra["render"]``)."""
     return [EvalItem(s.id, None, s.question, (s.answer,), s.question_type, None,
                      {"render": s.render, "caption": s.caption()})
-            for s in shapes.iter_samples(split, n)]
+            for s in SETS.get(set_name).samples(split, n)]
 
 
 
@@ -101,6 +102,9 @@ TASKS: Registry[Task] = Registry("task")
 for _task in (
     Task(name="shapes-vqa", load=lambda d: read_shapes_vqa(d / "shapes-vqa" / "test"), files="shapes-vqa/test",
          prompt_template="{question}", metric="exact_match", answer_kind="short", generate=shapes_items),
+    Task(name="shapes-vqa-hard", load=lambda d: read_shapes_vqa(d / "shapes-vqa-hard" / "test"),
+         files="shapes-vqa-hard/test", prompt_template="{question}", metric="exact_match", answer_kind="short",
+         generate=lambda n: shapes_items(n, set_name="shapes-vqa-hard")),
     Task(name="vqav2", files="vqav2", load=lambda d: read_vqav2(d / "vqav2/questions.json", d / "vqav2/annotations.json",
                                                  d / "vqav2/images"),
          prompt_template=SHORT_ANSWER_PROMPT, metric="vqa_accuracy", answer_kind="short"),

@@ -3,6 +3,7 @@
 | what you pass                         | what you get                                                 |
 |---------------------------------------|--------------------------------------------------------------|
 | ``toy-llava``, ``toy-qwen2.5-vl``     | the trained toy shipped with quantlab (fp16 on disk)         |
+| ``toy-llava-hard``, ``toy-qwen2.5-vl-hard`` | the capacity-bound toys of the hard test bed (docs/hard-testbed.md) |
 | ``llava``, ``qwen2.5-vl``, ...        | the real hub model, through the normal transformers path     |
 | a checkpoint directory                | model + processor from that directory                        |
 | a ``config.json`` (file or dir)       | ``weights=False``: meta-device skeleton; ``"random"``: random |
@@ -31,6 +32,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 ALIASES: dict[str, str] = {
     "toy-llava": str(ASSETS / "toy-llava"),
     "toy-qwen2.5-vl": str(ASSETS / "toy-qwen2.5-vl"),
+    "toy-llava-hard": str(ASSETS / "toy-llava-hard"),
+    "toy-qwen2.5-vl-hard": str(ASSETS / "toy-qwen2.5-vl-hard"),
     "llava": "llava-hf/llava-1.5-7b-hf",
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
     "qwen2.5-vl": "Qwen/Qwen2.5-VL-7B-Instruct",

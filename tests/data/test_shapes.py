@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from quantlab.data import shapes
+from quantlab.data.synthetic import write_set_split
 
 
 def test_same_index_same_sample_and_pixels():
@@ -72,12 +73,12 @@ def test_render_draws_each_object_in_its_cell():
 
 
 def test_write_split_jsonl_and_pngs(tmp_path):
-    d = shapes.write_split(tmp_path, "test", 12)
+    d = write_set_split(tmp_path, "shapes-vqa", "test", 12)
     lines = [json.loads(x) for x in (d / "questions.jsonl").read_text().splitlines()]
     assert len(lines) == 12 and all((d / r["image"]).is_file() for r in lines)
     assert lines[0]["answers"] == [lines[0]["answer"]] * 10
     with pytest.raises(FileExistsError):
-        shapes.write_split(tmp_path, "test", 3)
+        write_set_split(tmp_path, "shapes-vqa", "test", 3)
 
 
 def test_unknown_split_is_an_error():

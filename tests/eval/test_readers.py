@@ -163,8 +163,9 @@ def test_read_shapes_vqa(tmp_path):
 
 def test_read_shapes_vqa_matches_generator(tmp_path):
     from quantlab.data import shapes
+    from quantlab.data.synthetic import write_set_split
 
-    split_dir = shapes.write_split(tmp_path, "calibration", 4)
+    split_dir = write_set_split(tmp_path, "shapes-vqa", "calibration", 4)
     items = list(R.read_shapes_vqa(split_dir))
     samples = list(shapes.iter_samples("calibration", 4))
     assert [(i.id, i.question, i.answers[0]) for i in items] == [(s.id, s.question, s.answer) for s in samples]
@@ -203,10 +204,10 @@ def test_read_hf_dataset_jsonl_and_saved(tmp_path, monkeypatch):
 
 
 def test_task_registry():
-    assert set(T.TASKS) == {"shapes-vqa", "vqav2", "textvqa", "gqa", "pope", "mme", "scienceqa"}
+    assert set(T.TASKS) == {"shapes-vqa", "shapes-vqa-hard", "vqav2", "textvqa", "gqa", "pope", "mme", "scienceqa"}
     assert all(t.metric in T.SCORERS for t in T.TASKS.values())
     assert T.get_task("gqa").prompt_template == "{question}\nAnswer the question using a single word or phrase."
-    with pytest.raises(KeyError, match=r"unknown task .vqa. \(did you mean .vqav2.\?\); valid: \[.gqa., .mme., .pope., .scienceqa., .shapes-vqa., .textvqa., .vqav2.\]"):
+    with pytest.raises(KeyError, match=r"unknown task .vqa. \(did you mean .vqav2.\?\); valid: \[.gqa., .mme., .pope., .scienceqa., .shapes-vqa., .shapes-vqa-hard., .textvqa., .vqav2.\]"):
         T.get_task("vqa")
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from quantlab.data.shapes import QUESTION_TYPES, write_split
+from quantlab.data.shapes import QUESTION_TYPES
+from quantlab.data.synthetic import write_set_split
 from quantlab.eval import metrics
 from quantlab.eval.readers import EvalItem
 from quantlab.eval.runner import (
@@ -61,7 +62,7 @@ def test_shapes_in_memory_structure_and_determinism(toy, tmp_path):
 
 
 def test_missing_and_corrupt_images_are_failed_items(toy, tmp_path):
-    split = write_split(tmp_path / "shapes-vqa", "test", 6)
+    split = write_set_split(tmp_path / "shapes-vqa", "shapes-vqa", "test", 6)
     (split / "images" / "test-000001.png").unlink()
     (split / "images" / "test-000004.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
     r = evaluate(toy, ["shapes-vqa"], data_dir=tmp_path, limit=None, batch_size=4, max_new_tokens=2).tasks["shapes-vqa"]
@@ -73,7 +74,7 @@ def test_missing_and_corrupt_images_are_failed_items(toy, tmp_path):
 
 
 def test_all_images_missing_gives_no_score(toy, tmp_path):
-    split = write_split(tmp_path / "shapes-vqa", "test", 2)
+    split = write_set_split(tmp_path / "shapes-vqa", "shapes-vqa", "test", 2)
     for p in (split / "images").iterdir():
         p.unlink()
     r = evaluate(toy, ["shapes-vqa"], data_dir=tmp_path, limit=None, max_new_tokens=2).tasks["shapes-vqa"]
@@ -89,7 +90,7 @@ def test_text_only_items_run_in_their_own_batches(toy):
 
 
 def test_malformed_annotations_raise_with_file_and_line(toy, tmp_path):
-    split = write_split(tmp_path / "shapes-vqa", "test", 3)
+    split = write_set_split(tmp_path / "shapes-vqa", "shapes-vqa", "test", 3)
     lines = (split / "questions.jsonl").read_text().splitlines()
     lines[1] = lines[1][:-5]  # truncated JSON on line 2
     (split / "questions.jsonl").write_text("\n".join(lines) + "\n")
@@ -111,7 +112,7 @@ def test_task_and_data_errors(tmp_path):
 
 
 def test_limit_is_a_seeded_subset(tmp_path):
-    write_split(tmp_path / "shapes-vqa", "test", 12)
+    write_set_split(tmp_path / "shapes-vqa", "shapes-vqa", "test", 12)
     a, _ = load_items("shapes-vqa", tmp_path, limit=5, seed=0)
     b, _ = load_items("shapes-vqa", tmp_path, limit=5, seed=0)
     c, _ = load_items("shapes-vqa", tmp_path, limit=5, seed=1)
@@ -160,7 +161,7 @@ def test_lm_eval_shapes_vqa_on_toy_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
     processor.save_pretrained(ckpt)
-    split = write_split(tmp_path / "data", "test", 5)
+    split = write_set_split(tmp_path / "data", "shapes-vqa", "test", 5)
     tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={"split_dir": str(split)})
     out = lm_eval.simple_evaluate(model="hf-multimodal", model_args=f"pretrained={ckpt},dtype=float32",
                                   tasks=["shapes_vqa"], task_manager=tm, apply_chat_template=True, batch_size=5,
@@ -184,7 +185,7 @@ def test_lm_eval_reproduces_quantlab_accuracy_on_trained_toy(tmp_path):
     ckpt = ASSETS / "toy-llava"
     if not (ckpt / "model.safetensors").is_file():
         pytest.skip("toy-llava is not built (make toys)")
-    split = write_split(tmp_path / "data" / "shapes-vqa", "test", 40)
+    split = write_set_split(tmp_path / "data" / "shapes-vqa", "shapes-vqa", "test", 40)
     ours = evaluate(load_model("toy-llava"), ["shapes-vqa"], data_dir=tmp_path / "data", limit=None)
     r = ours.tasks["shapes-vqa"]
     assert r.n == 40 and r.source == str(tmp_path / "data")
@@ -208,3 +209,28 @@ def test_item_scores_of_answered_items():
     old = json.loads(r.model_dump_json())
     del old["item_scores"]  # results written before the field existed still load
     assert TaskResult.model_validate(old).item_scores == {}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                    reason="lm_eval is not installed (pip install 'quantlab[eval]')")
+def test_lm_eval_shapes_vqa_hard_reports_every_type_and_anls(tmp_path):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from quantlab.data import shapes_hard
+
+    model, processor = build_toy("toy-llava-hard")
+    ckpt = tmp_path / "ckpt"
+    model.save_pretrained(ckpt)
+    processor.save_pretrained(ckpt)
+    split = write_set_split(tmp_path / "data", "shapes-vqa-hard", "test", 6)  # one item of each type
+    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={"split_dir": str(split)})
+    out = lm_eval.simple_evaluate(model="hf-multimodal", model_args=f"pretrained={ckpt},dtype=float32",
+                                  tasks=["shapes_vqa_hard"], task_manager=tm, apply_chat_template=True,
+                                  batch_size=6, device="cpu", log_samples=True)
+    res = out["results"]["shapes_vqa_hard"]
+    assert {f"exact_match_{t},none" for t in shapes_hard.QUESTION_TYPES} | {"anls_text,none"} <= set(res)
+    assert out["n-samples"]["shapes_vqa_hard"]["effective"] == 6
+    docs = {s["doc"]["question_id"]: s for s in out["samples"]["shapes_vqa_hard"]}
+    text = next(s for s in docs.values() if s["doc"]["question_type"] == "text")
+    assert text["anls_text"] == metrics.anls(text["filtered_resps"][0].strip(), text["doc"]["answers"])

@@ -1,4 +1,5 @@
-"""lm-evaluation-harness (0.4.x) hooks for ``shapes_vqa.yaml``: a local shapes-VQA split as a multimodal task.
+"""lm-evaluation-harness (0.4.x) hooks for ``shapes_vqa.yaml`` and ``shapes_vqa_hard.yaml``: a local
+shapes-VQA (or shapes-VQA-hard) split as a multimodal task.
 
 The prompt and the metric are quantlab's own (:data:`quantlab.eval.tasks.TASKS` ``["shapes-vqa"]``: the raw
 question, exact match with case and punctuation ignored), so ``lm_eval`` and ``quantlab eval`` score the
@@ -15,11 +16,12 @@ from typing import Any
 
 from PIL import Image
 
-from quantlab.data.shapes import QUESTION_TYPES, write_split
-from quantlab.eval.metrics import exact_match
+from quantlab.data.synthetic import SETS, write_set_split
+from quantlab.eval.metrics import anls, exact_match
 from quantlab.eval.readers import read_shapes_vqa
 
 ENV_VAR = "QUANTLAB_SHAPES_VQA_DIR"
+HARD_ENV_VAR = "QUANTLAB_SHAPES_VQA_HARD_DIR"
 DEFAULT_N = 200
 
 
@@ -30,15 +32,25 @@ def split_records(split_dir: str | Path) -> list[dict[str, Any]]:
             for it in read_shapes_vqa(split_dir)]
 
 
+def _load(set_name: str, env_var: str, split_dir: str | None, n: int):
+    import datasets
+
+    split_dir = split_dir or os.environ.get(env_var)
+    if not split_dir:
+        split_dir = write_set_split(tempfile.mkdtemp(prefix=f"{set_name}-"), set_name, "test", int(n))
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(split_records(split_dir))})
+
+
 def load_split(split_dir: str | None = None, n: int = DEFAULT_N, **_metadata: Any):
     """``custom_dataset`` hook: ``{"test": Dataset}`` from ``split_dir``, ``$QUANTLAB_SHAPES_VQA_DIR``, or
     ``n`` freshly generated test items. lm-eval passes the task metadata (``version``, ...) as keywords."""
-    import datasets
+    return _load("shapes-vqa", ENV_VAR, split_dir, n)
 
-    split_dir = split_dir or os.environ.get(ENV_VAR)
-    if not split_dir:
-        split_dir = write_split(tempfile.mkdtemp(prefix="shapes-vqa-"), "test", int(n))
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(split_records(split_dir))})
+
+def load_hard_split(split_dir: str | None = None, n: int = DEFAULT_N, **_metadata: Any):
+    """``custom_dataset`` hook of ``shapes_vqa_hard``: as :func:`load_split`, from
+    ``$QUANTLAB_SHAPES_VQA_HARD_DIR`` or generated shapes-VQA-hard test items."""
+    return _load("shapes-vqa-hard", HARD_ENV_VAR, split_dir, n)
 
 
 def doc_to_image(doc: dict[str, Any]) -> list[Image.Image]:
@@ -56,6 +68,19 @@ def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]
     """Exact match overall and under ``exact_match_<question_type>`` (only for the document's own type)."""
     score = exact_match(results[0].strip(), doc["answers"])
     out = {"exact_match": score}
-    if doc["question_type"] in QUESTION_TYPES:
+    if doc["question_type"] in SETS.get("shapes-vqa").question_types:
         out[f"exact_match_{doc['question_type']}"] = score
+    return out
+
+
+def process_hard_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """As :func:`process_results` over shapes-VQA-hard's types; text questions add ``anls_text``."""
+    member = SETS.get("shapes-vqa-hard")
+    prediction = results[0].strip()
+    score = exact_match(prediction, doc["answers"])
+    out = {"exact_match": score}
+    if doc["question_type"] in member.question_types:
+        out[f"exact_match_{doc['question_type']}"] = score
+    if doc["question_type"] in member.text_types:
+        out["anls_text"] = anls(prediction, doc["answers"])
     return out
