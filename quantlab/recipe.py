@@ -83,9 +83,9 @@ class ExportSpec(_Strict):
 class EvalSpec(_Strict):
     """What the eval stage measures, on the base and the quantized model alike."""
 
-    tasks: list[str] = Field(default_factory=lambda: ["shapes-vqa"], description="shapes-vqa, vqav2, textvqa, "
+    tasks: list[str] = Field(default_factory=lambda: ["shapes-vqa"], description="shapes-vqa, shapes-vqa-hard, vqav2, textvqa, "
                              "gqa, pope, mme, scienceqa")
-    data_dir: str | None = Field(default=None, description="root of the benchmark folders (not needed for shapes-vqa)")
+    data_dir: str | None = Field(default=None, description="root of the benchmark folders (not needed for shapes-vqa and shapes-vqa-hard)")
     limit: int = Field(default=500, description="seeded subset of this many items per task")
     batch_size: int = Field(default=32, description="generation batch size")
     engine: str = Field(default="transformers", description="generation engine: transformers (in-process) or "

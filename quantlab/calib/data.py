@@ -45,7 +45,7 @@ class CalibSource(BaseModel):
 
     kind: str = Field(description="shapes | shapes-hard (built-in generators) | jsonl | folder (images) | text (one sample per "
                                   "line) | hf (a `datasets` dataset)")
-    path: str | None = Field(default=None, description="file, folder or dataset name (every kind but shapes)")
+    path: str | None = Field(default=None, description="file, folder or dataset name (every kind but shapes and shapes-hard)")
     prompt: str = Field(default="Describe the image.", description="prompt for images that come without one")
     image_column: str = Field(default="image", description="jsonl / hf: the image field")
     text_column: str = Field(default="text", description="jsonl / hf: the text field")
