@@ -39,8 +39,6 @@ from pydantic import BaseModel, ConfigDict
 
 from quantlab.core.files import write_file_atomic
 from quantlab.core.progress import block_progress
-from quantlab.data.synthetic import SETS
-from quantlab.eval import metrics
 from quantlab.eval.engines import ChildEngine
 from quantlab.eval.generate import generate_answers
 from quantlab.eval.readers import (
@@ -233,45 +231,6 @@ def predict(model: LoadedModel | ChildEngine, task: Task, items: Sequence[EvalIt
     return preds, [failed[i] for i in sorted(failed)]
 
 
-def _pope_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = dict(metrics.pope_metrics(preds, [it.answers[0] for it in items]))
-    by_cat: dict[str, list[int]] = defaultdict(list)
-    for k, it in enumerate(items):
-        if it.question_type:
-            by_cat[it.question_type].append(k)
-    out["by_category"] = {c: metrics.pope_metrics([preds[k] for k in ks], [items[k].answers[0] for k in ks])
-                          for c, ks in sorted(by_cat.items())}
-    return out
-
-
-def _mme_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[str, Any]:
-    return metrics.mme_score({"subtask": it.extra["subtask"], "image_id": it.extra["image_id"], "prediction": p,
-                              "answer": it.answers[0]} for it, p in zip(items, preds))
-
-
-def _shapes_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[str, Any]:
-    exist = [(it.answers[0], p) for it, p in zip(items, preds) if it.question_type == "exist"]
-    return {"exist": metrics.pope_metrics([p for _, p in exist], [a for a, _ in exist])} if exist else {}
-
-
-def _shapes_hard_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[str, Any]:
-    """POPE metrics of ``exist`` and, for read text, ANLS beside exact match (DocVQA's official metric)."""
-    out = _shapes_aggregate(items, preds)
-    text = [(it, p) for it, p in zip(items, preds) if it.question_type in SETS.get("shapes-vqa-hard").text_types]
-    if text:
-        out["text"] = {"n": len(text), "exact_match": sum(metrics.exact_match(p, it.answers) for it, p in text) / len(text),
-                       "anls": sum(metrics.anls(p, it.answers) for it, p in text) / len(text)}
-    return out
-
-
-AGGREGATES: dict[str, Callable[[Sequence[EvalItem], Sequence[str]], dict[str, Any]]] = {
-    "pope": _pope_aggregate,
-    "mme": _mme_aggregate,
-    "shapes-vqa": _shapes_aggregate,
-    "shapes-vqa-hard": _shapes_hard_aggregate,
-}
-
-
 def summarize(task: Task, items: Sequence[EvalItem], preds: Sequence[str | None], failed: list[FailedItem],
               *, source: str, seconds: float = 0.0, n_examples: int = N_EXAMPLES) -> TaskResult:
     """Score answered items and build the :class:`TaskResult` (pure: no model involved)."""
@@ -282,7 +241,7 @@ def summarize(task: Task, items: Sequence[EvalItem], preds: Sequence[str | None]
     for (it, _), s in zip(done, scores):
         if it.question_type is not None:
             by_type[it.question_type].append(s)
-    aggregate = AGGREGATES.get(task.name)
+    aggregate = task.aggregate
     aggregates = aggregate([it for it, _ in done], [p for _, p in done]) if aggregate and done else {}
     examples = [Example(id=it.id, question_type=it.question_type, question=it.question, answers=list(it.answers),
                         prediction=p, score=s) for (it, p), s in list(zip(done, scores))[:n_examples]]

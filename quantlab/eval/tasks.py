@@ -15,9 +15,11 @@
 from __future__ import annotations
 
 import random
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from quantlab.core.registry import Member, Registry
 from quantlab.data.synthetic import SETS
@@ -56,12 +58,47 @@ def shapes_items(n: int, split: str = "test", set_name: str = "shapes-vqa") -> l
 
 
 
+def _pope_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = dict(metrics.pope_metrics(preds, [it.answers[0] for it in items]))
+    by_cat: dict[str, list[int]] = defaultdict(list)
+    for k, it in enumerate(items):
+        if it.question_type:
+            by_cat[it.question_type].append(k)
+    out["by_category"] = {c: metrics.pope_metrics([preds[k] for k in ks], [items[k].answers[0] for k in ks])
+                          for c, ks in sorted(by_cat.items())}
+    return out
+
+
+def _mme_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[str, Any]:
+    return metrics.mme_score({"subtask": it.extra["subtask"], "image_id": it.extra["image_id"], "prediction": p,
+                              "answer": it.answers[0]} for it, p in zip(items, preds))
+
+
+def _shapes_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[str, Any]:
+    exist = [(it.answers[0], p) for it, p in zip(items, preds) if it.question_type == "exist"]
+    return {"exist": metrics.pope_metrics([p for _, p in exist], [a for a, _ in exist])} if exist else {}
+
+
+def _shapes_hard_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[str, Any]:
+    """POPE metrics of ``exist`` and, for read text, ANLS beside exact match (DocVQA's official metric)."""
+    out = _shapes_aggregate(items, preds)
+    text = [(it, p) for it, p in zip(items, preds) if it.question_type in SETS.get("shapes-vqa-hard").text_types]
+    if text:
+        out["text"] = {"n": len(text),
+                       "exact_match": sum(metrics.exact_match(p, it.answers) for it, p in text) / len(text),
+                       "anls": sum(metrics.anls(p, it.answers) for it, p in text) / len(text)}
+    return out
+
+
 class Task(Member):
     """A benchmark: where its files lie, how to prompt for each item, how to score an answer.
 
     ``load(data_dir)`` reads the task's files, which lie in ``data_dir / files`` (the layouts are listed
     in :mod:`quantlab.eval.runner`). ``generate(n)``: the task's items made in memory when those files are
     absent (shapes-VQA); None for benchmarks that only come as files.
+
+    ``aggregate(items, predictions)``: task-level metrics beside the mean item score (POPE's F1, MME's
+    totals, ...), or None.
 
     ``prompt_template`` may use ``{question}``, ``{options}`` (``"A. ...\\nB. ..."``) and ``{context}``
     (``"Context: <hint>\\n"`` when the item has a hint, else empty). ``metric`` is a key of
@@ -74,6 +111,7 @@ class Task(Member):
     metric: str
     answer_kind: str
     generate: Callable[[int], list[EvalItem]] | None = None
+    aggregate: Callable[[Sequence[EvalItem], Sequence[str]], dict[str, Any]] | None = None
 
 
 def _require_answers(item: EvalItem) -> tuple[str, ...]:
@@ -101,10 +139,11 @@ SCORERS: dict[str, Callable[[str, EvalItem], float]] = {
 TASKS: Registry[Task] = Registry("task")
 for _task in (
     Task(name="shapes-vqa", load=lambda d: read_shapes_vqa(d / "shapes-vqa" / "test"), files="shapes-vqa/test",
-         prompt_template="{question}", metric="exact_match", answer_kind="short", generate=shapes_items),
+         prompt_template="{question}", metric="exact_match", answer_kind="short", generate=shapes_items,
+         aggregate=_shapes_aggregate),
     Task(name="shapes-vqa-hard", load=lambda d: read_shapes_vqa(d / "shapes-vqa-hard" / "test"),
          files="shapes-vqa-hard/test", prompt_template="{question}", metric="exact_match", answer_kind="short",
-         generate=lambda n: shapes_items(n, set_name="shapes-vqa-hard")),
+         generate=lambda n: shapes_items(n, set_name="shapes-vqa-hard"), aggregate=_shapes_hard_aggregate),
     Task(name="vqav2", files="vqav2", load=lambda d: read_vqav2(d / "vqav2/questions.json", d / "vqav2/annotations.json",
                                                  d / "vqav2/images"),
          prompt_template=SHORT_ANSWER_PROMPT, metric="vqa_accuracy", answer_kind="short"),
@@ -113,9 +152,9 @@ for _task in (
     Task(name="gqa", files="gqa", load=lambda d: read_gqa(d / "gqa/questions.json", d / "gqa/images"),
          prompt_template=SHORT_ANSWER_PROMPT, metric="exact_match", answer_kind="short"),
     Task(name="pope", files="pope", load=lambda d: _pope_items(d / "pope"), prompt_template=YES_NO_PROMPT, metric="pope",
-         answer_kind="yes_no"),
+         answer_kind="yes_no", aggregate=_pope_aggregate),
     Task(name="mme", files="mme", load=lambda d: read_mme(d / "mme"), prompt_template=SHORT_ANSWER_PROMPT, metric="mme",
-         answer_kind="yes_no"),
+         answer_kind="yes_no", aggregate=_mme_aggregate),
     Task(name="scienceqa", files="scienceqa", load=lambda d: read_scienceqa(d / "scienceqa/problems.json", d / "scienceqa/images",
                                                          "test"),
          prompt_template=MULTIPLE_CHOICE_PROMPT, metric="multiple_choice", answer_kind="multiple_choice"),
