@@ -14,13 +14,21 @@ import json
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quantlab.data.synthetic import SETS
 from quantlab.models.adapter import ADAPTERS
-from quantlab.toys import train as T
+from quantlab.toys.aux_losses import (
+    WordAlignedHead,
+    cell_loss,
+    cell_terms,
+    encode_images,
+    vision_params,
+)
+from quantlab.toys.batches import Batchable, collate, prepare
 from quantlab.toys.build import TOYS, build_toy
+
+PROBED = ("color", "shape", "chars")  # the cell terms trained and reported (row/column are not)
 
 
 def main() -> None:
@@ -35,35 +43,29 @@ def main() -> None:
     torch.manual_seed(0)
     model, proc = build_toy(a.model)
     member = SETS.get(TOYS[a.model].size.dataset)
-    data = T.prepare(proc, member, "train", 8000, bins=member.grid)
-    held = T.prepare(proc, member, "calibration", 256, bins=member.grid)
+    data = prepare(proc, member, "train", 8000, bins=member.grid)
+    held = prepare(proc, member, "calibration", 256, bins=member.grid)
     adapter = ADAPTERS[TOYS[a.model].model_type]
     image_token, pad = adapter.image_token_id(model.config), proc.tokenizer.pad_token_id
     width = model.config.text_config.hidden_size
     captured: dict[str, torch.Tensor] = {}
     adapter.get(model, adapter.projector).register_forward_hook(lambda m, i, o: captured.__setitem__("f", o))
-    n_chars = 1 + len(member.alphabet)
-    chars_head = nn.Linear(width, 2 * n_chars)
-    words = T.WordAlignedHead(model, proc.tokenizer, width, member)
-    params = [p for n, p in model.named_parameters() if not n.startswith(("model.language_model", "lm_head"))]
-    params += list(chars_head.parameters()) + [words.empty, words.scale, model.get_input_embeddings().weight]
+    heads = nn.ModuleDict({"row": nn.Linear(width, member.grid), "col": nn.Linear(width, member.grid),
+                           "chars": nn.Linear(width, 2 * (1 + len(member.alphabet)))})
+    words = WordAlignedHead(model, proc.tokenizer, width, member)
+    params = vision_params(model, heads, words)
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(0)
 
-    def logits_and_targets(d: T.Batchable, idx: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        batch = T.collate(d, idx, pad, image_token)
-        model.get_image_features(**{k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch})
-        feats = captured["f"].reshape(len(idx), -1, width)
-        color, shape = words(feats)
-        chars = chars_head(feats).reshape(len(idx), -1, 2, n_chars)
-        return {"color": (color, d.cell_color[idx]), "shape": (shape, d.cell_shape[idx]),
-                "chars": (chars, d.cell_chars[idx])}
+    def probed_terms(d: Batchable, idx: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        encode_images(model, collate(d, idx, pad, image_token))
+        terms = cell_terms(captured["f"].reshape(len(idx), -1, width), d, idx, words, heads)
+        return {k: terms[k] for k in PROBED}
 
     t0 = time.time()
     for step in range(a.steps):
         idx = torch.randint(0, len(data.ids), (a.batch_size,), generator=gen)
-        loss = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.flatten())
-                   for lg, y in logits_and_targets(data, idx).values())
+        loss = cell_loss(probed_terms(data, idx))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -71,10 +73,9 @@ def main() -> None:
         if (step + 1) % 100 == 0:
             with torch.no_grad():
                 acc = {k: round(float((lg.argmax(-1)[y > 0] == y[y > 0]).float().mean()), 3)
-                       for k, (lg, y) in logits_and_targets(held, torch.arange(256)).items()}
+                       for k, (lg, y) in probed_terms(held, torch.arange(256)).items()}
             print(json.dumps({"step": step + 1, "loss": round(loss.item(), 3), "accuracy_on_occupied_cells": acc,
                               "seconds": round(time.time() - t0)}), flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -16,235 +16,25 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from quantlab.data.synthetic import SETS, SyntheticSet
+from quantlab.data.synthetic import SETS
 from quantlab.models.adapter import ADAPTERS
-from quantlab.models.inputs import answer_suffix, prompt_text
+from quantlab.toys.aux_losses import (
+    ATTN_LAYER,
+    WordAlignedHead,
+    binding_loss,
+    cell_loss,
+    cell_terms,
+    encode_images,
+    lookup_attention_loss,
+    vision_params,
+)
+from quantlab.toys.batches import collate, first_token_accuracy, prepare
 from quantlab.toys.build import TOYS, build_toy
-
-
-ATTN_LAYER = 1  # the decoder layer whose head 0 the lookup-attention loss supervises
-
-
-def color_ids(member: SyntheticSet) -> dict[str, int]:
-    return {c: i + 1 for i, c in enumerate(member.colors)}  # 0 = empty cell
-
-
-def shape_ids(member: SyntheticSet) -> dict[str, int]:
-    return {s: i + 1 for i, s in enumerate(member.shapes)}
-
-
-@dataclass
-class Batchable:
-    """Pre-tokenised training set: prompt+answer ids, loss masks, pixels and cell targets."""
-
-    ids: list[torch.Tensor]
-    answer_start: list[int]
-    pixel_values: torch.Tensor  # LLaVA: (N, 3, H, W); Qwen: (N, patches, dim)
-    extra: dict[str, torch.Tensor]  # per-sample tensors such as image_grid_thw
-    cell_color: torch.Tensor  # (N, cells)
-    cell_shape: torch.Tensor
-    qtypes: list[str]
-    n_objects: torch.Tensor  # (N,) objects in each scene (for the curriculum)
-    word_targets: list[torch.Tensor]  # per sample (k, 4): position, other attribute, row bin, col bin
-    cell_chars: torch.Tensor  # (N, cells, 2): label characters in each cell (0 = none), for sets with labels
-
-
-def word_ids(tokenizer, member: SyntheticSet) -> dict[int, tuple[str, str]]:
-    """Token id of " red", " circle", ... -> ("color" | "shape", word)."""
-    first = lambda w: tokenizer(" " + w, add_special_tokens=False)["input_ids"][0]  # noqa: E731
-    return {**{first(c): ("color", c) for c in member.colors}, **{first(k): ("shape", k) for k in member.shapes}}
-
-
-def binding_targets(sample, ids: torch.Tensor, answer_start: int, words: dict[int, tuple[str, str]],
-                    member: SyntheticSet, bins: int) -> torch.Tensor:
-    """For each colour/shape word of the question: the named object's other attribute and board position.
-
-    Class 0 means "no such object" (or, for a shape named twice on a board, "not one object"). Other
-    attribute: colours 1..C, shapes C+1..C+S. Position: row and column in ``bins`` bins, 1..bins (2 bins:
-    top/bottom, left/right).
-    """
-    cids, sids = color_ids(member), shape_ids(member)
-    rows = []
-    for pos in range(answer_start):
-        kind, word = words.get(int(ids[pos]), (None, None))
-        if kind is None:
-            continue
-        named = [o for o in sample.objects if getattr(o, kind) == word]
-        if len(named) != 1:
-            rows.append((pos, 0, 0, 0))
-            continue
-        obj = named[0]
-        other = sids[obj.shape] + len(cids) if kind == "color" else cids[obj.color]
-        rows.append((pos, other, 1 + obj.row * bins // sample.grid, 1 + obj.col * bins // sample.grid))
-    return torch.tensor(rows, dtype=torch.long).reshape(-1, 4)
-
-
-def label_chars(sample, member: SyntheticSet) -> torch.Tensor:
-    """(cells, 2): the label characters each cell holds (1-based alphabet index; 0 = none)."""
-    out = torch.zeros(sample.grid * sample.grid, 2, dtype=torch.long)
-    label = getattr(sample, "label", None)
-    if label is not None:
-        for k, ch in enumerate(label.text):
-            out[label.row * sample.grid + label.col + k // 2, k % 2] = 1 + member.alphabet.index(ch)
-    return out
-
-
-def prepare(processor, member: SyntheticSet, split: str, n: int, *, bins: int = 2, chunk: int = 512) -> Batchable:
-    """Tokenise ``n`` samples of ``split`` with the real processor (in chunks, for speed)."""
-    ids, starts, pixels, grids, colors, shp, bind, chars = [], [], [], [], [], [], [], []
-    words = word_ids(processor.tokenizer, member)
-    cids, sids = color_ids(member), shape_ids(member)
-    samples = list(member.samples(split, n))
-    for lo in range(0, n, chunk):
-        part = samples[lo:lo + chunk]
-        texts = [prompt_text(processor, s.question, True) + answer_suffix(processor, s.question, True, s.answer)
-                 for s in part]
-        heads = [prompt_text(processor, s.question, True) for s in part]
-        enc = processor(images=[s.render() for s in part], text=texts, return_tensors="pt", padding=True)
-        head_enc = processor(images=[s.render() for s in part], text=heads, return_tensors="pt", padding=True)
-        for i in range(len(part)):
-            full = enc["input_ids"][i][enc["attention_mask"][i].bool()]
-            head_len = int(head_enc["attention_mask"][i].sum())
-            ids.append(full)
-            starts.append(head_len)
-            bind.append(binding_targets(part[i], full, head_len, words, member, bins))
-        pv = enc["pixel_values"]
-        if "image_grid_thw" in enc:
-            per = int(enc["image_grid_thw"][0].prod())
-            pixels.append(pv.reshape(len(part), per, -1))
-            grids.append(enc["image_grid_thw"])
-        else:
-            pixels.append(pv)
-        for s in part:
-            c = torch.zeros(s.grid * s.grid, dtype=torch.long)
-            k = torch.zeros_like(c)
-            for o in s.objects:
-                c[o.row * s.grid + o.col] = cids[o.color]
-                k[o.row * s.grid + o.col] = sids[o.shape]
-            colors.append(c)
-            shp.append(k)
-            chars.append(label_chars(s, member))
-    extra = {"image_grid_thw": torch.cat(grids)} if grids else {}
-    return Batchable(ids, starts, torch.cat(pixels), extra, torch.stack(colors), torch.stack(shp),
-                     [s.question_type for s in samples], torch.tensor([len(s.objects) for s in samples]), bind,
-                     torch.stack(chars))
-
-
-def lookup_attention_loss(attn: torch.Tensor, data: Batchable, idx: torch.Tensor, image_token_id: int,
-                          input_ids: torch.Tensor, grid: int) -> torch.Tensor:
-    """-log of one head's attention from each colour/shape word of the question to its object's image token.
-
-    ``attn``: one layer's attention probabilities ``(batch, heads, seq, seq)``; head 0 is supervised. The
-    binding targets' position bins must be the board's rows and columns (``bins == grid``). This teaches
-    the lookup the binding loss asks for directly, instead of leaving it to be found by the gradient of
-    a loss several layers up.
-    """
-    rows, pos, key = [], [], []
-    for r, i in enumerate(idx.tolist()):
-        t = data.word_targets[i]
-        t = t[t[:, 1] > 0]
-        if not len(t):
-            continue
-        start = int((input_ids[r] == image_token_id).nonzero()[0])
-        rows += [r] * len(t)
-        pos.append(t[:, 0])
-        key.append(start + (t[:, 2] - 1) * grid + (t[:, 3] - 1))
-    if not rows:
-        return attn.sum() * 0
-    p = attn[torch.tensor(rows), 0, torch.cat(pos), torch.cat(key)]
-    return -torch.log(p + 1e-6).mean()
-
-
-def binding_loss(hidden: torch.Tensor, data: Batchable, idx: torch.Tensor, heads: nn.ModuleDict) -> torch.Tensor:
-    """Cross-entropy of the binding targets read from the decoder's middle layer at the question words.
-
-    The question word "circle" must find the circle among the image tokens and carry its colour and
-    position; supervising that directly is what lets a tiny decoder trained from scratch learn the
-    lookup in minutes rather than after a long plateau.
-    """
-    rows, pos, tgt = [], [], []
-    for r, i in enumerate(idx.tolist()):
-        t = data.word_targets[i]
-        rows += [r] * len(t)
-        pos.append(t[:, 0])
-        tgt.append(t[:, 1:])
-    if not rows:
-        return hidden.sum() * 0
-    h = hidden[torch.tensor(rows), torch.cat(pos)]
-    tgt = torch.cat(tgt)
-    return (F.cross_entropy(heads["bind_other"](h), tgt[:, 0]) + F.cross_entropy(heads["bind_row"](h), tgt[:, 1])
-            + F.cross_entropy(heads["bind_col"](h), tgt[:, 2]))
-
-
-class WordAlignedHead(nn.Module):
-    """Classifies each image token's colour and shape against the decoder's own word embeddings.
-
-    Scoring a cell against the input-embedding rows of " red", " circle", ... pulls image tokens towards
-    the embeddings of the words that describe them, so a question word can find its object by plain
-    query-key similarity. This shortens the long plateau before the decoder learns that binding.
-    """
-
-    def __init__(self, model: nn.Module, tokenizer, width: int, member: SyntheticSet):
-        super().__init__()
-        self.embed = model.get_input_embeddings()
-        first = lambda w: tokenizer(" " + w, add_special_tokens=False)["input_ids"][0]  # noqa: E731
-        self.register_buffer("color_ids", torch.tensor([first(c) for c in member.colors]), persistent=False)
-        self.register_buffer("shape_ids", torch.tensor([first(s) for s in member.shapes]), persistent=False)
-        self.empty = nn.Parameter(torch.zeros(2, width))  # "no object here", for colour and for shape
-        self.scale = nn.Parameter(torch.tensor(10.0))
-
-    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        colors = torch.cat([self.empty[:1], self.embed(self.color_ids)])
-        shapes_ = torch.cat([self.empty[1:], self.embed(self.shape_ids)])
-        return self.scale * feats @ colors.T, self.scale * feats @ shapes_.T
-
-
-def collate(data: Batchable, idx: torch.Tensor, pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch with labels on the answer tokens only."""
-    seqs = [data.ids[i] for i in idx.tolist()]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full_like(input_ids, -100)
-    mask = torch.zeros_like(input_ids)
-    for row, (i, s) in enumerate(zip(idx.tolist(), seqs)):
-        input_ids[row, : len(s)] = s
-        mask[row, : len(s)] = 1
-        labels[row, data.answer_start[i]: len(s)] = s[data.answer_start[i]:]
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-    pv = data.pixel_values[idx]
-    if "image_grid_thw" in data.extra:
-        batch["pixel_values"] = pv.reshape(-1, pv.shape[-1])
-        batch["image_grid_thw"] = data.extra["image_grid_thw"][idx]
-        batch["mm_token_type_ids"] = (input_ids == image_token_id).long()
-    else:
-        batch["pixel_values"] = pv
-    return batch
-
-
-@torch.no_grad()
-def first_token_accuracy(model, data: Batchable, pad_id: int, image_token_id: int, bs: int = 256) -> dict[str, float]:
-    """Share of samples whose first answer token is the greedy argmax (a cheap proxy for exact match)."""
-    model.eval()
-    correct: list[bool] = []
-    for lo in range(0, len(data.ids), bs):
-        idx = torch.arange(lo, min(lo + bs, len(data.ids)))
-        batch = collate(data, idx, pad_id, image_token_id)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits
-        for row, i in enumerate(idx.tolist()):
-            p = data.answer_start[i]
-            correct.append(bool(logits[row, p - 1].argmax() == labels[row, p]))
-    model.train()
-    per_type = {t: round(sum(c for c, q in zip(correct, data.qtypes) if q == t) / max(1, data.qtypes.count(t)), 3)
-                for t in sorted(set(data.qtypes))}
-    return {"first_token_acc": round(sum(correct) / len(correct), 4), "per_type": per_type}
 
 
 def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_train: int, seed: int,
@@ -277,10 +67,6 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
         heads["chars"] = nn.Linear(width, 2 * (1 + len(member.alphabet)))
     bind_layer = model.config.text_config.num_hidden_layers // 2
     word_aux = WordAlignedHead(model, processor.tokenizer, width, member)
-    # Cell c of every image sits at (c // grid, c % grid): supervising it keeps position in the image tokens,
-    # which rotary-position decoders cannot recover from token content otherwise.
-    cell_row = torch.arange(grid * grid) // grid
-    cell_col = torch.arange(grid * grid) % grid
     captured: dict[str, torch.Tensor] = {}
     projector = adapter.get(model, adapter.projector)
     hook = projector.register_forward_hook(lambda m, i, o: captured.__setitem__("features", o))
@@ -292,31 +78,17 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     model.train()
     log = []
-    def cell_aux(feats: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        n = len(idx)
-        color_logits, shape_logits = word_aux(feats)
-        aux = (F.cross_entropy(color_logits.flatten(0, 1), data.cell_color[idx].flatten())
-               + F.cross_entropy(shape_logits.flatten(0, 1), data.cell_shape[idx].flatten())
-               + F.cross_entropy(heads["row"](feats).flatten(0, 1), cell_row.repeat(n))
-               + F.cross_entropy(heads["col"](feats).flatten(0, 1), cell_col.repeat(n)))
-        if member.alphabet:
-            aux = aux + F.cross_entropy(heads["chars"](feats).reshape(-1, 1 + len(member.alphabet)),
-                                        data.cell_chars[idx].flatten())
-        return aux
-
     gen = torch.Generator().manual_seed(seed)
     if vision_warmup:
         # Stage 1: the vision tower and projector alone learn each cell's content (no decoder pass: a few
         # times cheaper per sample), so the decoder starts from image tokens that already say what is where.
-        vparams = [p for n, p in model.named_parameters() if not n.startswith(("model.language_model", "lm_head"))]
-        vparams += [p for n, p in heads.named_parameters() if not n.startswith("bind")]
-        vparams += [word_aux.empty, word_aux.scale, model.get_input_embeddings().weight]
+        vparams = vision_params(model, heads, word_aux)
         vopt = torch.optim.AdamW(vparams, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
         for vstep in range(vision_warmup):
             idx = torch.randint(0, len(data.ids), (batch_size,), generator=gen)
             batch = collate(data, idx, pad_id, image_token_id)
-            model.get_image_features(**{k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch})
-            aux = cell_aux(captured["features"].reshape(batch_size, -1, width), idx)
+            encode_images(model, batch)
+            aux = cell_loss(cell_terms(captured["features"].reshape(batch_size, -1, width), data, idx, word_aux, heads))
             vopt.zero_grad(set_to_none=True)
             aux.backward()
             torch.nn.utils.clip_grad_norm_(vparams, 1.0)
@@ -337,7 +109,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
         idx = pool[torch.randint(0, len(pool), (batch_size,), generator=gen)]
         batch = collate(data, idx, pad_id, image_token_id)
         out_ = model(**batch, output_hidden_states=bind_weight > 0, output_attentions=attn_weight > 0)
-        aux = cell_aux(captured["features"].reshape(batch_size, -1, width), idx)
+        aux = cell_loss(cell_terms(captured["features"].reshape(batch_size, -1, width), data, idx, word_aux, heads))
         loss = out_.loss + aux_weight * aux
         if bind_weight > 0:
             loss = loss + bind_weight * binding_loss(out_.hidden_states[bind_layer], data, idx, heads)

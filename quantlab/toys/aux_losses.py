@@ -1,0 +1,127 @@
+"""The auxiliary losses that make the toys learnable in minutes on a CPU; their heads are dropped after
+training, so the saved model is a plain transformers checkpoint.
+
+- cell losses (:func:`cell_terms`, :func:`cell_loss`): each image token classified by its cell's colour,
+  shape, row, column and, on labelled boards, its two characters (colour and shape against the decoder's
+  own word embeddings, :class:`WordAlignedHead`);
+- the binding loss: the decoder's middle layer, at each colour/shape word of the question, classifies the
+  named object's other attribute and position;
+- the lookup-attention loss: one head's attention from such a word to its object's image token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantlab.data.synthetic import SyntheticSet
+from quantlab.toys.batches import Batchable, first_token
+
+ATTN_LAYER = 1  # the decoder layer whose head 0 the lookup-attention loss supervises
+
+
+def lookup_attention_loss(attn: torch.Tensor, data: Batchable, idx: torch.Tensor, image_token_id: int,
+                          input_ids: torch.Tensor, grid: int) -> torch.Tensor:
+    """-log of one head's attention from each colour/shape word of the question to its object's image token.
+
+    ``attn``: one layer's attention probabilities ``(batch, heads, seq, seq)``; head 0 is supervised. The
+    binding targets' position bins must be the board's rows and columns (``bins == grid``). This teaches
+    the lookup the binding loss asks for directly, instead of leaving it to be found by the gradient of
+    a loss several layers up.
+    """
+    rows, pos, key = [], [], []
+    for r, i in enumerate(idx.tolist()):
+        t = data.word_targets[i]
+        t = t[t[:, 1] > 0]
+        if not len(t):
+            continue
+        start = int((input_ids[r] == image_token_id).nonzero()[0])
+        rows += [r] * len(t)
+        pos.append(t[:, 0])
+        key.append(start + (t[:, 2] - 1) * grid + (t[:, 3] - 1))
+    if not rows:
+        return attn.sum() * 0
+    p = attn[torch.tensor(rows), 0, torch.cat(pos), torch.cat(key)]
+    return -torch.log(p + 1e-6).mean()
+
+
+def binding_loss(hidden: torch.Tensor, data: Batchable, idx: torch.Tensor, heads: nn.ModuleDict) -> torch.Tensor:
+    """Cross-entropy of the binding targets read from the decoder's middle layer at the question words.
+
+    The question word "circle" must find the circle among the image tokens and carry its colour and
+    position; supervising that directly is what lets a tiny decoder trained from scratch learn the
+    lookup in minutes rather than after a long plateau.
+    """
+    rows, pos, tgt = [], [], []
+    for r, i in enumerate(idx.tolist()):
+        t = data.word_targets[i]
+        rows += [r] * len(t)
+        pos.append(t[:, 0])
+        tgt.append(t[:, 1:])
+    if not rows:
+        return hidden.sum() * 0
+    h = hidden[torch.tensor(rows), torch.cat(pos)]
+    tgt = torch.cat(tgt)
+    return (F.cross_entropy(heads["bind_other"](h), tgt[:, 0]) + F.cross_entropy(heads["bind_row"](h), tgt[:, 1])
+            + F.cross_entropy(heads["bind_col"](h), tgt[:, 2]))
+
+
+class WordAlignedHead(nn.Module):
+    """Classifies each image token's colour and shape against the decoder's own word embeddings.
+
+    Scoring a cell against the input-embedding rows of " red", " circle", ... pulls image tokens towards
+    the embeddings of the words that describe them, so a question word can find its object by plain
+    query-key similarity. This shortens the long plateau before the decoder learns that binding.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, width: int, member: SyntheticSet):
+        super().__init__()
+        self.embed = model.get_input_embeddings()
+        self.register_buffer("color_ids", torch.tensor([first_token(tokenizer, c) for c in member.colors]),
+                             persistent=False)
+        self.register_buffer("shape_ids", torch.tensor([first_token(tokenizer, s) for s in member.shapes]),
+                             persistent=False)
+        self.empty = nn.Parameter(torch.zeros(2, width))  # "no object here", for colour and for shape
+        self.scale = nn.Parameter(torch.tensor(10.0))
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        colors = torch.cat([self.empty[:1], self.embed(self.color_ids)])
+        shapes_ = torch.cat([self.empty[1:], self.embed(self.shape_ids)])
+        return self.scale * feats @ colors.T, self.scale * feats @ shapes_.T
+
+
+def cell_terms(feats: torch.Tensor, data: Batchable, idx: torch.Tensor, word_aux: WordAlignedHead,
+               heads: nn.ModuleDict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, targets) of each per-cell loss for image-token features ``feats`` ``(batch, cells, width)``:
+    colour, shape, row, column and, when ``heads`` has a ``chars`` head, the two label characters."""
+    n, cells = feats.shape[:2]
+    grid = int(cells ** 0.5)
+    color_logits, shape_logits = word_aux(feats)
+    # Cell c of every image sits at (c // grid, c % grid): supervising it keeps position in the image tokens,
+    # which rotary-position decoders cannot recover from token content otherwise.
+    terms = {"color": (color_logits, data.cell_color[idx]), "shape": (shape_logits, data.cell_shape[idx]),
+             "row": (heads["row"](feats), (torch.arange(cells) // grid).repeat(n, 1)),
+             "col": (heads["col"](feats), (torch.arange(cells) % grid).repeat(n, 1))}
+    if "chars" in heads:
+        terms["chars"] = (heads["chars"](feats).reshape(n, cells, 2, -1), data.cell_chars[idx])
+    return terms
+
+
+def cell_loss(terms: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The sum of the terms' cross-entropies (each over every cell of the batch)."""
+    return sum(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.flatten())
+               for logits, target in terms.values())
+
+
+def vision_params(model: nn.Module, heads: nn.ModuleDict, word_aux: WordAlignedHead) -> list[nn.Parameter]:
+    """What a vision-only stage trains: the vision tower, the projector, the cell heads and the word
+    embeddings the image tokens are scored against (not the decoder, not the binding heads)."""
+    params = [p for n, p in model.named_parameters() if not n.startswith(("model.language_model", "lm_head"))]
+    params += [p for n, p in heads.named_parameters() if not n.startswith("bind")]
+    return params + [word_aux.empty, word_aux.scale, model.get_input_embeddings().weight]
+
+
+def encode_images(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    """Run only the vision tower and projector on a batch's images (a projector hook captures the output)."""
+    model.get_image_features(**{k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch})

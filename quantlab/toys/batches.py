@@ -1,0 +1,166 @@
+"""The toys' training data as tensors: pre-tokenised samples, per-cell targets, padded batches.
+
+Everything a synthetic set's sample says about its board (colour, shape and label characters per cell; for
+each colour/shape word of a question, the object it names) becomes a target of the auxiliary losses in
+:mod:`quantlab.toys.aux_losses`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantlab.data.synthetic import SyntheticSet
+from quantlab.models.inputs import answer_suffix, prompt_text
+
+
+def color_ids(member: SyntheticSet) -> dict[str, int]:
+    return {c: i + 1 for i, c in enumerate(member.colors)}  # 0 = empty cell
+
+
+def shape_ids(member: SyntheticSet) -> dict[str, int]:
+    return {s: i + 1 for i, s in enumerate(member.shapes)}
+
+
+@dataclass
+class Batchable:
+    """Pre-tokenised training set: prompt+answer ids, loss masks, pixels and cell targets."""
+
+    ids: list[torch.Tensor]
+    answer_start: list[int]
+    pixel_values: torch.Tensor  # LLaVA: (N, 3, H, W); Qwen: (N, patches, dim)
+    extra: dict[str, torch.Tensor]  # per-sample tensors such as image_grid_thw
+    cell_color: torch.Tensor  # (N, cells)
+    cell_shape: torch.Tensor
+    qtypes: list[str]
+    n_objects: torch.Tensor  # (N,) objects in each scene (for the curriculum)
+    word_targets: list[torch.Tensor]  # per sample (k, 4): position, other attribute, row bin, col bin
+    cell_chars: torch.Tensor  # (N, cells, 2): label characters in each cell (0 = none), for sets with labels
+
+
+def first_token(tokenizer, word: str) -> int:
+    """The first token id of `` word`` (the colour and shape words as they appear inside a question)."""
+    return tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]
+
+
+def word_ids(tokenizer, member: SyntheticSet) -> dict[int, tuple[str, str]]:
+    """Token id of " red", " circle", ... -> ("color" | "shape", word)."""
+    return {**{first_token(tokenizer, c): ("color", c) for c in member.colors},
+            **{first_token(tokenizer, k): ("shape", k) for k in member.shapes}}
+
+
+def binding_targets(sample, ids: torch.Tensor, answer_start: int, words: dict[int, tuple[str, str]],
+                    member: SyntheticSet, bins: int) -> torch.Tensor:
+    """For each colour/shape word of the question: the named object's other attribute and board position.
+
+    Class 0 means "no such object" (or, for a shape named twice on a board, "not one object"). Other
+    attribute: colours 1..C, shapes C+1..C+S. Position: row and column in ``bins`` bins, 1..bins (2 bins:
+    top/bottom, left/right).
+    """
+    cids, sids = color_ids(member), shape_ids(member)
+    rows = []
+    for pos in range(answer_start):
+        kind, word = words.get(int(ids[pos]), (None, None))
+        if kind is None:
+            continue
+        named = [o for o in sample.objects if getattr(o, kind) == word]
+        if len(named) != 1:
+            rows.append((pos, 0, 0, 0))
+            continue
+        obj = named[0]
+        other = sids[obj.shape] + len(cids) if kind == "color" else cids[obj.color]
+        rows.append((pos, other, 1 + obj.row * bins // sample.grid, 1 + obj.col * bins // sample.grid))
+    return torch.tensor(rows, dtype=torch.long).reshape(-1, 4)
+
+
+def label_chars(sample, member: SyntheticSet) -> torch.Tensor:
+    """(cells, 2): the label characters each cell holds (1-based alphabet index; 0 = none)."""
+    out = torch.zeros(sample.grid * sample.grid, 2, dtype=torch.long)
+    label = getattr(sample, "label", None)
+    if label is not None:
+        for k, ch in enumerate(label.text):
+            out[label.row * sample.grid + label.col + k // 2, k % 2] = 1 + member.alphabet.index(ch)
+    return out
+
+
+def prepare(processor, member: SyntheticSet, split: str, n: int, *, bins: int = 2, chunk: int = 512) -> Batchable:
+    """Tokenise ``n`` samples of ``split`` with the real processor (in chunks, for speed)."""
+    ids, starts, pixels, grids, colors, shp, bind, chars = [], [], [], [], [], [], [], []
+    words = word_ids(processor.tokenizer, member)
+    cids, sids = color_ids(member), shape_ids(member)
+    samples = list(member.samples(split, n))
+    for lo in range(0, n, chunk):
+        part = samples[lo:lo + chunk]
+        texts = [prompt_text(processor, s.question, True) + answer_suffix(processor, s.question, True, s.answer)
+                 for s in part]
+        heads = [prompt_text(processor, s.question, True) for s in part]
+        enc = processor(images=[s.render() for s in part], text=texts, return_tensors="pt", padding=True)
+        head_enc = processor(images=[s.render() for s in part], text=heads, return_tensors="pt", padding=True)
+        for i in range(len(part)):
+            full = enc["input_ids"][i][enc["attention_mask"][i].bool()]
+            head_len = int(head_enc["attention_mask"][i].sum())
+            ids.append(full)
+            starts.append(head_len)
+            bind.append(binding_targets(part[i], full, head_len, words, member, bins))
+        pv = enc["pixel_values"]
+        if "image_grid_thw" in enc:
+            per = int(enc["image_grid_thw"][0].prod())
+            pixels.append(pv.reshape(len(part), per, -1))
+            grids.append(enc["image_grid_thw"])
+        else:
+            pixels.append(pv)
+        for s in part:
+            c = torch.zeros(s.grid * s.grid, dtype=torch.long)
+            k = torch.zeros_like(c)
+            for o in s.objects:
+                c[o.row * s.grid + o.col] = cids[o.color]
+                k[o.row * s.grid + o.col] = sids[o.shape]
+            colors.append(c)
+            shp.append(k)
+            chars.append(label_chars(s, member))
+    extra = {"image_grid_thw": torch.cat(grids)} if grids else {}
+    return Batchable(ids, starts, torch.cat(pixels), extra, torch.stack(colors), torch.stack(shp),
+                     [s.question_type for s in samples], torch.tensor([len(s.objects) for s in samples]), bind,
+                     torch.stack(chars))
+
+
+def collate(data: Batchable, idx: torch.Tensor, pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch with labels on the answer tokens only."""
+    seqs = [data.ids[i] for i in idx.tolist()]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, -100)
+    mask = torch.zeros_like(input_ids)
+    for row, (i, s) in enumerate(zip(idx.tolist(), seqs)):
+        input_ids[row, : len(s)] = s
+        mask[row, : len(s)] = 1
+        labels[row, data.answer_start[i]: len(s)] = s[data.answer_start[i]:]
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    pv = data.pixel_values[idx]
+    if "image_grid_thw" in data.extra:
+        batch["pixel_values"] = pv.reshape(-1, pv.shape[-1])
+        batch["image_grid_thw"] = data.extra["image_grid_thw"][idx]
+        batch["mm_token_type_ids"] = (input_ids == image_token_id).long()
+    else:
+        batch["pixel_values"] = pv
+    return batch
+
+
+@torch.no_grad()
+def first_token_accuracy(model, data: Batchable, pad_id: int, image_token_id: int, bs: int = 256) -> dict[str, float]:
+    """Share of samples whose first answer token is the greedy argmax (a cheap proxy for exact match)."""
+    model.eval()
+    correct: list[bool] = []
+    for lo in range(0, len(data.ids), bs):
+        idx = torch.arange(lo, min(lo + bs, len(data.ids)))
+        batch = collate(data, idx, pad_id, image_token_id)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        for row, i in enumerate(idx.tolist()):
+            p = data.answer_start[i]
+            correct.append(bool(logits[row, p - 1].argmax() == labels[row, p]))
+    model.train()
+    per_type = {t: round(sum(c for c, q in zip(correct, data.qtypes) if q == t) / max(1, data.qtypes.count(t)), 3)
+                for t in sorted(set(data.qtypes))}
+    return {"first_token_acc": round(sum(correct) / len(correct), 4), "per_type": per_type}
