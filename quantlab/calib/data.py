@@ -110,7 +110,7 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _shapes_images(src: CalibSource, n: int, seed: int, set_name: str = "shapes-vqa") -> Iterator[RawSample]:
-    if src.path:  # an on-disk split written by shapes.write_split / synthetic.write_set_split
+    if src.path:  # an on-disk split written by quantlab.data.synthetic.write_set_split
         yield from _jsonl_images(CalibSource(kind="jsonl", path=str(Path(src.path) / "questions.jsonl"),
                                              text_column="question"), n, seed)
         return

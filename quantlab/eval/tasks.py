@@ -18,6 +18,7 @@ import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +75,12 @@ def _mme_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[str,
                               "answer": it.answers[0]} for it, p in zip(items, preds))
 
 
-def _shapes_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[str, Any]:
+def _synthetic_aggregate(items: Sequence[EvalItem], preds: Sequence[str], set_name: str) -> dict[str, Any]:
+    """POPE metrics of ``exist`` and, for the set's read-text types, ANLS beside exact match (DocVQA's
+    official metric)."""
     exist = [(it.answers[0], p) for it, p in zip(items, preds) if it.question_type == "exist"]
-    return {"exist": metrics.pope_metrics([p for _, p in exist], [a for a, _ in exist])} if exist else {}
-
-
-def _shapes_hard_aggregate(items: Sequence[EvalItem], preds: Sequence[str]) -> dict[str, Any]:
-    """POPE metrics of ``exist`` and, for read text, ANLS beside exact match (DocVQA's official metric)."""
-    out = _shapes_aggregate(items, preds)
-    text = [(it, p) for it, p in zip(items, preds) if it.question_type in SETS.get("shapes-vqa-hard").text_types]
+    out = {"exist": metrics.pope_metrics([p for _, p in exist], [a for a, _ in exist])} if exist else {}
+    text = [(it, p) for it, p in zip(items, preds) if it.question_type in SETS.get(set_name).text_types]
     if text:
         out["text"] = {"n": len(text),
                        "exact_match": sum(metrics.exact_match(p, it.answers) for it, p in text) / len(text),
@@ -140,10 +138,11 @@ TASKS: Registry[Task] = Registry("task")
 for _task in (
     Task(name="shapes-vqa", load=lambda d: read_shapes_vqa(d / "shapes-vqa" / "test"), files="shapes-vqa/test",
          prompt_template="{question}", metric="exact_match", answer_kind="short", generate=shapes_items,
-         aggregate=_shapes_aggregate),
+         aggregate=partial(_synthetic_aggregate, set_name="shapes-vqa")),
     Task(name="shapes-vqa-hard", load=lambda d: read_shapes_vqa(d / "shapes-vqa-hard" / "test"),
          files="shapes-vqa-hard/test", prompt_template="{question}", metric="exact_match", answer_kind="short",
-         generate=lambda n: shapes_items(n, set_name="shapes-vqa-hard"), aggregate=_shapes_hard_aggregate),
+         generate=partial(shapes_items, set_name="shapes-vqa-hard"),
+         aggregate=partial(_synthetic_aggregate, set_name="shapes-vqa-hard")),
     Task(name="vqav2", files="vqav2", load=lambda d: read_vqav2(d / "vqav2/questions.json", d / "vqav2/annotations.json",
                                                  d / "vqav2/images"),
          prompt_template=SHORT_ANSWER_PROMPT, metric="vqa_accuracy", answer_kind="short"),

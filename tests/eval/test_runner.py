@@ -151,21 +151,27 @@ def test_mme_aggregate_totals():
     assert r.aggregates["perception"] == pytest.approx(125) and r.aggregates["cognition"] == 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
-                    reason="lm_eval is not installed (pip install 'quantlab[eval]')")
-def test_lm_eval_shapes_vqa_on_toy_checkpoint(tmp_path):
+def _lm_eval_untrained_toy(tmp_path, toy: str, set_name: str, n: int) -> dict:
+    """lm-eval's hf-multimodal on an untrained toy checkpoint over ``n`` test items of ``set_name``, with the
+    task of the same name (``shapes-vqa`` -> ``shapes_vqa``), samples logged."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    model, processor = build_toy("toy-llava")
+    model, processor = build_toy(toy)
     ckpt = tmp_path / "ckpt"
     model.save_pretrained(ckpt)
     processor.save_pretrained(ckpt)
-    split = write_set_split(tmp_path / "data", "shapes-vqa", "test", 5)
+    split = write_set_split(tmp_path / "data", set_name, "test", n)
     tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={"split_dir": str(split)})
-    out = lm_eval.simple_evaluate(model="hf-multimodal", model_args=f"pretrained={ckpt},dtype=float32",
-                                  tasks=["shapes_vqa"], task_manager=tm, apply_chat_template=True, batch_size=5,
-                                  device="cpu", log_samples=True)
+    return lm_eval.simple_evaluate(model="hf-multimodal", model_args=f"pretrained={ckpt},dtype=float32",
+                                   tasks=[set_name.replace("-", "_")], task_manager=tm, apply_chat_template=True,
+                                   batch_size=n, device="cpu", log_samples=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
+                    reason="lm_eval is not installed (pip install 'quantlab[eval]')")
+def test_lm_eval_shapes_vqa_on_toy_checkpoint(tmp_path):
+    out = _lm_eval_untrained_toy(tmp_path, "toy-llava", "shapes-vqa", 5)
     res = out["results"]["shapes_vqa"]
     assert 0.0 <= res["exact_match,none"] <= 1.0 and out["n-samples"]["shapes_vqa"]["effective"] == 5
     assert {f"exact_match_{t},none" for t in QUESTION_TYPES} <= set(res)
@@ -214,20 +220,10 @@ def test_item_scores_of_answered_items():
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None,
                     reason="lm_eval is not installed (pip install 'quantlab[eval]')")
 def test_lm_eval_shapes_vqa_hard_reports_every_type_and_anls(tmp_path):
-    import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from quantlab.data import shapes_hard
 
-    model, processor = build_toy("toy-llava-hard")
-    ckpt = tmp_path / "ckpt"
-    model.save_pretrained(ckpt)
-    processor.save_pretrained(ckpt)
-    split = write_set_split(tmp_path / "data", "shapes-vqa-hard", "test", 6)  # one item of each type
-    tm = TaskManager(include_path=str(TASK_DIR), include_defaults=False, metadata={"split_dir": str(split)})
-    out = lm_eval.simple_evaluate(model="hf-multimodal", model_args=f"pretrained={ckpt},dtype=float32",
-                                  tasks=["shapes_vqa_hard"], task_manager=tm, apply_chat_template=True,
-                                  batch_size=6, device="cpu", log_samples=True)
+    out = _lm_eval_untrained_toy(tmp_path, "toy-llava-hard", "shapes-vqa-hard", 6)  # one item of each type
     res = out["results"]["shapes_vqa_hard"]
     assert {f"exact_match_{t},none" for t in shapes_hard.QUESTION_TYPES} | {"anls_text,none"} <= set(res)
     assert out["n-samples"]["shapes_vqa_hard"]["effective"] == 6

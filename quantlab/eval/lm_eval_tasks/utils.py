@@ -64,18 +64,8 @@ def doc_to_text(doc: dict[str, Any]) -> str:
     return f"<image>{doc['question']}"
 
 
-def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    """Exact match overall and under ``exact_match_<question_type>`` (only for the document's own type)."""
-    score = exact_match(results[0].strip(), doc["answers"])
-    out = {"exact_match": score}
-    if doc["question_type"] in SETS.get("shapes-vqa").question_types:
-        out[f"exact_match_{doc['question_type']}"] = score
-    return out
-
-
-def process_hard_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    """As :func:`process_results` over shapes-VQA-hard's types; text questions add ``anls_text``."""
-    member = SETS.get("shapes-vqa-hard")
+def _scores(set_name: str, doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    member = SETS.get(set_name)
     prediction = results[0].strip()
     score = exact_match(prediction, doc["answers"])
     out = {"exact_match": score}
@@ -84,3 +74,13 @@ def process_hard_results(doc: dict[str, Any], results: list[str]) -> dict[str, f
     if doc["question_type"] in member.text_types:
         out["anls_text"] = anls(prediction, doc["answers"])
     return out
+
+
+def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """Exact match overall and under ``exact_match_<question_type>`` (only for the document's own type)."""
+    return _scores("shapes-vqa", doc, results)
+
+
+def process_hard_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """As :func:`process_results` over shapes-VQA-hard's types; text questions add ``anls_text``."""
+    return _scores("shapes-vqa-hard", doc, results)
