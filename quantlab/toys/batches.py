@@ -95,8 +95,9 @@ def prepare(processor, member: SyntheticSet, split: str, n: int, *, bins: int = 
         texts = [prompt_text(processor, s.question, True) + answer_suffix(processor, s.question, True, s.answer)
                  for s in part]
         heads = [prompt_text(processor, s.question, True) for s in part]
-        enc = processor(images=[s.render() for s in part], text=texts, return_tensors="pt", padding=True)
-        head_enc = processor(images=[s.render() for s in part], text=heads, return_tensors="pt", padding=True)
+        images = [s.render() for s in part]
+        enc = processor(images=images, text=texts, return_tensors="pt", padding=True)
+        head_enc = processor(images=images, text=heads, return_tensors="pt", padding=True)
         for i in range(len(part)):
             full = enc["input_ids"][i][enc["attention_mask"][i].bool()]
             head_len = int(head_enc["attention_mask"][i].sum())
