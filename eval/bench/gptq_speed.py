@@ -1,31 +1,49 @@
 """GPTQ speed and quality: quantlab's ``gptq_solve`` against llm-compressor's GPTQ on the same W and H.
 
-Usage: ``.venv/bin/python eval/bench/gptq_speed.py [--sizes full|small] [--no-reference] [--threads 1]
-[--repeat 1] [--venv /tmp/llmc-venv] [--workdir DIR]``
+Usage: ``.venv/bin/python eval/bench/gptq_speed.py [--sizes full|small] [--families correlated,massive]
+[--no-reference] [--threads 1] [--repeat 1] [--venv /tmp/llmc-venv] [--workdir DIR]``
 
 Layers (``out x in``): ``full`` = 4096x4096 and 11008x4096 (LLaVA-1.5-7B / LLaMA-7B widths); ``small`` =
-1024x1024 and 2752x1024. Every layer of one input width shares one Hessian ``H = XᵀX/n`` of seeded random
-*correlated* inputs (log-normal channel scales, a shared low-rank component, a few outlier channels;
-``n = 2·in`` tokens). The weight is Gaussian (std 0.02) with sparse 10x outliers. Scheme: 4-bit, group
-128, symmetric, damp 0.01, block 128, float32 on the CPU, no act-order.
+1024x1024 and 2752x1024. Two matrix families; every layer of one input width shares one Hessian
+``H = XᵀX/n`` (``n = 2·in`` tokens):
+
+* ``correlated``: seeded random *correlated* inputs (log-normal channel scales, a shared low-rank
+  component, 8 outlier channels x20); the weight is Gaussian (std 0.02) with sparse 10x outliers.
+* ``massive``: the kind real activations have, as issue 15 states it: columns of X scaled by ``1 + 4u``
+  and 8 massive channels x20; ``W ~ N(0, 0.02)``.
+
+Scheme: 4-bit, group 128, symmetric, damp 0.01, block 128, float32 on the CPU, no act-order.
 
 The reference is llm-compressor 0.14.0.1 (``llmcompressor.modifiers.gptq.gptq_quantize.quantize_weight``)
 in its own venv (it pins transformers<=5.17, docs/formats.md#loader-quirks), created at ``--venv`` on first use. Its
-scales come from its memoryless min-max observer on the original weight, i.e. static groups; quantlab's
-default recomputes each group's grid from the updated weights (dynamic, as IST-DASLab/gptq), so a second
-quantlab line with ``static_groups=True`` gives the like-for-like comparison. Timings cover the solver
-call only (quantlab with ``compute_error=False``; llm-compressor's ``quantize_weight``; best of
-``--repeat``; llm-compressor's observer and import are not timed), both in one
-thread by default (``--threads``): on a shared 2-core machine two threads are much slower for the
-per-column ops. Errors are ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``, the same function for both.
+scales come from its memoryless min-max observer on the original weight, i.e. static min-max groups.
+quantlab runs three ways: its defaults (static groups, ranges from the ``diag(H)``-weighted search,
+``quantlab.quant.grid.weighted_range_search``), ``static_minmax`` (``mse=False``: the like-for-like
+comparison, equal to llm-compressor's up to float rounding) and ``reference_settings`` (``static_groups=False,
+mse=False``: dynamic groups recomputed from the updated weights, as IST-DASLab/gptq). Timings cover the
+solver call only (quantlab with ``compute_error=False``; llm-compressor's ``quantize_weight``; best of
+``--repeat``; llm-compressor's observer and import are not timed), both in one thread by default
+(``--threads``). Errors are ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``, the same function for all.
 
-The last line is ``time_ratio=<ours/theirs> error_ratio=<ours/theirs>``: total time over all layers, and
-the geometric mean of the per-layer error ratios, for quantlab's default settings; the line before it
-gives the same ratios for quantlab with ``static_groups=True``.
+The last line is ``time_ratio=<ours/theirs> error_ratio=<ours/theirs> worst_error_ratio=...``: total time
+over all layers of both families, and the geometric mean (and the worst) of the per-layer error ratios,
+for quantlab's defaults; the two lines before it give the same for the other two settings.
 
-Observed 2026-11-29 (``--sizes full --repeat 1``, 1 thread): 4096x4096 quantlab 2.83 s / static 3.11 s /
-llm-compressor 5.38 s; 11008x4096 4.56 s / 5.16 s / 10.83 s; ``static_groups: time_ratio=0.510
-error_ratio=1.0000``, ``time_ratio=0.456 error_ratio=1.0074``.
+Observed 2026-11-29 (before the defaults changed; ``correlated`` only): ``static_groups: time_ratio=0.510
+error_ratio=1.0000``, dynamic ``time_ratio=0.456 error_ratio=1.0074``.
+
+Observed 2026-12-02 (``--sizes full``, 1 thread, 2-core shared machine)::
+
+    correlated 4096x4096:  default 7.00s err 2.6420e-03 | static_minmax 6.32s err 4.5424e-03 | reference_settings 6.28s err 4.5750e-03 | llm-compressor 7.57s err 4.5424e-03
+    correlated 11008x4096: default 10.37s err 2.6078e-03 | static_minmax 9.51s err 4.5199e-03 | reference_settings 10.19s err 4.5545e-03 | llm-compressor 18.32s err 4.5199e-03
+    massive 4096x4096:     default 6.45s err 5.2298e-03 | static_minmax 5.95s err 8.9744e-03 | reference_settings 5.82s err 9.1035e-03 | llm-compressor 6.68s err 8.9744e-03
+    massive 11008x4096:    default 10.19s err 5.2027e-03 | static_minmax 9.12s err 8.9571e-03 | reference_settings 8.91s err 9.0884e-03 | llm-compressor 18.43s err 8.9571e-03
+    reference_settings: time_ratio=0.612 error_ratio=1.0110 worst_error_ratio=1.0147
+    static_minmax: time_ratio=0.606 error_ratio=1.0000 worst_error_ratio=1.0000
+    time_ratio=0.667 error_ratio=0.5805 worst_error_ratio=0.5827
+
+(Earlier the same day the defaults' search took 7 + 4 candidates on a transposed view of the weight:
+``time_ratio=1.341``; reading the weight contiguously and 4 + 4 candidates on ``[0.5, 1]`` gave the above.)
 """
 
 from __future__ import annotations
@@ -76,7 +94,7 @@ print(json.dumps({"seconds": seconds}))
 
 
 def make_hessian(in_f: int, seed: int = 0) -> torch.Tensor:
-    """``XᵀX/n`` of ``n = 2·in`` correlated random input rows (see the module docstring)."""
+    """``correlated``: ``XᵀX/n`` of ``n = 2·in`` correlated random input rows (see the module docstring)."""
     g = torch.Generator().manual_seed(seed)
     n = 2 * in_f
     X = torch.randn(n, in_f, generator=g) * torch.exp(0.5 * torch.randn(in_f, generator=g))  # channel scales
@@ -90,6 +108,21 @@ def make_weight(out_f: int, in_f: int, seed: int = 1) -> torch.Tensor:
     W = 0.02 * torch.randn(out_f, in_f, generator=g)
     W[torch.rand(out_f, in_f, generator=g) < 1e-3] *= 10
     return W
+
+
+def make_hessian_massive(in_f: int, seed: int = 0) -> torch.Tensor:
+    """``massive``: columns of X scaled by ``1 + 4u`` and 8 channels x20 (``n = 2·in``)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(2 * in_f, in_f, generator=g) * (1 + 4 * torch.rand(in_f, generator=g))
+    X[:, torch.randperm(in_f, generator=g)[:8]] *= 20
+    return X.T @ X / (2 * in_f)
+
+
+def make_weight_plain(out_f: int, in_f: int, seed: int = 1) -> torch.Tensor:
+    return 0.02 * torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
+
+
+FAMILIES = {"correlated": (make_hessian, make_weight), "massive": (make_hessian_massive, make_weight_plain)}
 
 
 def ensure_venv(venv: Path) -> Path:
@@ -134,6 +167,7 @@ def _geomean(xs: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", choices=sorted(SIZES), default="full")
+    ap.add_argument("--families", default="correlated,massive", help="comma-separated: " + ", ".join(FAMILIES))
     ap.add_argument("--no-reference", action="store_true", help="time quantlab only")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=1, help="best of N timed runs (each side)")
@@ -145,35 +179,38 @@ def main() -> None:
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="gptq-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
-    hessians: dict[int, torch.Tensor] = {}
-    t_ours = t_ours_s = t_ref = 0.0
-    err_ratios, err_ratios_s = [], []
+    times = {"default": 0.0, "static_minmax": 0.0, "reference_settings": 0.0, "llmc": 0.0}
+    ratios: dict[str, list[float]] = {k: [] for k in ("default", "static_minmax", "reference_settings")}
+    settings = {"default": {}, "static_minmax": {"mse": False},
+                "reference_settings": {"static_groups": False, "mse": False}}
     print(f"GPTQ w{BITS} g{GROUP} sym, damp {DAMP}, block {BLOCK}, fp32 CPU, {a.threads} thread(s)")
-    for out_f, in_f in SIZES[a.sizes]:
-        H = hessians.setdefault(in_f, make_hessian(in_f))
-        W = make_weight(out_f, in_f)
-        W_hat, t = time_ours(W, H, a.repeat)
-        err = relative_output_error(W, W_hat, H)
-        W_hat_s, t_s = time_ours(W, H, a.repeat, static_groups=True)
-        err_s = relative_output_error(W, W_hat_s, H)
-        line = (f"{out_f}x{in_f}: quantlab {t:.2f}s err {err:.6e} | quantlab static_groups {t_s:.2f}s "
-                f"err {err_s:.6e}")
-        t_ours += t
-        t_ours_s += t_s
-        if py is not None:
-            W_ref, t_r = run_reference(py, W, H, workdir, a.threads, a.repeat)
-            err_r = relative_output_error(W, W_ref, H)
-            line += f" | llm-compressor {t_r:.2f}s err {err_r:.6e}"
-            t_ref += t_r
-            err_ratios.append(err / err_r)
-            err_ratios_s.append(err_s / err_r)
-        print(line, flush=True)
+    for family in a.families.split(","):
+        make_h, make_w = FAMILIES[family]
+        hessians: dict[int, torch.Tensor] = {}
+        for out_f, in_f in SIZES[a.sizes]:
+            H = hessians.setdefault(in_f, make_h(in_f))
+            W = make_w(out_f, in_f)
+            line, errs = f"{family} {out_f}x{in_f}:", {}
+            for key, kw in settings.items():
+                W_hat, t = time_ours(W, H, a.repeat, **kw)
+                errs[key] = relative_output_error(W, W_hat, H)
+                times[key] += t
+                line += f" quantlab {key} {t:.2f}s err {errs[key]:.4e} |"
+            if py is not None:
+                W_ref, t_r = run_reference(py, W, H, workdir, a.threads, a.repeat)
+                err_r = relative_output_error(W, W_ref, H)
+                line += f" llm-compressor {t_r:.2f}s err {err_r:.4e}"
+                times["llmc"] += t_r
+                for key in ratios:
+                    ratios[key].append(errs[key] / err_r)
+            print(line, flush=True)
     if py is None:
-        print(f"time_ours={t_ours:.2f}s (no reference run)")
+        print("time " + " ".join(f"{k}={v:.2f}s" for k, v in times.items() if k != "llmc") + " (no reference run)")
         return
-    print(f"static_groups: time_ratio={t_ours_s / t_ref:.3f} error_ratio={_geomean(err_ratios_s):.4f}")
-    print(f"time_ratio={t_ours / t_ref:.3f} error_ratio={_geomean(err_ratios):.4f}")
-
+    for key in ("reference_settings", "static_minmax", "default"):
+        label = "" if key == "default" else f"{key}: "
+        print(f"{label}time_ratio={times[key] / times['llmc']:.3f} error_ratio={_geomean(ratios[key]):.4f} "
+              f"worst_error_ratio={max(ratios[key]):.4f}")
 
 
 if __name__ == "__main__":

@@ -121,10 +121,12 @@ def write_compressed_tensors(loaded: LoadedModel, results: Mapping[str, object],
     """
     linears = [n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)]
     qcfg = quantization_config(loaded.adapter, results, linears)  # validates before anything is written
-    tensors = dense_tensors(loaded, set(results), dtype, weights=weights)
-    for name, r in results.items():
-        tensors.update(packed_tensors(r, loaded.adapter.legacy_name(name), dtype))
-    write_model_dir(loaded, tensors, qcfg, out, dtype)
+    def tensors():
+        yield from dense_tensors(loaded, set(results), dtype, weights=weights)
+        for name, r in results.items():
+            yield from packed_tensors(r, loaded.adapter.legacy_name(name), dtype).items()
+
+    write_model_dir(loaded, tensors(), qcfg, out, dtype)
 
 
 FORMAT = ExportFormat(

@@ -94,6 +94,7 @@ def _module_regex(name: str) -> str:
 def gptq_config(results: Mapping[str, object], linears: list[str], component_of) -> dict:
     """``quantization_config``: the most common scheme globally, ``dynamic`` overrides for the others."""
     schemes = Counter((r.bits, r.group_size) for r in results.values())
+    static = all(r.args.get("static_groups", False) for r in results.values())  # informational (GPTQModel's meta)
     (bits, group), _ = schemes.most_common(1)[0]
     dynamic: dict[str, dict] = {"-:.*(visual|vision_tower|multi_modal_projector).*": {}, "-:.*lm_head.*": {}}
     for name in linears:
@@ -105,7 +106,7 @@ def gptq_config(results: Mapping[str, object], linears: list[str], component_of)
     cfg = {"bits": bits, "group_size": group, "desc_act": False, "sym": True, "lm_head": False,
            "quant_method": "gptq", "method": "gptq", "format": "gptq", "checkpoint_format": "gptq",
            "pack_dtype": "int32", "true_sequential": True,
-           "meta": {"quantizer": ["quantlab"], "static_groups": False, "true_sequential": True}}
+           "meta": {"quantizer": ["quantlab"], "static_groups": static, "true_sequential": True}}
     if len(dynamic) > 2 or any(k.startswith("+:") for k in dynamic):
         cfg["dynamic"] = dynamic
     return cfg
@@ -123,10 +124,12 @@ def write_gptq(loaded: LoadedModel, results: Mapping[str, object], out: Path,
     qcfg = gptq_config(results, linears, loaded.adapter.component_of)
     # transformers 5's module names, as GPTQModel itself writes them: its loader checks ``qweight`` names
     # literally and rejects the hub-legacy layout; transformers 5 and vLLM accept both (docs/formats.md#loader-quirks).
-    tensors = dense_tensors(loaded, set(results), dtype, legacy_names=False, weights=weights)
-    for name, r in results.items():
-        tensors.update(gptq_tensors(r, loaded.adapter.checkpoint_name(name)))
-    write_model_dir(loaded, tensors, qcfg, out, dtype)
+    def tensors():
+        yield from dense_tensors(loaded, set(results), dtype, legacy_names=False, weights=weights)
+        for name, r in results.items():
+            yield from gptq_tensors(r, loaded.adapter.checkpoint_name(name)).items()
+
+    write_model_dir(loaded, tensors(), qcfg, out, dtype)
     write_json(out / "quantize_config.json", qcfg)
 
 

@@ -176,8 +176,12 @@ def stage_quantize(ctx: StageContext, plan):
             ctx.say(warning)
     elif not n_saved:
         env_file.write_text(json.dumps(env) + "\n")
+    # Block files keep codes and scales only (the dense weights are recomputed bit for bit on resume);
+    # a streamed run reads them back for the export instead of holding every block's codes.
     results = quantize(ctx.loaded, plan.layers, ctx.samples.samples, progress=ctx.progress,
-                       load_block=load_block, save_block=lambda i, r: save_results(run.block_file(i), r),
+                       load_block=load_block,
+                       save_block=lambda i, r: save_results(run.block_file(i), r, with_dequantized=False),
+                       reread_block=lambda i: load_results(run.block_file(i), dequantized=False),
                        device=ctx.device, weights=ctx.weights)
     run.done("quantize", modules=len(results))
     shutil.rmtree(run.quant_previous, ignore_errors=True)

@@ -46,7 +46,7 @@ def check_weight(weight: Tensor, scheme: QuantScheme, hessian: Tensor | None) ->
 
 def quantize_weight(weight: Tensor, backend: str | QuantScheme, *, bits: int | None = None,
                     group_size: int | None = None, sym: bool | None = None, hessian: Tensor | None = None,
-                    **backend_args: Any) -> QuantResult:
+                    consume_hessian: bool = False, **backend_args: Any) -> QuantResult:
     """Quantize one Linear weight ``[out, in]``.
 
     Args:
@@ -58,6 +58,8 @@ def quantize_weight(weight: Tensor, backend: str | QuantScheme, *, bits: int | N
         hessian: ``[in, in]`` ``XᵀX/n`` of the layer inputs; required by gptq and billm, optional for rtn
             (then only used for ``error``). Moved to the weight's device: the solve runs there, and the
             result's tensors are on that device.
+        consume_hessian: the backend may overwrite ``hessian`` and drop it as it goes, instead of working on
+            a copy (one ``[in, in]`` float32 matrix less at the peak); do not use it afterwards.
         **backend_args: backend options (gptq: damp, block_size, act_order, static_groups, mse; rtn: mse;
             billm: damp, max_salient, break_points).
 
@@ -83,4 +85,4 @@ def quantize_weight(weight: Tensor, backend: str | QuantScheme, *, bits: int | N
     if hessian is not None:
         hessian = hessian.to(weight.device)  # the solve runs where the weight is
     with torch.no_grad():
-        return get_backend(scheme.backend)(weight, scheme, hessian)
+        return get_backend(scheme.backend)(weight, scheme, hessian, consume_hessian=consume_hessian)

@@ -23,6 +23,7 @@ from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
 from quantlab.quant import quantize_weight
 from quantlab.quant.registry import outside_decoder_problem
+from quantlab.quant.results_io import BlockResults
 from quantlab.quant.scheme import QuantScheme
 
 
@@ -93,7 +94,8 @@ def _light(result):
 def _quantize_module(name: str, module: nn.Linear, scheme: QuantScheme, hessian: torch.Tensor | None):
 
     check_shape(name, module, scheme)
-    result = as_stored(quantize_weight(module.weight.data, scheme, hessian=hessian))
+    # The Hessian is this step's own accumulator: the solver may factor it in place instead of copying it
+    result = as_stored(quantize_weight(module.weight.data, scheme, hessian=hessian, consume_hessian=True))
     module.weight.data.copy_(result.dequantized)
     return result.to("cpu")  # results are exported from host memory, whatever device solved them
 
@@ -108,8 +110,9 @@ def quantize(
     progress: bool = True,
     load_block: Callable[[int], Mapping[str, object] | None] | None = None,
     save_block: Callable[[int, Mapping[str, object]], None] | None = None,
+    reread_block: Callable[[int], Mapping[str, object]] | None = None,
     device: str | torch.device | None = None,
-) -> dict[str, object]:
+) -> Mapping[str, object]:
     """Quantize ``loaded.model`` in place by ``plan`` (module name -> scheme, None = keep).
 
     Decoder Linears are calibrated block by block on the outputs of the already-quantized blocks.
@@ -121,7 +124,9 @@ def quantize(
 
     With ``weights`` (a streamed model), each finished block's results drop their dense ``dequantized``
     copy (left as an empty tensor of its dtype; ``dequantize()`` rebuilds it): the results then hold codes
-    and scales, not a second full-precision decoder.
+    and scales, not a second full-precision decoder. With ``reread_block`` as well (it reads block ``i``'s
+    saved results back, without dense weights), a saved block keeps nothing in memory: the returned
+    mapping is a :class:`~quantlab.quant.results_io.BlockResults` that reads each block when asked.
 
     Returns:
         module name -> QuantResult (codes, scales, zeros, g_idx, bits per weight, relative output error).
@@ -134,6 +139,8 @@ def quantize(
     if unknown:
         raise KeyError(f"plan names modules that are not Linear layers of this model: {unknown[:5]}")
     results: dict[str, object] = {}
+    on_disk: dict[str, int] = {}  # module -> block, for blocks whose results were saved and dropped
+    drop_saved = streamed and save_block is not None and reread_block is not None
     outside = {n: s for n, s in planned.items() if adapter.component_of(n) != Component.DECODER}
     for name, scheme in outside.items():
         problem = outside_decoder_problem(scheme)
@@ -148,7 +155,10 @@ def quantize(
         if saved is not None:
             for n in names:
                 modules[n].weight.data.copy_(saved[n].dequantized)
-                results[n] = _light(saved[n]) if streamed else saved[n]
+                if drop_saved:
+                    on_disk[n] = index
+                else:
+                    results[n] = _light(saved[n]) if streamed else saved[n]
             return run()
         for step in sequential_steps(names, adapter.fused_groups):
             hooks = {n: _HessianHook(modules[n]) for n in step}
@@ -161,11 +171,15 @@ def quantize(
                 results[n] = _quantize_module(n, modules[n], planned[n], hooks[n].h)
         if save_block is not None:
             save_block(index, {n: results[n] for n in names})
-        if streamed:
+        if drop_saved:
+            for n in names:
+                del results[n]
+                on_disk[n] = index
+        elif streamed:
             results.update({n: _light(results[n]) for n in names})
         return run()
 
     n_blocks = len(adapter.blocks(model))
     with block_progress("quantize: decoder blocks", n_blocks, progress) as advance:
         stream_decoder(loaded, samples, stage, weights=weights, on_block_done=advance, device=device)
-    return results
+    return BlockResults(results, on_disk, reread_block) if drop_saved else results

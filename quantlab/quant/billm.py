@@ -39,7 +39,7 @@ from torch import Tensor
 
 from quantlab.quant import binary, grid
 from quantlab.quant.binary import LARGE, SALIENT_O1, SALIENT_O2, SMALL
-from quantlab.quant.hessian import inverse_hessian_cholesky, relative_output_error
+from quantlab.quant.hessian import inverse_hessian_cholesky, relative_output_error, working_hessian
 from quantlab.quant.layout import FP16, UINT8, Layout, TensorSpec
 from quantlab.quant.registry import NativeCodec, register_backend
 from quantlab.quant.result import QuantResult, stored_bits
@@ -139,7 +139,7 @@ def billm_solve(W: Tensor, H: Tensor, *, block_size: int = 128, damp: float = 0.
     n_blocks = -(-in_f // B)
     dev = W.device  # everything below runs where the weight is
     Wt = torch.empty(in_f, out_f, device=dev).copy_(W.detach().T)  # [in, out] contiguous: Wt[j] is column j
-    Hd = H.detach().float().clone()
+    Hd = working_hessian(H, consume=False)  # H itself is needed for the error at the end
     dead = torch.diag(Hd) == 0
     Hd[dead, dead] = 1
     Wt[dead] = 0
@@ -259,8 +259,10 @@ CODEC = NativeCodec(layout=_native_layout, encode=encode, decode=decode, dequant
 
 @register_backend("billm", bits=(1,), needs_hessian=True, options=BILLM_OPTIONS, nominal_bits=BILLM_NOMINAL_BITS,
                   native=CODEC)
-def billm_backend(weight: Tensor, scheme: QuantScheme, hessian: Tensor | None) -> QuantResult:
-    """Registry adapter for :func:`billm_solve` (``scheme.group_size`` is the block size)."""
+def billm_backend(weight: Tensor, scheme: QuantScheme, hessian: Tensor | None, *,
+                  consume_hessian: bool = False) -> QuantResult:
+    """Registry adapter for :func:`billm_solve` (``scheme.group_size`` is the block size; ``consume_hessian``
+    is not used: the solve reports its error against the Hessian, so it works on a copy)."""
     assert hessian is not None, "quantize_weight checks needs_hessian"
     a = scheme.args
     return billm_solve(weight, hessian, block_size=scheme.group_size, damp=float(a.get("damp", 0.01)),

@@ -36,23 +36,31 @@ def relative_output_error(weight: Tensor, weight_hat: Tensor, hessian: Tensor) -
     return num / den
 
 
+def working_hessian(hessian: Tensor, consume: bool) -> Tensor:
+    """A float32 ``H`` a solver may modify in place: ``hessian`` itself when the caller gives it up
+    (``consume``, float32 already), else a copy."""
+    h = hessian.detach().float()
+    return h if consume and h.data_ptr() == hessian.data_ptr() else h.clone()
+
+
 def inverse_hessian_cholesky(hessian: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, so ``H⁻¹ = UᵀU``.
 
-    ``hessian`` is modified in place (dampened); pass a copy. Raises ``ValueError`` when the dampened
-    Hessian is not positive definite.
+    ``hessian`` (float32, contiguous) is overwritten: dampened, factored, inverted and factored again in
+    its own storage, and returned as ``U``; pass a copy if you need it. In place because at ``n = 11008``
+    every ``[n, n]`` float32 matrix is 0.5 GB: the peak is ``hessian`` plus LAPACK's one workspace copy.
+    Raises ``ValueError`` when the dampened Hessian is not positive definite.
     """
     n = hessian.shape[0]
-    diag = torch.arange(n, device=hessian.device)
-    hessian[diag, diag] += damp * torch.mean(torch.diag(hessian))
-    L, info = torch.linalg.cholesky_ex(hessian)
+    hessian.diagonal().add_(damp * torch.mean(torch.diag(hessian)))
+    info = torch.empty((), dtype=torch.int32, device=hessian.device)
+    torch.linalg.cholesky_ex(hessian, out=(hessian, info))  # L, lower
     if info.item() != 0:
         raise ValueError(f"Hessian [{n}, {n}] is not positive definite after dampening with damp={damp}; "
                          "increase damp or collect more calibration tokens")
-    hinv = torch.cholesky_inverse(L)
-    del L  # [n, n] each: keep at most two alive besides the caller's (0.5 GB apiece at n = 11008)
-    U, info = torch.linalg.cholesky_ex(hinv, upper=True)
+    torch.cholesky_inverse(hessian, out=hessian)  # (L Lᵀ)⁻¹
+    torch.linalg.cholesky_ex(hessian, upper=True, out=(hessian, info))  # U
     if info.item() != 0:
         raise ValueError(f"inverse Hessian [{n}, {n}] lost positive definiteness in float32 (damp={damp}); "
                          "increase damp")
-    return U
+    return hessian

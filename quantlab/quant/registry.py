@@ -88,7 +88,11 @@ class Backend(Member):
         """LUQ's nominal bits per weight of ``scheme`` (BiLLM: 1.08 whatever its stored size)."""
         return float(scheme.bits) if self.nominal_bits is None else self.nominal_bits
 
-    def __call__(self, weight: Tensor, scheme: QuantScheme, hessian: Tensor | None) -> QuantResult:
+    def __call__(self, weight: Tensor, scheme: QuantScheme, hessian: Tensor | None, *,
+                 consume_hessian: bool = False) -> QuantResult:
+        """Run the backend; ``consume_hessian``: a backend that needs one may overwrite and free it."""
+        if self.needs_hessian:
+            return self.fn(weight, scheme, hessian, consume_hessian=consume_hessian)
         return self.fn(weight, scheme, hessian)
 
 

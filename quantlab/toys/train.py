@@ -159,7 +159,8 @@ def save_hub_layout(model: nn.Module, out: Path) -> None:
     from quantlab.models.load import LoadedModel, get_adapter
 
     loaded = LoadedModel(model=model, processor=None, adapter=get_adapter(model), source=str(out))
-    save_file(dense_tensors(loaded, set(), torch.float16), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(dict(dense_tensors(loaded, set(), torch.float16)), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def test_accuracy(out: Path, task: str = "shapes-vqa", n: int = 500) -> dict:

@@ -51,7 +51,7 @@ def result(bits: int, out: int = 64, cols: int = 96, group: int = 32):
     g = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 2**bits, (out, cols), generator=g, dtype=torch.uint8)
     scales = torch.rand(out, cols // group, generator=g) + 0.1
-    return SimpleNamespace(bits=bits, group_size=group, sym=True, codes=codes, scales=scales, zeros=None, g_idx=None)
+    return SimpleNamespace(bits=bits, group_size=group, sym=True, codes=codes, scales=scales, zeros=None, g_idx=None, args={})
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -122,4 +122,8 @@ def test_mixed_gptq_export_loads_in_gptqmodel_with_dynamic_bits(tmp_path):
     assert bits == {n: s.bits for n, s in plan.items()}
     # fp16 kernels (TorchAten) vs fp16 dequantized matmuls: logits up to ~12 agree within 0.1
     torch.testing.assert_close(theirs, ours, rtol=0, atol=0.1)
-    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+    # and the same next tokens, but where our top two logits are closer than the fp16 kernels' spread
+    top2 = ours.topk(2, dim=-1).values
+    differ = theirs.argmax(-1) != ours.argmax(-1)
+    assert bool((top2[..., 0] - top2[..., 1])[differ].lt(0.2).all()), "a next token differs at no near-tie"
+    assert int(differ.sum()) <= 1, f"{int(differ.sum())} of {differ.numel()} next tokens differ"

@@ -1,4 +1,5 @@
-"""GPTQ against an independent, unoptimised reference; known answers; act-order; GPTQ beats RTN."""
+"""GPTQ against an independent, unoptimised reference; known answers; act-order; GPTQ beats RTN; the
+defaults (static groups, Hessian-weighted ranges) against the reference's settings; the in-place factorisation."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def test_matches_reference(bits, group_size, sym, act_order):
     reference (``w/scale + zero`` within 1e-4 of ``k + 1/2``), and all other rows must match exactly.
     """
     W, H = make_layer(24, 256, seed=bits + 10 * (group_size % 7))
-    ours = gptq_solve(W, H, bits, group_size, sym, act_order=act_order, block_size=48)
+    ours = gptq_solve(W, H, bits, group_size, sym, act_order=act_order, block_size=48, static_groups=False, mse=False)
     codes, Q, pre = reference_gptq(W, H, bits, group_size, sym, act_order=act_order)
     order = torch.argsort(torch.diag(H.double()), descending=True) if act_order else torch.arange(256)
     differs = (ours.codes.long() != codes)[:, order]  # [out, in] in processing order
@@ -115,7 +116,7 @@ def test_on_grid_weight_is_exact(bits, act_order):
 
 def test_act_order_permutation_is_undone(layer):
     W, H = layer
-    r = gptq_solve(W, H, 4, 32, sym=False, act_order=True)
+    r = gptq_solve(W, H, 4, 32, sym=False, act_order=True, static_groups=False)
     perm = torch.argsort(torch.diag(H), descending=True)
     assert r.g_idx is not None and r.g_idx.dtype == torch.int32
     # the j-th processed column belongs to group j // 32
@@ -129,7 +130,7 @@ def test_act_order_permutation_is_undone(layer):
 
 def test_static_groups_keep_trivial_g_idx(layer):
     W, H = layer
-    r = gptq_solve(W, H, 4, 64, sym=True, act_order=True, static_groups=True)
+    r = gptq_solve(W, H, 4, 64, sym=True, act_order=True, static_groups=True, mse=False)
     assert torch.equal(r.g_idx.long(), torch.arange(256) // 64)
     assert r.bits_per_weight == pytest.approx(4 + 16 / 64)  # trivial g_idx is not stored
     assert torch.equal(r.dequantize(), r.dequantized)
@@ -166,7 +167,77 @@ def test_dead_columns_and_dtype():
 
 def test_mse_grid_runs_and_helps_at_low_bits():
     W, H = make_layer(32, 128, seed=3)
-    plain = gptq_solve(W, H, 2, -1, sym=False)
+    plain = gptq_solve(W, H, 2, -1, sym=False, mse=False)
     mse = gptq_solve(W, H, 2, -1, sym=False, mse=True)
     assert torch.equal(mse.dequantize(), mse.dequantized)
     assert mse.error < plain.error
+
+
+def issue_layer(out_f: int, in_f: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """W ~ N(0, 0.02); H = XᵀX/n with columns of X scaled by 1 + 4u and 8 massive channels (x20)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(2 * in_f, in_f, generator=g) * (1 + 4 * torch.rand(in_f, generator=g))
+    X[:, torch.randperm(in_f, generator=g)[:8]] *= 20
+    return 0.02 * torch.randn(out_f, in_f, generator=g), X.T @ X / (2 * in_f)
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (3, 128), (2, 64)])
+def test_defaults_beat_the_reference_settings(bits, group_size):
+    """Static groups with diag(H)-weighted ranges (the defaults) against dynamic min-max groups (the
+    reference's, what llm-compressor's static min-max equals at best): less output error on such layers."""
+    W, H = issue_layer(128, 512, seed=bits)
+    default = gptq_solve(W, H, bits, group_size, True)
+    reference = gptq_solve(W, H, bits, group_size, True, static_groups=False, mse=False)
+    static_minmax = gptq_solve(W, H, bits, group_size, True, mse=False)
+    assert default.args["static_groups"] is True and default.args["mse"] == "hessian"
+    assert default.error < 0.9 * min(reference.error, static_minmax.error), (default.error, reference.error)
+
+
+@pytest.mark.parametrize("act_order,static_groups,mse,sym", [(False, True, "hessian", True),
+                                                             (True, False, False, False), (True, True, True, False)])
+def test_error_from_the_solve_equals_the_direct_one(act_order, static_groups, mse, sym):
+    """``error`` comes from GPTQ's own per-column losses minus the dampening; it must equal
+    tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) computed from the weights, dead columns included."""
+    W, H = issue_layer(48, 256, seed=5)
+    H[7, :], H[:, 7] = 0, 0
+    r = gptq_solve(W, H, 3, 64, sym, act_order=act_order, static_groups=static_groups, mse=mse)
+    assert r.error == pytest.approx(relative_output_error(W, r.dequantized, H), rel=1e-5)
+
+
+def test_consumed_hessian_gives_the_same_result():
+    W, H = issue_layer(32, 256, seed=2)
+    kept = gptq_solve(W, H, 4, 64, True)
+    scratch = H.clone()
+    used = gptq_solve(W, scratch, 4, 64, True, consume_hessian=True)
+    assert torch.equal(kept.codes, used.codes) and torch.equal(kept.scales, used.scales)
+    assert kept.error == used.error
+    assert not torch.equal(scratch, H)  # it was used as the workspace (now holds the factor)
+
+
+def test_weighted_range_search():
+    """Never worse than min-max on its own loss; exactly min-max with one candidate; ties keep the wider range."""
+    from quantlab.quant import grid
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 8, 32, generator=g) * torch.rand(64, 8, 1, generator=g)
+    weight = torch.rand(8, 32, generator=g) * 10
+    for sym in (True, False):
+        s0, z0 = grid.compute_qparams(w, 3, sym)
+        s1, z1 = grid.weighted_range_search(w, 3, sym, weight, coarse=1, refine=0)
+        assert torch.equal(s0, s1) and torch.equal(z0, z1)
+        s, z = grid.weighted_range_search(w, 3, sym, weight)
+
+        def loss(scale, zero):
+            q = grid.fake_quantize(w, scale.unsqueeze(-1), zero.unsqueeze(-1), 3)
+            return ((q - w).square() * weight).sum(-1)
+        assert torch.all(loss(s, z) <= loss(s0, z0)) and bool((loss(s, z) < loss(s0, z0)).any())
+
+
+def test_inverse_hessian_cholesky_in_place():
+    from quantlab.quant.hessian import inverse_hessian_cholesky
+    _, H = issue_layer(1, 128, seed=3)
+    Hd = H.clone()
+    U = inverse_hessian_cholesky(Hd, 0.01)
+    assert U.data_ptr() == Hd.data_ptr()
+    damped = H.double() + 0.01 * torch.diag(H.double()).mean() * torch.eye(128, dtype=torch.float64)
+    assert torch.allclose(U.double().T @ U.double(), torch.linalg.inv(damped), rtol=1e-3, atol=1e-6)
+    assert torch.equal(U, U.triu())

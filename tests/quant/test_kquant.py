@@ -259,7 +259,8 @@ def test_gptq_beats_rtn_on_the_same_grid(name):
     W, H = make_layer(64, 512, seed=1)
     r, q = solve(W, H, name, "rtn"), solve(W, H, name, "gptq")
     assert q.error < 0.5 * r.error, (name, q.error, r.error)
-    assert q.error == pytest.approx(relative_output_error(W, q.dequantized, H))
+    # gptq's error comes from its own per-column losses (float32 sums): equal to 1e-5, not to the last bit
+    assert q.error == pytest.approx(relative_output_error(W, q.dequantized, H), rel=1e-5)
     assert torch.equal(q.extra["d"], r.extra["d"]) and torch.equal(q.extra["sc"], r.extra["sc"])  # one fixed grid
 
 
