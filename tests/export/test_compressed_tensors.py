@@ -4,6 +4,7 @@ reproduces the in-memory fake-quant logits."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -54,6 +55,33 @@ def rtn_result(w: torch.Tensor, bits: int, group: int, sym: bool):
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 def test_mixed_precision_checkpoint_loads_in_transformers(family, tmp_path):
+    out = _export_and_load(family, tmp_path)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert not any(k.startswith("model.language_model") for k in keys)  # hub-legacy names only
+
+
+def test_sharded_checkpoint_loads_in_transformers(tmp_path, monkeypatch):
+    """Shards of at most 64 KiB: the index names every tensor once, and transformers loads the same model."""
+    import quantlab.export.io as io
+
+    monkeypatch.setattr(io, "SHARD_BYTES", 64 << 10)
+    out = _export_and_load("llava", tmp_path)
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 3 and not (out / "model.safetensors").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    names = {}
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            sizes = [f.get_slice(k).get_shape() for k in f.keys()]
+            names.update({k: shard.name for k in f.keys()})
+            big = [s for s in sizes if math.prod(s) * 2 > 64 << 10]
+            assert len(sizes) == 1 or not big  # a tensor over the limit gets a shard of its own
+    assert index["weight_map"] == names
+
+
+def _export_and_load(family, tmp_path):
+    """A mixed-precision RTN export of a tiny model; transformers' logits from it equal the fake-quant model's."""
     from tests.conftest import TINY_BUILDERS
 
     model = TINY_BUILDERS[family]()
@@ -75,9 +103,6 @@ def test_mixed_precision_checkpoint_loads_in_transformers(family, tmp_path):
     out = write_dir_atomic(tmp_path / "ckpt", lambda d: write_compressed_tensors(loaded, results, d))
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["format"] == "pack-quantized" and len(cfg["config_groups"]) == len(schemes)
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        keys = set(f.keys())
-    assert not any(k.startswith("model.language_model") for k in keys)  # hub-legacy names only
     torch.manual_seed(0)
     inputs = tiny_inputs(family, batch=1)
     from safetensors.torch import save_file
@@ -93,6 +118,7 @@ def test_mixed_precision_checkpoint_loads_in_transformers(family, tmp_path):
     with torch.no_grad():
         ours = model(**inputs).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    return out
 
 
 def test_targets_never_cross_components():
