@@ -328,6 +328,29 @@ def quantize(
         console.print(f"pushed: {push(summary['model_dir'], push_to_hub)}")
 
 
+@app.command()
+@friendly_errors
+def forecast(
+    model: Annotated[str, typer.Argument(help="alias, checkpoint directory or hub id")],
+    recipe: Annotated[str, typer.Option(help="recipe YAML, or a built-in name (quantlab recipes)")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe key: a.b=value")] = None,
+    device: Device = None,
+    stream: Stream = False,
+    debug: Debug = False,
+) -> None:
+    """Print each stage's forecast peak memory for `quantlab quantize` with the same arguments; runs nothing.
+
+    Exits 2 when a stage would not fit in this machine's available memory (as quantize would refuse).
+    """
+    from quantlab.pipeline.forecast import check_forecast, format_forecast, host_budget
+    from quantlab.pipeline.preflight import preflight
+    from quantlab.recipe import Recipe
+
+    spec = Recipe.from_yaml(recipe, _overrides(set_))
+    skeleton = preflight(model, spec, stream=stream, device=device)
+    console.print(format_forecast(check_forecast(skeleton, model, spec, stream=stream, device=device), host_budget()))
+
+
 def _stage_on_run(run_dir: Path, stop_after: str | None, device: str | None = None, stream: bool = False) -> None:
     from quantlab.core.errors import UserError
     from quantlab.pipeline import run_all

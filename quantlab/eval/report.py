@@ -138,6 +138,8 @@ class Comparison:
     # bytes of the quantized model, fp16 and uniform GPTQ W4 g128 (cost model) and the savings against them
     savings: dict[str, Any] = field(default_factory=dict)
     blocks: list[dict[str, Any]] = field(default_factory=list)  # per decoder block: bits, bytes, entropies
+    # per pipeline stage: {"forecast_bytes", "peak_bytes"} of this process's host memory (the run's own)
+    stage_memory: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def points(self) -> list[dict[str, Any]]:
@@ -357,6 +359,7 @@ def markdown(c: Comparison) -> str:
                 out.append(f"\n{lb}: fits in {f['budget_bytes'] / 2**30:g} GiB with {f['images']} image(s) and "
                            f"{f['text_tokens']} text tokens: **{'yes' if f['fits'] else 'no'}** "
                            f"(need {cell_mib(f['total_bytes'])} MiB; at most {f['max_images']} images)")
+    out += _stage_memory_md(c)
     out += _blocks_md(c)
     out += _points_md(c)
     if c.fallbacks:
@@ -365,6 +368,18 @@ def markdown(c: Comparison) -> str:
     if c.notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in c.notes]
     return "\n".join(out) + "\n"
+
+
+def _stage_memory_md(c: Comparison) -> list[str]:
+    if not c.stage_memory:
+        return []
+    out = ["", "## Host memory of the run, by stage (MiB)", "", "| stage | forecast | measured peak | measured / forecast |",
+           "|---|---:|---:|---:|"]
+    for stage, m in c.stage_memory.items():
+        f, p = m.get("forecast_bytes"), m.get("peak_bytes")
+        ratio = f"{p / f:.2f}" if f and p else "-"
+        out.append(f"| {stage} | {cell_mib(f)} | {cell_mib(p)} | {ratio} |")
+    return out
 
 
 def write_report(out_dir: str | Path, comparison: Comparison) -> dict[str, Path]:

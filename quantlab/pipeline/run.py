@@ -9,12 +9,16 @@ later stage re-runs with it, and the run log says so.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from quantlab.core.host_memory import measured_peak
+
 from quantlab.pipeline import stages
 from quantlab.pipeline.context import StageContext, run_log
+from quantlab.pipeline.forecast import check_forecast, format_forecast, host_budget
 from quantlab.pipeline.preflight import preflight
 from quantlab.pipeline.rundir import RunDir, locked
 from quantlab.recipe import Recipe
@@ -41,9 +45,13 @@ def run_all(model: str, recipe_path: str | Path, out: str | Path, *, overwrite: 
     """
     recipe = Recipe.from_yaml(recipe_path, overrides)
     skeleton = preflight(model, recipe, out=out, stream=stream, device=device, push_to_hub=push_to_hub)
+    forecasts = check_forecast(skeleton, model, recipe, stream=stream, device=device)
     RunDir.check(out, model, overwrite=overwrite)
     with locked(out), run_log(Path(out) / "run.log", say) as tell:
         run = RunDir.open(out, model, recipe.to_yaml(), overwrite=overwrite)
+        run.state["_forecast"] = [f.to_dict() for f in forecasts]
+        run.save()
+        log.info(format_forecast(forecasts, host_budget()))
         env = stages.compute_env(device)
         log.info("quantlab run: model %s, recipe %s (%s), stop after %s, torch %s, %d threads, device %s%s",
                  model, recipe_path, recipe.name, stop_after or "report", env["torch"], env["threads"], env["device"],
@@ -53,26 +61,46 @@ def run_all(model: str, recipe_path: str | Path, out: str | Path, *, overwrite: 
         return _stages(ctx, stop_after)
 
 
+@contextmanager
+def _peak_of(ctx: StageContext, stage: str, summary: dict[str, Any]) -> Iterator[None]:
+    """Measure the stage's peak host memory (this process) into ``state.json`` and the run log."""
+    with measured_peak() as mem:
+        yield
+    entry = ctx.run.state.get(stage)
+    if mem["peak"] is None or entry is None:
+        return
+    entry["peak_rss_bytes"] = mem["peak"]
+    ctx.run.save()
+    summary.setdefault("peak_rss_bytes", {})[stage] = mem["peak"]
+    log.info("%s: peak host memory %.2f GiB (this process; %.2f GiB at its start)", stage, mem["peak"] / 2**30,
+             (mem["start"] or 0) / 2**30)
+
+
 def _stages(ctx: StageContext, stop_after: str | None) -> dict[str, Any]:
     recipe, say = ctx.recipe, ctx.say
     summary: dict[str, Any] = {"run_dir": str(ctx.run.root)}
     say(f"[1/6] calibrate: {recipe.calibration.num_samples} samples (alpha={recipe.calibration.alpha})")
-    stats = stages.stage_calibrate(ctx)
+    with _peak_of(ctx, "calibrate", summary):
+        stats = stages.stage_calibrate(ctx)
     if stop_after == "calibrate":
         return summary
     say(f"[2/6] plan: {recipe.plan.planner}")
-    plan = stages.stage_plan(ctx, stats)
+    with _peak_of(ctx, "plan", summary):
+        plan = stages.stage_plan(ctx, stats)
     summary["predicted_bytes"] = plan.predicted_bytes
     if stop_after == "plan":
         return summary
     say("[3/6] quantize: block by block")
-    results = stages.stage_quantize(ctx, plan)
+    with _peak_of(ctx, "quantize", summary):
+        results = stages.stage_quantize(ctx, plan)
     say("[4/6] export")
-    summary["model_dir"] = str(stages.stage_export(ctx, plan, results))
+    with _peak_of(ctx, "export", summary):
+        summary["model_dir"] = str(stages.stage_export(ctx, plan, results))
     if stop_after == "export":
         return summary
     say("[5/6] eval: baseline and quantized")
-    summary["eval"] = stages.stage_eval(ctx, ctx.loaded)
+    with _peak_of(ctx, "eval", summary):
+        summary["eval"] = stages.stage_eval(ctx, ctx.loaded)
     say("[6/6] report")
     summary["report"] = str(stages.stage_report(ctx, plan, results, summary["eval"]))
     say(f"done: {summary['report']}")

@@ -1,0 +1,57 @@
+"""This process's resident memory on Linux: now, its peak, and the peak of a stretch of work.
+
+``VmHWM`` in ``/proc/self/status`` is the kernel's high-water mark of the process's resident set; writing
+``5`` to ``/proc/self/clear_refs`` resets it to the current RSS (proc(5), "clear_refs"), which is how a
+stage's own peak is measured inside one long run. Elsewhere every function returns None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name == key:
+                return int(rest.split()[0]) * 1024  # the kernel reports kB (KiB)
+    except OSError:
+        return None
+    return None
+
+
+def current_rss() -> int | None:
+    """Resident set size now, in bytes."""
+    return _status_bytes("VmRSS")
+
+
+def peak_rss() -> int | None:
+    """Peak resident set size since the process started or the last :func:`reset_peak`, in bytes."""
+    return _status_bytes("VmHWM")
+
+
+def reset_peak() -> bool:
+    """Reset the peak to the current RSS; False when the kernel does not allow it."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def measured_peak() -> Iterator[dict[str, int | None]]:
+    """Yields a dict that holds, after the block, ``start`` (RSS before) and ``peak`` (peak RSS during the
+    block, None when the peak could not be reset, since it would include earlier work)."""
+    out: dict[str, int | None] = {"start": current_rss(), "peak": None}
+    resettable = reset_peak()
+    try:
+        yield out
+    finally:
+        out["peak"] = peak_rss() if resettable else None

@@ -1,0 +1,216 @@
+"""Memory forecast: each stage's peak host memory (and compute-device memory) from the model's config, the
+recipe and the flags, made before any stage starts.
+
+A stage's host peak is the sum of the terms below (bytes); ``n`` calibration samples of at most ``T`` tokens,
+``d`` the width of the residual stream, ``b`` the bytes of the load dtype:
+
+| term          | stages            | what                                                                         |
+|---------------|-------------------|------------------------------------------------------------------------------|
+| ``process``   | all               | this process's RSS when the forecast is made, plus the libraries the stages import later |
+| ``weights``   | all               | in memory: every parameter; ``--stream``: the resident tensors (embeddings, norms, projector, an untied head) plus the largest decoder or vision block |
+| ``samples``   | calibrate, quantize | the hidden states entering and leaving a block for every sample: ``2·n·T·d·b`` |
+| ``block``     | calibrate, quantize | inside a block, the Linear inputs kept for every sample (``n·T·Σ widths·b``) |
+| ``stats``     | calibrate         | the token reservoirs of one block (LUQ's and each Linear's, float32) and, when collected, every Linear's Hessian of every block (they are held until the stats are written) |
+| ``solver``    | quantize          | the widest Linear's solve: float32 weight, solution, contiguous copy and search buffer, uint8 codes (``17`` bytes per weight) and its Hessian with LAPACK's copy (``2·in²·4``) |
+| ``shards``    | export            | one shard and safetensors' copy of it (``2·SHARD_BYTES``), one block's packed codes |
+
+With ``--device``, blocks, activations and solves move to the device: ``solver``, ``samples`` and
+``block`` are counted there instead of on the host.
+
+``T`` is the longest of a few calibration samples built from the recipe's sources with the model's processor
+(image tokens follow the processor and ``max_pixels``), capped by ``max_tokens``; the recipe's cap alone when
+no processor can be read. Measured against
+them: eval/bench/full_size.py (3B and 7B) and ``tests/test_forecast.py`` (toys); the run records both in
+``state.json`` and the run log.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantlab.core.errors import UserError
+from quantlab.core.host_memory import current_rss
+from quantlab.export.io import SHARD_BYTES
+from quantlab.models.adapter import Component
+from quantlab.models.load import LoadedModel, default_dtype
+from quantlab.pipeline.stages import stats_options
+
+GiB = 1 << 30
+LIBRARIES = 64 << 20  # what the stages import after the forecast (image plugins, k-means, plotting): measured
+PROBE_SAMPLES = 4  # samples built to measure a sample's length
+MODALITIES = 3  # image, text, all: one reservoir each
+
+
+@dataclass(frozen=True)
+class StageForecast:
+    """One stage's forecast peak: host bytes (this process's RSS), device bytes (None: no device), terms."""
+
+    stage: str
+    host: int
+    device: int | None = None
+    terms: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"stage": self.stage, "host_bytes": self.host, "device_bytes": self.device, "terms": self.terms}
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _dtype_bytes(model_name: str, model: nn.Module) -> int:
+    dtype = default_dtype(model_name)
+    if dtype == "auto":
+        cfg = model.config
+        dtype = getattr(cfg, "dtype", None) or getattr(cfg.get_text_config(), "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _weights(skeleton: LoadedModel, b: int, stream: bool) -> int:
+    """Parameters held at once: all of them, or (streamed) the resident ones plus the largest block."""
+    model, adapter = skeleton.model, skeleton.adapter
+    params = {id(p): p for p in model.parameters()}  # a tied head counts once
+    if not stream:
+        return sum(p.numel() for p in params.values()) * b
+    streamed = (adapter.decoder_blocks + ".", adapter.vision_blocks + ".")
+    resident = {id(p): p for n, p in model.named_parameters() if not n.startswith(streamed)}
+    largest = max(sum(p.numel() for p in blk.parameters())
+                  for comp in (Component.DECODER, Component.VISION) for blk in adapter.blocks(model, comp))
+    return (sum(p.numel() for p in resident.values()) + largest) * b
+
+
+def sample_tokens(model_name: str, skeleton: LoadedModel, recipe) -> int:
+    """The longest of :data:`PROBE_SAMPLES` calibration samples of the recipe (capped by ``max_tokens``)."""
+    from quantlab.calib.data import build_calibration_set
+    from quantlab.models.load import processor_class, resolve
+    from quantlab.models.processors import load_processor
+
+    cal = recipe.calibration
+    try:
+        path = Path(resolve(model_name))
+        probe = LoadedModel(skeleton.model, load_processor(path, processor_class(path)), skeleton.adapter,
+                            skeleton.source)
+        samples = build_calibration_set(probe, cal.model_copy(update={"num_samples": min(PROBE_SAMPLES,
+                                                                                          cal.num_samples)})).samples
+        return min(cal.max_tokens, max(s.inputs["input_ids"].shape[1] for s in samples))
+    except Exception:  # noqa: BLE001 - no processor, unreadable data: the cap is the bound
+        return cal.max_tokens
+
+
+def _block_linears(skeleton: LoadedModel) -> list[nn.Linear]:
+    adapter = skeleton.adapter
+    return [m for m in adapter.blocks(skeleton.model)[0].modules() if isinstance(m, nn.Linear)]
+
+
+def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool, device: str | None,
+                 base_rss: int | None = None) -> list[StageForecast]:
+    """The forecast of calibrate, plan, quantize and export (and eval, when the recipe has tasks)."""
+    model = skeleton.model
+    b = _dtype_bytes(model_name, model)
+    process = (current_rss() if base_rss is None else base_rss) or 0
+    process += LIBRARIES
+    weights = _weights(skeleton, b, stream)
+    cal = recipe.calibration
+    n, T = cal.num_samples, sample_tokens(model_name, skeleton, recipe)
+    text = model.config.get_text_config()
+    d = text.hidden_size
+    linears = _block_linears(skeleton)
+    widths = sorted({m.in_features for m in linears})  # Linears reading one tensor share it
+    samples = 2 * n * T * d * b
+    block = n * T * sum(widths) * b
+    opts = stats_options(recipe)
+    reservoir = MODALITIES * 4 * (opts.max_tokens * d + opts.linear_max_tokens * sum(m.in_features for m in linears))
+    n_blocks = len(skeleton.adapter.blocks(model))
+    hessians = n_blocks * sum(m.in_features ** 2 * 4 for m in linears) if opts.hessians else 0
+    widest = max(linears, key=lambda m: m.in_features * m.out_features)
+    solver = widest.in_features * widest.out_features * 17 + 2 * widest.in_features ** 2 * 4
+    block_codes = sum(m.in_features * m.out_features for m in linears)  # uint8 until packed
+    on_device = device is not None and torch.device(device).type != "cpu"
+
+    def stage(name: str, host_terms: dict[str, int], device_terms: dict[str, int] | None = None) -> StageForecast:
+        if not on_device:
+            return StageForecast(name, sum(host_terms.values()), None, host_terms)
+        device_terms = device_terms or {}
+        return StageForecast(name, sum(host_terms.values()), sum(device_terms.values()),
+                             host_terms | {f"device.{k}": v for k, v in device_terms.items()})
+
+    common = {"process": process, "weights": weights}
+    work = {"samples": samples, "block": block}
+    out = [
+        stage("calibrate", common | ({} if on_device else work) | {"stats": reservoir + hessians},
+              work | {"weights": weights if not stream else 0}),
+        stage("plan", common),
+        stage("quantize", common | ({} if on_device else work | {"solver": solver}),
+              work | {"solver": solver}),
+        stage("export", common | {"shards": 2 * min(SHARD_BYTES, _bytes(model.parameters()) // 2),
+                                  "codes": block_codes}),
+    ]
+    if recipe.eval.tasks:
+        full = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * b
+        out.append(stage("eval", common | {"model": full}))
+    return out
+
+
+def host_budget() -> int | None:
+    """What this process may grow to: its RSS now plus the machine's available memory (/proc/meminfo)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    except OSError:
+        return None
+    return (current_rss() or 0) + info.get("MemAvailable", info.get("MemFree", 0))
+
+
+def format_forecast(forecasts: list[StageForecast], budget: int | None) -> str:
+    """A small table: stage, host peak, device peak, the two largest terms."""
+    lines = ["memory forecast (peak of each stage):"]
+    for f in forecasts:
+        top = sorted(((v, k) for k, v in f.terms.items() if not k.startswith("device.")), reverse=True)[:3]
+        dev = "" if f.device is None else f", device {f.device / GiB:.2f} GiB"
+        lines.append(f"  {f.stage:9s} host {f.host / GiB:6.2f} GiB{dev}  ("
+                     + ", ".join(f"{k} {v / GiB:.2f}" for v, k in top) + ")")
+    if budget is not None:
+        lines.append(f"  this machine: {budget / GiB:.2f} GiB available to this process")
+    return "\n".join(lines)
+
+
+def over_budget(forecasts: list[StageForecast], budget: int | None) -> list[StageForecast]:
+    """The stages whose host forecast exceeds ``budget`` (none when the budget is unknown)."""
+    return [] if budget is None else [f for f in forecasts if f.host > budget]
+
+
+def remedies(forecasts: list[StageForecast], *, stream: bool, device: str | None, recipe) -> list[str]:
+    """What would bring the largest stage down, largest effect first."""
+    worst = max(forecasts, key=lambda f: f.host)
+    out = []
+    if not stream and worst.terms.get("weights", 0) > 0.3 * worst.host:
+        out.append("--stream (read one block at a time from the checkpoint)")
+    if worst.terms.get("samples", 0) + worst.terms.get("block", 0) > 0.2 * worst.host:
+        out.append(f"fewer calibration samples or tokens (--set calibration.num_samples=..., now "
+                   f"{recipe.calibration.num_samples}; calibration.max_tokens, now {recipe.calibration.max_tokens})")
+        out.append(f"smaller images (--set calibration.max_pixels=..., now {recipe.calibration.max_pixels})")
+    if device is None and worst.terms.get("solver", 0) > 0:
+        out.append("--device cuda (the solves and activations move to the accelerator)")
+    if worst.stage == "eval":
+        out.append("--set 'eval.tasks=[]' (evaluation loads the whole model)")
+    return out or ["a machine with more memory"]
+
+
+def check_forecast(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool, device: str | None
+                   ) -> list[StageForecast]:
+    """The run's forecast; :class:`UserError` (before anything is written) when a stage will not fit."""
+    forecasts = forecast_run(skeleton, model_name, recipe, stream=stream, device=device)
+    budget = host_budget()
+    over = over_budget(forecasts, budget)
+    if over:
+        worst = max(over, key=lambda f: f.host)
+        raise UserError(f"memory: {model_name} with recipe {recipe.name!r} is forecast to need "
+                        f"{worst.host / GiB:.2f} GiB in the {worst.stage} stage, and this machine has "
+                        f"{budget / GiB:.2f} GiB available\n{format_forecast(forecasts, budget)}",
+                        "try " + "; or ".join(remedies(forecasts, stream=stream, device=device, recipe=recipe)))
+    return forecasts
