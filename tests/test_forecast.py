@@ -44,11 +44,16 @@ def test_terms_follow_the_flags_and_the_recipe():
                                                      base_rss=0, **kw)}
     memory, streamed = by_stage(stream=False, device=None), by_stage(stream=True, device=None)
     assert streamed["quantize"].terms["weights"] < memory["quantize"].terms["weights"]
-    more = Recipe.from_yaml("recipes/w4a16.yaml", {"eval.tasks": [], "calibration.num_samples": 256,
-                                                   "calibration.max_tokens": 1024})
+    more = Recipe.from_yaml("recipes/w4a16.yaml", {"eval.tasks": [], "calibration.num_samples": 256})
     bigger = by_stage(stream=False, device=None, recipe=more)
     assert bigger["calibrate"].host > memory["calibrate"].host
-    assert bigger["quantize"].terms["samples"] == memory["quantize"].terms["samples"] * 256 // 64 * 1024 // 512
+    assert bigger["quantize"].terms["samples"] == memory["quantize"].terms["samples"] * 256 // 64
+    # tokens: the probe samples' length (shorter than the cap here), or the cap when it cuts them
+    d = skeleton.model.config.get_text_config().hidden_size
+    cut = by_stage(stream=False, device=None, recipe=Recipe.from_yaml(
+        "recipes/w4a16.yaml", {"eval.tasks": [], "calibration.max_tokens": 16}))
+    assert cut["quantize"].terms["samples"] == 2 * 64 * 16 * d * 4  # toys compute in float32
+    assert memory["quantize"].terms["samples"] > cut["quantize"].terms["samples"]
     ondevice = by_stage(stream=False, device="cuda")
     assert "solver" not in ondevice["quantize"].terms and ondevice["quantize"].device > 0
     assert ondevice["quantize"].host < memory["quantize"].host
