@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "quantlab"
 # Layer of each top-level package or module of quantlab; a module may import only from its own layer's
 # package or from strictly lower layers.
 LAYERS: dict[str, int] = {
-    "core.errors": 0, "core.progress": 0, "core.device": 0, "core": 0,
+    "core.errors": 0, "core.progress": 0, "core.device": 0, "core.host_memory": 0, "core": 0,
     "core.files": 1, "core.registry": 1,
     "models": 2, "data": 2,
     "calib": 3,

@@ -140,13 +140,14 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/full_size"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], help="extra recipe overrides, passed on")
+    ap.add_argument("--resume", action="store_true", help="resume the run directory instead of starting over")
     a = ap.parse_args()
     directory = checkpoint(a.model, a.layers, a.workdir)
     total, block = model_bytes(directory)
     layers = json.loads((directory / "config.json").read_text())["text_config"]["num_hidden_layers"]
     run = a.workdir / "runs" / f"{directory.name}-{Path(a.recipe).stem}"
     cmd = [str(ROOT / ".venv" / "bin" / "quantlab"), "quantize", str(directory), "--recipe", a.recipe,
-           "--out", str(run), "--stream", "--overwrite", "--set", f"calibration.num_samples={a.samples}",
+           "--out", str(run), "--stream", *([] if a.resume else ["--overwrite"]), "--set", f"calibration.num_samples={a.samples}",
            "--set", "eval.tasks=[]"]
     for s in a.set:
         cmd += ["--set", s]
@@ -161,12 +162,15 @@ def main() -> None:
     seconds = stage_seconds(run / "run.log")
     print(f"{directory.name}: {layers} layers, bf16 bytes {total / GiB:.2f} GiB, one block {block / GiB:.3f} GiB, "
           f"{a.samples} samples, recipe {a.recipe}, wall {wall:.0f}s")
+    nan = float("nan")
     for stage in STAGES:
-        peak = state.get(stage, {}).get("peak_rss_bytes")
+        entry = state.get(stage, {})
+        peak, fc = entry.get("peak_rss_bytes"), entry.get("forecast_host_bytes")
         s = seconds.get(stage)
-        print(f"  {stage:9s} peak={peak / GiB if peak else float('nan'):.2f} GiB "
-              f"ratio={peak / total if peak else float('nan'):.3f} seconds={s if s is not None else float('nan'):.0f} "
-              f"per_block={s / layers if s is not None else float('nan'):.1f}", flush=True)
+        print(f"  {stage:9s} peak={peak / GiB if peak else nan:.2f} GiB ratio={peak / total if peak else nan:.3f} "
+              f"forecast={fc / GiB if fc else nan:.2f} GiB measured/forecast={peak / fc if peak and fc else nan:.3f} "
+              f"seconds={s if s is not None else nan:.0f} per_block={s / layers if s is not None else nan:.1f}",
+              flush=True)
     exported = sorted(p.name for p in (run / "model").iterdir())
     print(f"  export: {len(exported)} files ({', '.join(exported[:4])}{', ...' if len(exported) > 4 else ''})")
 

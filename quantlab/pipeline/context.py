@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ class StageContext:
     stream: bool = False  # read blocks from the checkpoint one at a time instead of loading the model
     weights: Any = None  # the streamed model's weight source (set when the model is loaded)
     skeleton: Any = None  # the model's meta-device skeleton from the preflight (shapes, names; no weights)
+    forecast: dict = field(default_factory=dict)  # stage -> its memory forecast (quantlab.pipeline.forecast)
 
     @property
     def loaded(self):

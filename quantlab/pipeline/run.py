@@ -8,6 +8,7 @@ later stage re-runs with it, and the run log says so.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,27 +50,29 @@ def run_all(model: str, recipe_path: str | Path, out: str | Path, *, overwrite: 
     RunDir.check(out, model, overwrite=overwrite)
     with locked(out), run_log(Path(out) / "run.log", say) as tell:
         run = RunDir.open(out, model, recipe.to_yaml(), overwrite=overwrite)
-        run.state["_forecast"] = [f.to_dict() for f in forecasts]
-        run.save()
         log.info(format_forecast(forecasts, host_budget()))
         env = stages.compute_env(device)
         log.info("quantlab run: model %s, recipe %s (%s), stop after %s, torch %s, %d threads, device %s%s",
                  model, recipe_path, recipe.name, stop_after or "report", env["torch"], env["threads"], env["device"],
                  ", streamed" if stream else "")
         ctx = StageContext(model, recipe, run, progress=progress, say=tell, device=device, stream=stream,
-                           skeleton=skeleton)
+                           skeleton=skeleton, forecast={f.stage: f for f in forecasts})
         return _stages(ctx, stop_after)
 
 
 @contextmanager
 def _peak_of(ctx: StageContext, stage: str, summary: dict[str, Any]) -> Iterator[None]:
-    """Measure the stage's peak host memory (this process) into ``state.json`` and the run log."""
+    """Measure the stage's peak host memory (this process) into its ``state.json`` entry, beside its forecast,
+    and the run log; a stage that was up to date (its entry unchanged) records nothing."""
+    before = json.dumps(ctx.run.state.get(stage), sort_keys=True)
     with measured_peak() as mem:
         yield
     entry = ctx.run.state.get(stage)
-    if mem["peak"] is None or entry is None:
+    if mem["peak"] is None or entry is None or json.dumps(entry, sort_keys=True) == before:
         return
     entry["peak_rss_bytes"] = mem["peak"]
+    if stage in ctx.forecast:
+        entry["forecast_host_bytes"] = ctx.forecast[stage].host
     ctx.run.save()
     summary.setdefault("peak_rss_bytes", {})[stage] = mem["peak"]
     log.info("%s: peak host memory %.2f GiB (this process; %.2f GiB at its start)", stage, mem["peak"] / 2**30,

@@ -6,6 +6,8 @@ additionally resumes from the last finished block.
 
 from __future__ import annotations
 
+import dataclasses
+
 import importlib.util
 import json
 import shutil
@@ -289,11 +291,10 @@ def stage_report(ctx: StageContext, plan, results, evals: dict) -> Path:
     entropy = StatsEntropy.load(run.stats)  # summary.json only: the Hessians in stats.safetensors are not read
     comparison = compare(evals["baseline"], evals["quantized"], memory, fallbacks=plan.info.get("fallbacks"),
                          sizes=sizes, totals=totals(ctx.loaded, plan), blocks=block_rows(ctx.loaded, plan, entropy))
-    forecast = {f["stage"]: f["host_bytes"] for f in run.state.get("_forecast", [])}
-    comparison.stage_memory = {
-        stage: {"forecast_bytes": forecast.get(stage), "peak_bytes": run.state.get(stage, {}).get("peak_rss_bytes")}
+    comparison = dataclasses.replace(comparison, stage_memory={
+        stage: {"forecast_bytes": entry.get("forecast_host_bytes"), "peak_bytes": entry["peak_rss_bytes"]}
         for stage in ("calibrate", "plan", "quantize", "export", "eval")
-        if stage in forecast or run.state.get(stage, {}).get("peak_rss_bytes") is not None}
+        if "peak_rss_bytes" in (entry := run.state.get(stage, {}))})
     paths = write_report(run.root, comparison)
     scores = {k: {"task": t, "accuracy": r.score} for k, e in evals.items() for t, r in e.tasks.items()}
     write_model_card(run.model, ctx.model_name, ctx.recipe, plan, run.state["export"]["format"],

@@ -178,8 +178,8 @@ def weighted_range_search(w: Tensor, bits: int, sym: bool, weight: Tensor, *, co
         best_p = torch.where(better, p, best_p)
 
     step = (1.0 - lowest) / max(coarse - 1, 1)
-    for p in torch.linspace(1.0, lowest, coarse).tolist()[1:]:
-        consider(torch.full_like(xmin, p))
+    for i in range(1, coarse):  # plain floats: no tensor on the default device (the device-clean rule)
+        consider(torch.full_like(xmin, 1.0 - i * step))
     for _ in range(refine):
         step /= 2
         centre = best_p
