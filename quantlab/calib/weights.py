@@ -106,9 +106,12 @@ def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.fl
     """A model whose decoder and vision blocks stay on the meta device until streamed (models larger than
     memory). One of quantlab's four loaders (see :mod:`quantlab.export.open`).
 
-    Everything else (embeddings, norms, projector; the head when untied) is read now. Vision blocks are
-    loaded by forward hooks just before they run and dropped right after, so the vision tower also holds
-    one block at a time; decoder blocks are left to :func:`quantlab.calib.executor.stream_decoder`.
+    Everything else (norms, projector, the vision tower's embeddings) is read now. Vision blocks, the token
+    embedding and the head are loaded by forward hooks just before they run and dropped right after, so
+    the vision tower holds one block at a time and the embedding (0.6 GB in Qwen2.5-VL-3B, a sixth of its
+    decoder) is in memory only while a sample is embedded; decoder blocks are left to
+    :func:`quantlab.calib.executor.stream_decoder`. A tied head shares the embedding's (meta) parameter
+    until it runs; exports read both from the checkpoint.
     ``dtype``: a torch dtype or its name; ``"auto"`` takes the checkpoint's (``config.dtype``, float32 when
     it names none).
     Returns ``(LoadedModel, SafetensorsWeights)``.
@@ -136,7 +139,8 @@ def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.fl
                                                                    "tie_word_embeddings", False):
         tied[f"{adapter.lm_head}.weight"] = f"{adapter.embed_tokens}.weight"
     weights = SafetensorsWeights(directory, adapter, dtype, tied)
-    streamed = (adapter.decoder_blocks + ".", adapter.vision_blocks + ".")
+    on_demand = (adapter.embed_tokens, adapter.lm_head)  # big (vocab x hidden) and used once per sample
+    streamed = (adapter.decoder_blocks + ".", adapter.vision_blocks + ".", *(m + "." for m in on_demand))
     for name, _ in list(model.named_parameters()):
         if not name.startswith(streamed) and name not in tied:
             set_module_tensor_to_device(model, name, "cpu", value=weights.tensor(name))
@@ -148,5 +152,9 @@ def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.fl
         prefix = f"{adapter.vision_blocks}.{i}"
         block.register_forward_pre_hook(lambda m, a, p=prefix: weights.load(m, p))
         block.register_forward_hook(lambda m, a, o, p=prefix: weights.release(m, p))
+    for prefix in on_demand:
+        module = model.get_submodule(prefix)
+        module.register_forward_pre_hook(lambda m, a, p=prefix: weights.load(m, p))
+        module.register_forward_hook(lambda m, a, o, p=prefix: weights.release(m, p))
     processor = load_processor(directory, processor_class(directory)) if with_processor else None
     return LoadedModel(model.eval(), processor, adapter, str(directory)), weights

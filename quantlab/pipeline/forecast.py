@@ -11,7 +11,7 @@ A stage's host peak is the sum of the terms below (bytes); ``n`` calibration sam
 | ``samples``   | calibrate, quantize | the hidden states entering and leaving a block for every sample: ``2·n·T·d·b`` |
 | ``block``     | calibrate, quantize | inside a block, the Linear inputs kept for every sample (``n·T·Σ widths·b``) |
 | ``stats``     | calibrate         | the token reservoirs of one block (LUQ's and each Linear's, float32) and, when collected, every Linear's Hessian of every block (they are held until the stats are written) |
-| ``solver``    | quantize          | the widest Linear's solve: float32 weight, solution, contiguous copy and search buffer, uint8 codes (``17`` bytes per weight) and its Hessian with LAPACK's copy (``2·in²·4``) |
+| ``solver``    | quantize          | the largest Linear solve: float32 weight, solution, contiguous copy and search buffer, uint8 codes (``17`` bytes per weight) and its Hessian (``in²·4``, factored in place; a second copy on a device) |
 | ``shards``    | export            | one shard and safetensors' copy of it (``2·SHARD_BYTES``), one block's packed codes |
 
 With ``--device``, blocks, activations and solves move to the device: ``solver``, ``samples`` and
@@ -120,6 +120,7 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
     text = model.config.get_text_config()
     d = text.hidden_size
     linears = _block_linears(skeleton)
+    on_device = device is not None and torch.device(device).type != "cpu"
     widths = sorted({m.in_features for m in linears})  # Linears reading one tensor share it
     samples = 2 * n * T * d * b
     block = n * T * sum(widths) * b
@@ -127,10 +128,11 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
     reservoir = MODALITIES * 4 * (opts.max_tokens * d + opts.linear_max_tokens * sum(m.in_features for m in linears))
     n_blocks = len(skeleton.adapter.blocks(model))
     hessians = n_blocks * sum(m.in_features ** 2 * 4 for m in linears) if opts.hessians else 0
-    widest = max(linears, key=lambda m: m.in_features * m.out_features)
-    solver = widest.in_features * widest.out_features * 17 + 2 * widest.in_features ** 2 * 4
+    # the solve holds the Linear's Hessian (factored in place on the CPU; torch keeps one workspace copy
+    # elsewhere) and 17 bytes per weight; the largest such sum over the block's Linears
+    copies = 1 if not on_device else 2
+    solver = max(m.in_features * m.out_features * 17 + copies * m.in_features ** 2 * 4 for m in linears)
     block_codes = sum(m.in_features * m.out_features for m in linears)  # uint8 until packed
-    on_device = device is not None and torch.device(device).type != "cpu"
 
     def stage(name: str, host_terms: dict[str, int], device_terms: dict[str, int] | None = None) -> StageForecast:
         if not on_device:

@@ -65,7 +65,8 @@ class _HessianHook:
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
         k = x.shape[0]
-        self.h.mul_(self.n / (self.n + k)).add_(x.T @ x, alpha=1.0 / (self.n + k))
+        # in place: ``x.T @ x`` as a separate matrix would double the peak at 11008 inputs (0.5 GB each)
+        self.h.addmm_(x.T, x, beta=self.n / (self.n + k), alpha=1.0 / (self.n + k))
         self.n += k
 
 

@@ -6,6 +6,7 @@ factor does not matter here: dampening is relative to ``mean(diag H)`` and the e
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,20 +48,51 @@ def inverse_hessian_cholesky(hessian: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, so ``H⁻¹ = UᵀU``.
 
     ``hessian`` (float32, contiguous) is overwritten: dampened, factored, inverted and factored again in
-    its own storage, and returned as ``U``; pass a copy if you need it. In place because at ``n = 11008``
-    every ``[n, n]`` float32 matrix is 0.5 GB: the peak is ``hessian`` plus LAPACK's one workspace copy.
+    its own storage, and returned as ``U``; pass a copy if you need it. At ``n = 11008`` every ``[n, n]``
+    float32 matrix is 0.5 GB, so on the CPU the three steps are LAPACK's in-place routines (``potrf``,
+    ``potri``, ``potrf`` through SciPy, no workspace copy); elsewhere torch's (one workspace copy).
     Raises ``ValueError`` when the dampened Hessian is not positive definite.
     """
     n = hessian.shape[0]
     hessian.diagonal().add_(damp * torch.mean(torch.diag(hessian)))
+    if hessian.device.type == "cpu" and hessian.dtype == torch.float32 and hessian.is_contiguous():
+        return _inverse_cholesky_in_place(hessian, damp)
     info = torch.empty((), dtype=torch.int32, device=hessian.device)
     torch.linalg.cholesky_ex(hessian, out=(hessian, info))  # L, lower
-    if info.item() != 0:
-        raise ValueError(f"Hessian [{n}, {n}] is not positive definite after dampening with damp={damp}; "
-                         "increase damp or collect more calibration tokens")
+    _check(info.item(), n, damp, inverse=False)
     torch.cholesky_inverse(hessian, out=hessian)  # (L Lᵀ)⁻¹
     torch.linalg.cholesky_ex(hessian, upper=True, out=(hessian, info))  # U
-    if info.item() != 0:
+    _check(info.item(), n, damp, inverse=True)
+    return hessian
+
+
+def _check(info: int, n: int, damp: float, *, inverse: bool) -> None:
+    if info == 0:
+        return
+    if inverse:
         raise ValueError(f"inverse Hessian [{n}, {n}] lost positive definiteness in float32 (damp={damp}); "
                          "increase damp")
-    return hessian
+    raise ValueError(f"Hessian [{n}, {n}] is not positive definite after dampening with damp={damp}; "
+                     "increase damp or collect more calibration tokens")
+
+
+def _inverse_cholesky_in_place(hessian: Tensor, damp: float) -> Tensor:
+    """The CPU path of :func:`inverse_hessian_cholesky` (``hessian`` already dampened).
+
+    LAPACK sees the row-major matrix as its column-major transpose, which is the same matrix (H is
+    symmetric). ``potrf`` (lower) leaves ``L`` in that view's lower triangle, ``potri`` the lower triangle
+    of ``H⁻¹``, and ``potrf`` (lower) again ``L2`` with ``H⁻¹ = L2 L2ᵀ``; read row-major, the upper triangle
+    now holds ``L2ᵀ = U`` (``UᵀU = H⁻¹``), and the other triangle (stale values) is zeroed.
+    """
+    from scipy.linalg import lapack
+
+    n = hessian.shape[0]
+    view = hessian.numpy().T  # column-major, shares memory
+    for step, (fn, kw) in enumerate(((lapack.spotrf, {"overwrite_a": 1, "clean": 0}),
+                                     (lapack.spotri, {"overwrite_c": 1}),
+                                     (lapack.spotrf, {"overwrite_a": 1, "clean": 0}))):
+        out, info = fn(view, lower=1, **kw)
+        _check(int(info), n, damp, inverse=step == 2)
+        if not np.shares_memory(out, view):  # LAPACK worked on a copy: keep the result all the same
+            view[...] = out
+    return hessian.triu_()

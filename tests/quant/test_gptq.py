@@ -241,3 +241,6 @@ def test_inverse_hessian_cholesky_in_place():
     damped = H.double() + 0.01 * torch.diag(H.double()).mean() * torch.eye(128, dtype=torch.float64)
     assert torch.allclose(U.double().T @ U.double(), torch.linalg.inv(damped), rtol=1e-3, atol=1e-6)
     assert torch.equal(U, U.triu())
+    # the CPU float32 path (LAPACK in place through SciPy) agrees with torch's path (taken for float64 here)
+    U64 = inverse_hessian_cholesky(H.double().clone(), 0.01)
+    assert torch.allclose(U.double(), U64, rtol=1e-3, atol=1e-5)
