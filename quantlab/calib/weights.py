@@ -71,19 +71,24 @@ class SafetensorsWeights:
                 return cand
         raise KeyError(f"{self.directory}: no tensor for parameter {name!r} (tried {name!r}, {legacy!r})")
 
-    def tensor(self, name: str) -> torch.Tensor:
+    def tensor(self, name: str, *, mapped: bool = False) -> torch.Tensor:
+        """The parameter's tensor in ``self.dtype``: a copy, or (``mapped``, when no cast is needed) a view of
+        the memory-mapped file, whose pages are read only where touched (an embedding lookup reads its
+        rows, not the whole 0.6 GB table) and go when the tensor does."""
         key = self.key_for(name)
         fname = self.key_file[key]
         if fname not in self._handles:
             self._handles[fname] = safe_open(str(self.directory / fname), framework="pt")
         t = self._handles[fname].get_tensor(key)  # type: ignore[attr-defined]
-        # A copy, never a view of the memory map: mapped pages would stay resident (and counted) for as
-        # long as the tensor lives, defeating the one-block-at-a-time bound.
+        if mapped and t.dtype == self.dtype:
+            return t
+        # Otherwise a copy, never a view of the memory map: mapped pages would stay resident (and counted)
+        # for as long as the tensor lives, defeating the one-block-at-a-time bound for resident tensors.
         return t.to(self.dtype, copy=True)
 
-    def load(self, module: nn.Module, prefix: str) -> None:
+    def load(self, module: nn.Module, prefix: str, *, mapped: bool = False) -> None:
         for pname, _ in list(module.named_parameters()):
-            set_module_tensor_to_device(module, pname, "cpu", value=self.tensor(f"{prefix}.{pname}"))
+            set_module_tensor_to_device(module, pname, "cpu", value=self.tensor(f"{prefix}.{pname}", mapped=mapped))
 
     def release(self, module: nn.Module, prefix: str) -> None:
         for pname, _ in list(module.named_parameters()):
@@ -154,7 +159,7 @@ def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.fl
         block.register_forward_hook(lambda m, a, o, p=prefix: weights.release(m, p))
     for prefix in on_demand:
         module = model.get_submodule(prefix)
-        module.register_forward_pre_hook(lambda m, a, p=prefix: weights.load(m, p))
+        module.register_forward_pre_hook(lambda m, a, p=prefix: weights.load(m, p, mapped=True))
         module.register_forward_hook(lambda m, a, o, p=prefix: weights.release(m, p))
     processor = load_processor(directory, processor_class(directory)) if with_processor else None
     return LoadedModel(model.eval(), processor, adapter, str(directory)), weights

@@ -29,6 +29,7 @@ def model_tensors(loaded, skip: Callable[[str], bool], weights=None) -> Iterator
                 raise ValueError(f"{name} is on the meta device (a streamed model): pass weights=, the second "
                                  "value of quantlab.load_streaming, so the export can read it from the checkpoint")
             t = weights.tensor(name)
+            weights.close()  # a copy was read: unmap the file, or every page read so far stays resident
         yield name, t
     if weights is not None:
         weights.close()

@@ -12,7 +12,7 @@ A stage's host peak is the sum of the terms below (bytes); ``n`` calibration sam
 | ``block``     | calibrate, quantize | inside a block, the Linear inputs kept for every sample (``n·T·Σ widths·b``) |
 | ``stats``     | calibrate         | the token reservoirs of one block (LUQ's and each Linear's, float32) and, when collected, every Linear's Hessian of every block (they are held until the stats are written) |
 | ``solver``    | quantize          | the largest Linear solve: float32 weight, solution, contiguous copy and search buffer, uint8 codes (``17`` bytes per weight) and its Hessian (``in²·4``, factored in place; a second copy on a device) |
-| ``shards``    | export            | one shard and safetensors' copy of it (``2·SHARD_BYTES``), one block's packed codes |
+| ``shards``    | export            | one shard and safetensors' copy of it (``2·SHARD_BYTES``, or twice the largest tensor when that is larger: it gets a shard of its own), one block's codes |
 
 With ``--device``, blocks, activations and solves move to the device: ``solver``, ``samples`` and
 ``block`` are counted there instead of on the host.
@@ -58,10 +58,6 @@ class StageForecast:
         return {"stage": self.stage, "host_bytes": self.host, "device_bytes": self.device, "terms": self.terms}
 
 
-def _bytes(params) -> int:
-    return sum(p.numel() * p.element_size() for p in params)
-
-
 def _dtype_bytes(model_name: str, model: nn.Module) -> int:
     dtype = default_dtype(model_name)
     if dtype == "auto":
@@ -77,7 +73,10 @@ def _weights(skeleton: LoadedModel, b: int, stream: bool) -> int:
     params = {id(p): p for p in model.parameters()}  # a tied head counts once
     if not stream:
         return sum(p.numel() for p in params.values()) * b
-    streamed = (adapter.decoder_blocks + ".", adapter.vision_blocks + ".")
+    # blocks, the token embedding and the head are read when they run (load_streaming); the embedding as a
+    # view of the mapped file, of which a lookup touches only its rows
+    streamed = tuple(m + "." for m in (adapter.decoder_blocks, adapter.vision_blocks, adapter.embed_tokens,
+                                       adapter.lm_head))
     resident = {id(p): p for n, p in model.named_parameters() if not n.startswith(streamed)}
     largest = max(sum(p.numel() for p in blk.parameters())
                   for comp in (Component.DECODER, Component.VISION) for blk in adapter.blocks(model, comp))
@@ -149,7 +148,8 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
         stage("plan", common),
         stage("quantize", common | ({} if on_device else work | {"solver": solver}),
               work | {"solver": solver}),
-        stage("export", common | {"shards": 2 * min(SHARD_BYTES, _bytes(model.parameters()) // 2),
+        stage("export", common | {"shards": 2 * max(min(SHARD_BYTES, sum(p.numel() for p in model.parameters()) * b // 2),
+                                                    max(p.numel() for p in model.parameters()) * b),
                                   "codes": block_codes}),
     ]
     if recipe.eval.tasks:
