@@ -67,6 +67,14 @@ def test_run_leaves_every_artifact(toy_dir, tmp_path):
     assert backends.count("billm") == 3 * 7 and backends.count("gptq") == 5 * 7
     for key in ("baseline", "quantized"):
         assert summary["eval"][key].tasks["shapes-vqa"].n == 10
+    # every stage's peak host memory was measured beside its forecast, and the two agree within 15%
+    assert "memory forecast (peak of each stage)" in logged
+    stage_memory = json.loads((out / "report.json").read_text())["stage_memory"]
+    assert set(stage_memory) == {"calibrate", "plan", "quantize", "export", "eval"}
+    for stage in ("calibrate", "plan", "quantize", "export"):
+        m = stage_memory[stage]
+        assert 0.85 <= m["peak_bytes"] / m["forecast_bytes"] <= 1.15, (stage, m)
+    assert "Host memory of the run, by stage" in (out / "report.md").read_text()
 
 
 def test_changed_recipe_invalidates_downstream(toy_dir, tmp_path):

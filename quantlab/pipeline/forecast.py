@@ -38,6 +38,7 @@ from quantlab.export.io import SHARD_BYTES
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel, default_dtype
 from quantlab.pipeline.stages import stats_options
+from quantlab.quant.apply import sequential_steps
 
 GiB = 1 << 30
 LIBRARIES = 64 << 20  # what the stages import after the forecast (image plugins, k-means, plotting): measured
@@ -67,12 +68,13 @@ def _dtype_bytes(model_name: str, model: nn.Module) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def _weights(skeleton: LoadedModel, b: int, stream: bool) -> int:
-    """Parameters held at once: all of them, or (streamed) the resident ones plus the largest block."""
+def _weights(skeleton: LoadedModel, b: int, stream: bool) -> tuple[int, int]:
+    """``(resident, block)`` bytes: all parameters and nothing streamed, or (streamed) the parameters
+    that stay in memory and the largest block, which the block-by-block stages hold besides them."""
     model, adapter = skeleton.model, skeleton.adapter
     params = {id(p): p for p in model.parameters()}  # a tied head counts once
     if not stream:
-        return sum(p.numel() for p in params.values()) * b
+        return sum(p.numel() for p in params.values()) * b, 0
     # blocks, the token embedding and the head are read when they run (load_streaming); the embedding as a
     # view of the mapped file, of which a lookup touches only its rows
     streamed = tuple(m + "." for m in (adapter.decoder_blocks, adapter.vision_blocks, adapter.embed_tokens,
@@ -80,7 +82,14 @@ def _weights(skeleton: LoadedModel, b: int, stream: bool) -> int:
     resident = {id(p): p for n, p in model.named_parameters() if not n.startswith(streamed)}
     largest = max(sum(p.numel() for p in blk.parameters())
                   for comp in (Component.DECODER, Component.VISION) for blk in adapter.blocks(model, comp))
-    return (sum(p.numel() for p in resident.values()) + largest) * b
+    return sum(p.numel() for p in resident.values()) * b, largest * b
+
+
+def _input_widths(skeleton: LoadedModel) -> list[int]:
+    """One width per tensor the block's Linears read: a fused group (q/k/v, gate/up) reads one."""
+    block = skeleton.adapter.blocks(skeleton.model)[0]
+    named = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    return [named[step[0]].in_features for step in sequential_steps(list(named), skeleton.adapter.fused_groups)]
 
 
 def sample_tokens(model_name: str, skeleton: LoadedModel, recipe) -> int:
@@ -113,18 +122,21 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
     b = _dtype_bytes(model_name, model)
     process = (current_rss() if base_rss is None else base_rss) or 0
     process += LIBRARIES
-    weights = _weights(skeleton, b, stream)
+    weights, one_block = _weights(skeleton, b, stream)
     cal = recipe.calibration
     n, T = cal.num_samples, sample_tokens(model_name, skeleton, recipe)
     text = model.config.get_text_config()
     d = text.hidden_size
     linears = _block_linears(skeleton)
     on_device = device is not None and torch.device(device).type != "cpu"
-    widths = sorted({m.in_features for m in linears})  # Linears reading one tensor share it
+    # the tensors the Linears read (q/k/v share one, gate/up another): their inputs are kept for every sample
+    widths = _input_widths(skeleton)
     samples = 2 * n * T * d * b
     block = n * T * sum(widths) * b
     opts = stats_options(recipe)
     reservoir = MODALITIES * 4 * (opts.max_tokens * d + opts.linear_max_tokens * sum(m.in_features for m in linears))
+    # one flush of the statistics: float32 copies of flush_tokens rows of the widest input, about three at once
+    flush = 3 * 4 * opts.flush_tokens * max(m.in_features for m in linears)
     n_blocks = len(skeleton.adapter.blocks(model))
     hessians = n_blocks * sum(m.in_features ** 2 * 4 for m in linears) if opts.hessians else 0
     # the solve holds the Linear's Hessian (factored in place on the CPU; torch keeps one workspace copy
@@ -141,9 +153,9 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
                              host_terms | {f"device.{k}": v for k, v in device_terms.items()})
 
     common = {"process": process, "weights": weights}
-    work = {"samples": samples, "block": block}
+    work = {"samples": samples, "block": block} | ({"block_weights": one_block} if one_block else {})
     out = [
-        stage("calibrate", common | ({} if on_device else work) | {"stats": reservoir + hessians},
+        stage("calibrate", common | ({} if on_device else work) | {"stats": reservoir + flush + hessians},
               work | {"weights": weights if not stream else 0}),
         stage("plan", common),
         stage("quantize", common | ({} if on_device else work | {"solver": solver}),
