@@ -34,7 +34,6 @@ close blocks can swap ranks. ``kmeans_n_init`` trades time for a lower-inertia o
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -51,6 +50,7 @@ from quantlab.calib.kmeans import kmeans_entropy
 from quantlab.calib.options import ENTROPY_ON, CollectOptions, EntropyOn  # noqa: F401 (re-exported)
 from quantlab.calib.stats import MODALITIES, Moments, TensorStats, TokenReservoir, hessian_update, summarize
 from quantlab.calib.weights import WeightSource
+from quantlab.core.host_memory import heap_trimmer
 from quantlab.core.progress import block_progress
 from quantlab.models.load import LoadedModel
 
@@ -297,23 +297,6 @@ def _on_cpu(st: TensorStats) -> TensorStats:
     return dataclasses.replace(st, **{k: t.cpu() for k, t in st.tensors().items()})
 
 
-def _heap_trimmer() -> Callable[[], None]:
-    """glibc's ``malloc_trim(0)``, or a no-op where it does not exist.
-
-    Streaming dozens of blocks through many mid-sized temporaries leaves freed memory in glibc's heaps
-    (measured on Qwen2.5-VL-3B: ~7 MiB per block, none of it live); trimming after each block returns it.
-    """
-    try:
-        fn = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return lambda: None
-
-    def trim() -> None:
-        fn(0)
-
-    return trim
-
-
 def calibrate(loaded: LoadedModel, samples: Sequence[CalibSample] | Any, *, options: CollectOptions | None = None,
               weights: WeightSource | None = None, progress: bool = True,
               skipped: Mapping[str, int] | None = None, device: str | torch.device | None = None,
@@ -350,7 +333,7 @@ def calibrate(loaded: LoadedModel, samples: Sequence[CalibSample] | Any, *, opti
     adapter = loaded.adapter
     collector = StatsCollector(samples, opts, prefix=adapter.decoder_blocks)
     n_blocks = len(adapter.blocks(loaded.model))
-    trim = _heap_trimmer()
+    trim = heap_trimmer()
 
     with block_progress("calibrate: decoder blocks", n_blocks, progress) as advance:
         def block_done(i: int) -> None:

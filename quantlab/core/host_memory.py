@@ -7,7 +7,8 @@ stage's own peak is measured inside one long run. Elsewhere every function retur
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import ctypes
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,6 +44,25 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def heap_trimmer() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)``, or a no-op where it does not exist.
+
+    Streaming dozens of blocks through many mid-sized temporaries leaves freed memory in glibc's heaps
+    (glibc raises its mmap threshold after large frees, so later tensors of up to 32 MiB come from the
+    heap and stay there when freed; measured on Qwen2.5-VL-3B: ~7 MiB per block in calibration, none of it
+    live); trimming after each block returns it to the OS.
+    """
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+
+    def trim() -> None:
+        fn(0)
+
+    return trim
 
 
 @contextmanager

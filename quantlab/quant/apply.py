@@ -18,6 +18,7 @@ from torch import nn
 
 from quantlab.calib.executor import CalibSample, stream_decoder
 from quantlab.calib.weights import WeightSource
+from quantlab.core.host_memory import heap_trimmer
 from quantlab.core.progress import block_progress
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
@@ -170,6 +171,8 @@ def quantize(
                     h.handle.remove()
             for n in step:
                 results[n] = _quantize_module(n, modules[n], planned[n], hooks[n].h)
+            del hooks
+            trim()  # the solves' freed workspace goes back to the OS instead of staying in glibc's heap
         if save_block is not None:
             save_block(index, {n: results[n] for n in names})
         if drop_saved:
@@ -180,6 +183,7 @@ def quantize(
             results.update({n: _light(results[n]) for n in names})
         return run()
 
+    trim = heap_trimmer()
     n_blocks = len(adapter.blocks(model))
     with block_progress("quantize: decoder blocks", n_blocks, progress) as advance:
         stream_decoder(loaded, samples, stage, weights=weights, on_block_done=advance, device=device)
