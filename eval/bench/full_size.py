@@ -99,16 +99,7 @@ def checkpoint(model: str, layers: int | None, workdir: Path) -> Path:
         return full
     variant = workdir / f"{model}-{layers}l"
     make_variant(full, variant, layers)
-    for name in (*PROCESSOR_FILES, "generation_config.json"):
-        if (full / name).is_file():
-            shutil.copy(full / name, variant / name)
-    config = json.loads((variant / "config.json").read_text())
-    full_config = json.loads((full / "config.json").read_text())
-    for key in ("image_token_index", "image_token_id", "video_token_id", "vision_start_token_id",
-                "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
-        if key in full_config:
-            config[key] = full_config[key]
-    (variant / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    attach_toy_processor(variant, toy)
     return variant
 
 

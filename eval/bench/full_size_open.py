@@ -134,9 +134,7 @@ def main() -> None:
                  if f"{legacy}.{p}" in shards}
         dense = PackedQuantizationCompressor.decompress(state, module.quantization_scheme)["weight"].to(dtype)
         r = ours[full]  # quantlab's weight: the exact float32 product of codes and stored scales, in the export dtype
-        zero = 0 if r.zeros is None else r.zeros.repeat_interleave(r.group_size, dim=1)
-        if r.zeros is None:
-            zero = 1 << (r.bits - 1)
+        zero = 1 << (r.bits - 1) if r.zeros is None else r.zeros.repeat_interleave(r.group_size, dim=1)
         mine = ((r.codes.float() - zero) * r.scales.float().repeat_interleave(r.group_size, dim=1)).to(dtype)
         exact += torch.equal(dense, mine)
         if not torch.equal(dense, mine):
