@@ -17,7 +17,7 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 
-from quantlab.models.adapter import Adapter, Component
+from quantlab.models.adapter import Adapter, Component, ties_embeddings
 from quantlab.models.load import LoadedModel, default_dtype, get_adapter, load_config, processor_class, resolve
 from quantlab.models.processors import load_processor
 
@@ -140,8 +140,7 @@ def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.fl
     with init_empty_weights(include_buffers=False):  # buffers (rotary inv_freq) must stay real
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     tied = {}
-    if getattr(config, "tie_word_embeddings", False) or getattr(getattr(config, "text_config", None),
-                                                                   "tie_word_embeddings", False):
+    if ties_embeddings(config):
         tied[f"{adapter.lm_head}.weight"] = f"{adapter.embed_tokens}.weight"
     weights = SafetensorsWeights(directory, adapter, dtype, tied)
     on_demand = (adapter.embed_tokens, adapter.lm_head)  # big (vocab x hidden) and used once per sample

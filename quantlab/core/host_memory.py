@@ -68,7 +68,10 @@ def heap_trimmer() -> Callable[[], None]:
 @contextmanager
 def measured_peak() -> Iterator[dict[str, int | None]]:
     """Yields a dict that holds, after the block, ``start`` (RSS before) and ``peak`` (peak RSS during the
-    block, None when the peak could not be reset, since it would include earlier work)."""
+    block, None when the peak could not be reset, since it would include earlier work).
+
+    The heap is trimmed first, so memory earlier work freed (and glibc kept) is not counted as this work's."""
+    heap_trimmer()()
     out: dict[str, int | None] = {"start": current_rss(), "peak": None}
     resettable = reset_peak()
     try:

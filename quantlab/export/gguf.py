@@ -33,6 +33,7 @@ from quantlab.export.gguf_arch import (
 )
 from quantlab.export.io import model_tensors
 from quantlab.export.spec import ExportFormat
+from quantlab.models.adapter import ties_embeddings
 from quantlab.models.load import LoadedModel
 from quantlab.quant.layout import UINT8, Layout, TensorSpec
 from quantlab.quant.registry import get_backend
@@ -253,7 +254,7 @@ def write_gguf(loaded: LoadedModel, results: Mapping[str, object], out: Path, *,
                 piece = piece.astype(dense_type(gname, piece.ndim))
             w.add_tensor(gname, np.ascontiguousarray(piece), raw_dtype=raw)
 
-    tied = bool(getattr(text_cfg, "tie_word_embeddings", False))
+    tied = ties_embeddings(loaded.model.config)
     skip = {f"{n}.weight" for n in results} | ({f"{adapter.lm_head}.weight"} if tied else set())
     for name, t in model_tensors(loaded, lambda n: n in skip, weights):
         legacy, data = adapter.legacy_name(name), t.detach().float().cpu().numpy()

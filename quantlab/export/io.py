@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from quantlab.core.files import write_dir_atomic  # noqa: F401 - the export stage's writers use it from here
+from quantlab.export.safetensors_stream import SafetensorsWriter, tensor_bytes
+from quantlab.models.adapter import ties_embeddings
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -28,31 +30,36 @@ def model_tensors(loaded, skip: Callable[[str], bool], weights=None) -> Iterator
             if weights is None:
                 raise ValueError(f"{name} is on the meta device (a streamed model): pass weights=, the second "
                                  "value of quantlab.load_streaming, so the export can read it from the checkpoint")
-            t = weights.tensor(name)
-            weights.close()  # a copy was read: unmap the file, or every page read so far stays resident
+            # a view of the mapped file, not a copy: the writers read it a slice at a time, and its pages go
+            # with the tensor (a copy would hold the largest tensor twice while it is read: 1.2 GB at 3B)
+            t = weights.tensor(name, mapped=True)
+            weights.close()  # the handle only: the view keeps what it maps
         yield name, t
+        del t
     if weights is not None:
         weights.close()
 
 
 # Tensors are written as they come, in shards of at most this many bytes (one tensor larger than that gets
-# a shard of its own): with a streamed model, the export's memory is one shard plus safetensors' copy of it,
-# not the whole checkpoint. Loaders (transformers, vLLM, GPTQModel) read the hub's sharded layout, an index
+# a shard of its own): with a streamed model, the export holds one tensor at a time, not the whole checkpoint. Loaders (transformers, vLLM, GPTQModel) read the hub's sharded layout, an index
 # ``model.safetensors.index.json`` with ``weight_map`` (huggingface_hub's ``save_torch_state_dict`` writes the
 # same); a checkpoint that fits one shard stays a single ``model.safetensors``.
 SHARD_BYTES = 512 << 20
 
 
-def dense_tensors(loaded, quantized: set[str], dtype, *, legacy_names: bool = True, weights=None
-                  ) -> Iterator[tuple[str, Any]]:
+def dense_tensors(loaded, quantized: set[str], dtype, *, legacy_names: bool = True, weights=None,
+                  lazy: bool = False) -> Iterator[tuple]:
     """Every checkpoint tensor except the weights of ``quantized`` Linears, under hub-legacy names
     (or, with ``legacy_names=False``, transformers 5's layout as ``Adapter.checkpoint_name`` spells it).
 
-    Floating tensors are cast to ``dtype``; a head tied to the embeddings is written once (as the embedding).
+    Floating tensors are cast to ``dtype``; with ``lazy``, a floating tensor of another dtype comes as
+    ``(name, tensor, dtype)`` instead, for :func:`write_shards` to cast a slice at a time (a whole cast copy of
+    a 0.6 GB embedding would be the export's peak). A head tied to the embeddings is written once (as the
+    embedding).
     ``weights``: where a streamed model's meta tensors are read from (see :func:`model_tensors`).
     """
     model, adapter = loaded.model, loaded.adapter
-    tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+    tied = ties_embeddings(model.config)
 
     def skip(name: str) -> bool:
         module_name, _, leaf = name.rpartition(".")
@@ -60,38 +67,48 @@ def dense_tensors(loaded, quantized: set[str], dtype, *, legacy_names: bool = Tr
 
     rename = adapter.legacy_name if legacy_names else adapter.checkpoint_name
     for name, t in model_tensors(loaded, skip, weights):
-        yield rename(name), (t.to(dtype) if t.is_floating_point() else t).contiguous()
+        if t.is_floating_point() and t.dtype != dtype:
+            yield (rename(name), t.contiguous(), dtype) if lazy else (rename(name), t.to(dtype).contiguous())
+        else:
+            yield rename(name), t.contiguous()
 
 
-def write_shards(tensors: Iterable[tuple[str, Any]], out: Path, max_bytes: int | None = None) -> list[Path]:
+def write_shards(tensors: Iterable[tuple], out: Path, max_bytes: int | None = None) -> list[Path]:
     """Write ``(name, tensor)`` pairs to ``out`` as they come: ``model.safetensors`` when they fit one shard
     of ``max_bytes`` (default :data:`SHARD_BYTES`), else ``model-0000i-of-0000N.safetensors`` plus
-    ``model.safetensors.index.json``. Returns the files."""
-    from safetensors.torch import save_file
+    ``model.safetensors.index.json``. An item ``(name, tensor, dtype)`` is written cast to ``dtype``.
 
+    Each tensor goes to disk when it arrives, a slice at a time
+    (:class:`~quantlab.export.safetensors_stream.SafetensorsWriter`), so the writer holds one slice whatever
+    the shard size; the files are byte for byte what ``safetensors.torch.save_file`` writes. Returns them."""
     max_bytes = SHARD_BYTES if max_bytes is None else max_bytes
     shards: list[tuple[Path, list[str]]] = []
-    pending: dict[str, Any] = {}
-    size = total = 0
-
-    def flush() -> None:
-        nonlocal pending, size
-        path = out / f"model-part-{len(shards) + 1:05d}.safetensors"
-        save_file(pending, str(path), metadata={"format": "pt"})
-        shards.append((path, list(pending)))
-        pending, size = {}, 0
-
-    for name, t in tensors:
-        if name in pending or any(name in names for _, names in shards):
-            raise ValueError(f"export: tensor {name} written twice")
-        nbytes = t.numel() * t.element_size()
-        if pending and size + nbytes > max_bytes:
-            flush()
-        pending[name] = t
-        size += nbytes
-        total += nbytes
-    if pending or not shards:
-        flush()
+    seen: set[str] = set()
+    writer: SafetensorsWriter | None = None
+    total = 0
+    try:
+        for name, t, *cast in tensors:
+            cast = cast[0] if cast else None
+            if name in seen:
+                raise ValueError(f"export: tensor {name} written twice")
+            seen.add(name)
+            nbytes = tensor_bytes(t, cast)
+            if writer is not None and writer.nbytes and writer.nbytes + nbytes > max_bytes:
+                shards.append((writer.close(), names))
+                writer = None
+            if writer is None:
+                writer = SafetensorsWriter(out / f"model-part-{len(shards) + 1:05d}.safetensors", {"format": "pt"})
+                names = []
+            writer.add(name, t, cast)
+            names.append(name)
+            total += nbytes
+        if writer is None:  # no tensors at all: one empty file, as save_file({}) writes
+            writer, names = SafetensorsWriter(out / "model-part-00001.safetensors", {"format": "pt"}), []
+        shards.append((writer.close(), names))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     if len(shards) == 1:
         single = out / "model.safetensors"
         shards[0][0].rename(single)
@@ -108,7 +125,7 @@ def write_shards(tensors: Iterable[tuple[str, Any]], out: Path, max_bytes: int |
     return files
 
 
-def write_model_dir(loaded, tensors: Iterable[tuple[str, Any]], quantization_config: dict, out: Path,
+def write_model_dir(loaded, tensors: Iterable[tuple], quantization_config: dict, out: Path,
                     dtype) -> None:
     """The tensors in shards (:func:`write_shards`) + config.json (with ``quantization_config``) +
     generation config + processor."""

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from quantlab.core.errors import problems_error
 from quantlab.export.io import model_tensors, write_json
 from quantlab.export.spec import ExportFormat
+from quantlab.models.adapter import ties_embeddings
 from quantlab.models.load import LoadedModel, get_adapter, load_config, processor_class
 from quantlab.models.processors import load_processor
 from quantlab.quant.layout import FP16, INT32, Layout, TensorSpec, n_groups
@@ -163,12 +164,12 @@ def load_native(directory: str | Path, *, dtype: torch.dtype = torch.float32) ->
         raise problems_error(f"{directory}: the checkpoint's tensors do not match its config.json", wrong,
                              "restore the checkpoint, or export it again (quantlab export RUN)")
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not m.endswith("lm_head.weight") or not config.get_text_config().tie_word_embeddings]
+    missing = [m for m in missing if not m.endswith("lm_head.weight") or not ties_embeddings(config)]
     if missing or unexpected:
         raise problems_error(f"{directory}: the checkpoint's tensors do not match its config.json",
                              [f"missing: {k}" for k in missing] + [f"unexpected: {k}" for k in unexpected],
                              "restore the checkpoint, or export it again (quantlab export RUN)")
-    if getattr(config.get_text_config(), "tie_word_embeddings", False):
+    if ties_embeddings(config):
         model.tie_weights()
     has_processor = any((directory / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
     processor = load_processor(directory, processor_class(directory)) if has_processor else None

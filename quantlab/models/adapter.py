@@ -121,6 +121,13 @@ class Adapter:
                 yield name, module
 
 
+def ties_embeddings(config) -> bool:
+    """Whether the head shares the token embedding's weight. transformers 5 keeps the flag on the top-level
+    config for some families (Qwen2.5-VL) and on the text config for others, so both are read."""
+    return bool(getattr(config, "tie_word_embeddings", False)
+                or getattr(getattr(config, "text_config", None), "tie_word_embeddings", False))
+
+
 def _rename(name: str, prefixes: tuple[tuple[str, str], ...]) -> str:
     """``name`` with the first matching ``(new, old)`` prefix replaced (whole dotted components only)."""
     for new, old in prefixes:

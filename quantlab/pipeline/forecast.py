@@ -11,8 +11,9 @@ A stage's host peak is the sum of the terms below (bytes); ``n`` calibration sam
 | ``samples``   | calibrate, quantize | the hidden states entering and leaving a block for every sample: ``2·n·T·d·b`` |
 | ``block``     | calibrate, quantize | inside a block, the Linear inputs kept for every sample (``n·T·Σ widths·b``) |
 | ``stats``     | calibrate         | the token reservoirs of one block (LUQ's and each Linear's, float32) and, when collected, every Linear's Hessian of every block (they are held until the stats are written) |
-| ``solver``    | quantize          | the largest Linear solve: float32 weight, solution, contiguous copy and search buffer, uint8 codes (``17`` bytes per weight) and its Hessian (``in²·4``, factored in place; a second copy on a device) |
-| ``shards``    | export            | one shard and safetensors' copy of it (``2·SHARD_BYTES``, or twice the largest tensor when that is larger: it gets a shard of its own), one block's codes |
+| ``solver``    | quantize          | the largest Linear solve: its Hessian (``in²·4``, factored in place; a second copy on a device) and :data:`SOLVER_BYTES_PER_WEIGHT` per weight (float32 weight and solution, uint8 codes) |
+| ``codes``     | quantize, export  | ``--stream``: one block's codes (uint8, a byte per weight): the block's finished Linears while the next solves, the block the export packs; in memory: every Linear's codes and dense weight |
+| ``tensor``    | export            | ``--stream``: the largest tensor read from the checkpoint (a copy; the shards are written a slice at a time) |
 
 With ``--device``, blocks, activations and solves move to the device: ``solver``, ``samples`` and
 ``block`` are counted there instead of on the host.
@@ -34,13 +35,16 @@ from torch import nn
 
 from quantlab.core.errors import UserError
 from quantlab.core.host_memory import current_rss
-from quantlab.export.io import SHARD_BYTES
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel, default_dtype
 from quantlab.pipeline.stages import stats_options
 from quantlab.quant.apply import sequential_steps
 
 GiB = 1 << 30
+# gptq_solve's working set per weight of the Linear: the transposed float32 weight and solution (8), the
+# codes (1, and 1 more while they are transposed back), and the sliced temporaries: measured 10-12 bytes at
+# 2048x11008 and 11008x2048 (eval/RESULTS.md, "Full-size streamed pipeline")
+SOLVER_BYTES_PER_WEIGHT = 12
 LIBRARIES = 64 << 20  # what the stages import after the forecast (image plugins, k-means, plotting): measured
 PROBE_SAMPLES = 4  # samples built to measure a sample's length
 MODALITIES = 3  # image, text, all: one reservoir each
@@ -137,13 +141,17 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
     reservoir = MODALITIES * 4 * (opts.max_tokens * d + opts.linear_max_tokens * sum(m.in_features for m in linears))
     # one flush of the statistics: float32 copies of flush_tokens rows of the widest input, about three at once
     flush = 3 * 4 * opts.flush_tokens * max(m.in_features for m in linears)
-    n_blocks = len(skeleton.adapter.blocks(model))
     hessians = n_blocks * sum(m.in_features ** 2 * 4 for m in linears) if opts.hessians else 0
     # the solve holds the Linear's Hessian (factored in place on the CPU; torch keeps one workspace copy
-    # elsewhere) and 17 bytes per weight; the largest such sum over the block's Linears
+    # elsewhere) and its working set; the largest such sum over the block's Linears
     copies = 1 if not on_device else 2
-    solver = max(m.in_features * m.out_features * 17 + copies * m.in_features ** 2 * 4 for m in linears)
+    solver = max(m.in_features * m.out_features * SOLVER_BYTES_PER_WEIGHT + copies * m.in_features ** 2 * 4
+                 for m in linears)
     block_codes = sum(m.in_features * m.out_features for m in linears)  # uint8 until packed
+    n_blocks = len(skeleton.adapter.blocks(model))
+    # streamed: one block's codes (the rest are on disk); in memory: every result, codes and dense weight
+    codes = block_codes if stream else n_blocks * block_codes * (1 + b)
+    largest = max(p.numel() for p in model.parameters()) * b
 
     def stage(name: str, host_terms: dict[str, int], device_terms: dict[str, int] | None = None) -> StageForecast:
         if not on_device:
@@ -158,11 +166,9 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
         stage("calibrate", common | ({} if on_device else work) | {"stats": reservoir + flush + hessians},
               work | {"weights": weights if not stream else 0}),
         stage("plan", common),
-        stage("quantize", common | ({} if on_device else work | {"solver": solver}),
+        stage("quantize", common | {"codes": codes} | ({} if on_device else work | {"solver": solver}),
               work | {"solver": solver}),
-        stage("export", common | {"shards": 2 * max(min(SHARD_BYTES, sum(p.numel() for p in model.parameters()) * b // 2),
-                                                    max(p.numel() for p in model.parameters()) * b),
-                                  "codes": block_codes}),
+        stage("export", common | {"codes": codes} | ({"tensor": largest} if stream else {})),
     ]
     if recipe.eval.tasks:
         full = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * b

@@ -124,8 +124,8 @@ def quantize(
     block instead of quantizing it again; ``save_block(i, results)`` is called after each block.
     ``device`` (e.g. ``"cuda"``): each decoder block, its Hessians and its solves are computed there.
 
-    With ``weights`` (a streamed model), each finished block's results drop their dense ``dequantized``
-    copy (left as an empty tensor of its dtype; ``dequantize()`` rebuilds it): the results then hold codes
+    With ``weights`` (a streamed model), each result drops its dense ``dequantized``
+    copy once the block holds it (left as an empty tensor of its dtype; ``dequantize()`` rebuilds it): the results then hold codes
     and scales, not a second full-precision decoder. With ``reread_block`` as well (it reads block ``i``'s
     saved results back, without dense weights), a saved block keeps nothing in memory: the returned
     mapping is a :class:`~quantlab.quant.results_io.BlockResults` that reads each block when asked.
@@ -170,8 +170,9 @@ def quantize(
                 for h in hooks.values():
                     h.handle.remove()
             for n in step:
-                results[n] = _quantize_module(n, modules[n], planned[n], hooks[n].h)
-            del hooks
+                result = _quantize_module(n, modules[n], planned[n], hooks[n].h)
+                results[n] = _light(result) if streamed else result  # the block holds the dense weight
+            del hooks, result
             trim()  # the solves' freed workspace goes back to the OS instead of staying in glibc's heap
         if save_block is not None:
             save_block(index, {n: results[n] for n in names})
@@ -179,8 +180,6 @@ def quantize(
             for n in names:
                 del results[n]
                 on_disk[n] = index
-        elif streamed:
-            results.update({n: _light(results[n]) for n in names})
         return run()
 
     trim = heap_trimmer()

@@ -48,6 +48,7 @@ GPTQ_BITS = (2, 3, 4, 5, 6, 8)  # 5 and 6 only with a K grid (q5_k, q6_k)
 GPTQ_OPTIONS = ("damp", "block_size", "act_order", "static_groups", "mse", "grid")
 MSE_CHOICES = (False, True, "hessian")  # min-max; the reference's norm-2.4 search; the diag(H)-weighted search
 SUB_BLOCK = 16  # rank-1 updates stay inside 16 columns; a small matmul carries them to the rest of the block
+ROWS = 512  # rows per slice where a whole-matrix temporary would be needed (energy, ranges, error)
 
 
 def _group_values(W1: Tensor, Err1: Tensor, Wt: Tensor, Hinv: Tensor, i1: int, i: int, g: int) -> Tensor:
@@ -70,6 +71,29 @@ def _qparams(values: Tensor, bits: int, sym: bool, mse: bool | str, hdiag: Tenso
     if mse == "hessian":
         return grid.weighted_range_search(values, bits, sym, hdiag)
     return grid.compute_qparams(values, bits, sym, mse=mse)
+
+
+def _energy(Hd: Tensor, Wt: Tensor) -> float:
+    """``tr(W H Wᵀ)`` from ``Wt [in, out]``, :data:`ROWS` rows of ``H`` at a time (``H @ Wt`` whole would be
+    two more ``[in, out]`` float32 temporaries at the solve's peak)."""
+    return sum(((Hd[r:r + ROWS] @ Wt) * Wt[r:r + ROWS]).sum(dtype=torch.float64).item()
+               for r in range(0, Hd.shape[0], ROWS))
+
+
+def _static_params(Wt: Tensor, group_size: int, bits: int, sym: bool, mse: bool | str, hdiag: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    """Every group's grid ``(scale, zero)``, each ``[out, n_groups]``, from ``Wt [in, out]``; computed for
+    :data:`ROWS` output rows at a time (rows are independent) so the range search's copies stay small."""
+    hgroups = grid.to_groups(hdiag[None], group_size)[0]
+    # [rows, in] contiguous: reductions over a group of the transposed view would stride by ``out``
+    parts = [_qparams(grid.to_groups(Wt[:, r:r + ROWS].T.contiguous(), group_size), bits, sym, mse, hgroups)
+             for r in range(0, Wt.shape[1], ROWS)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _release(t: Tensor) -> None:
+    """Free ``t``'s memory now, for every tensor that shares it (the caller gave it up: ``consume_hessian``)."""
+    t.untyped_storage().resize_(0)
 
 
 def gptq_solve(W: Tensor, H: Tensor, bits: int, group_size: int = 128, sym: bool = True, damp: float = 0.01,
@@ -99,8 +123,9 @@ def gptq_solve(W: Tensor, H: Tensor, bits: int, group_size: int = 128, sym: bool
         kgrid: a GGUF K-quant grid (``q2_k`` .. ``q6_k``); bits/group_size/sym must be the type's and
             ``in % 256 == 0``; its parameters are fixed from ``W`` up front (``extra``: ``d``, ``sc``, and
             ``dmin``, ``m`` for the unsigned types).
-        consume_hessian: ``H`` (float32) may be overwritten instead of copied (saves one ``[in, in]`` matrix,
-            0.5 GB at ``in = 11008``); its contents are garbage afterwards.
+        consume_hessian: ``H`` (float32) is used as the solve's workspace instead of a copy, and its memory is
+            released once the solve no longer needs it (saves one ``[in, in]`` matrix, 0.5 GB at
+            ``in = 11008``, and frees it before the result is assembled); ``H`` must not be used afterwards.
 
     Returns:
         A :class:`QuantResult`; ``dequantized`` equals ``dequantize()`` bit for bit.
@@ -123,7 +148,7 @@ def gptq_solve(W: Tensor, H: Tensor, bits: int, group_size: int = 128, sym: bool
     Hd[dead, dead] = 1
     Wt[dead] = 0
     hdiag = torch.diag(Hd).clone()  # [in] H_jj in the original column order (undamped)
-    energy = ((Hd @ Wt) * Wt).sum(dtype=torch.float64).item() if compute_error else 0.0  # tr(W H Wᵀ)
+    energy = _energy(Hd, Wt) if compute_error else 0.0  # tr(W H Wᵀ)
     lam = damp * torch.mean(hdiag).item()  # the dampening inverse_hessian_cholesky adds (dead columns at 1)
     static = static_groups or group_size == -1 or kg is not None
     scales = torch.zeros(n_groups, out_f, device=dev)  # [n_groups, out]
@@ -135,14 +160,17 @@ def gptq_solve(W: Tensor, H: Tensor, bits: int, group_size: int = 128, sym: bool
     else:
         quantize, dequantize = partial(grid.quantize_codes, bits=bits), grid.dequantize_codes
         if static:
-            # [out, in] contiguous: reductions over a group of the transposed view would stride by ``out``
-            s, z = _qparams(grid.to_groups(Wt.T.contiguous(), group_size), bits, sym, mse,
-                            grid.to_groups(hdiag[None], group_size)[0])  # [out, n_groups]
+            s, z = _static_params(Wt, group_size, bits, sym, mse, hdiag)  # [out, n_groups]
     if static:
         scales, zeros = s.T.contiguous(), z.T.contiguous()
     perm = torch.argsort(torch.diag(Hd), descending=True) if act_order else torch.arange(in_f, device=dev)
     if act_order:
-        Wt, Hd, hdiag = Wt[perm], Hd[perm][:, perm], hdiag[perm]
+        Wt, hdiag, rows = Wt[perm], hdiag[perm], Hd[perm]
+        if consume_hessian and Hd.data_ptr() == H.data_ptr():
+            _release(Hd)  # the caller's matrix, no longer needed
+        del Hd  # two [in, in] matrices at a time while permuting, not three
+        Hd = rows[:, perm]
+        del rows
     group_of = perm // g if static else torch.arange(in_f, device=dev) // g  # [in] group of processed column j
     Hinv = inverse_hessian_cholesky(Hd, damp)  # [in, in] upper
     del Hd
@@ -183,19 +211,24 @@ def gptq_solve(W: Tensor, H: Tensor, bits: int, group_size: int = 128, sym: bool
         loss += Err1.square().sum(dtype=torch.float64)
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)  # [in-i2, out] lazy batch update
 
+    if consume_hessian and Hinv.data_ptr() == H.data_ptr():
+        _release(Hinv)  # the caller's matrix (factored in place): its memory is not needed to finish
     del Hinv, Wt
     invperm = torch.argsort(perm)
-    codes = codes_t[invperm].T.contiguous()  # [out, in], original column order
-    q = Qt[invperm].T  # [out, in] float32
-    del Qt
+    if act_order:  # back to the original column order (rebinding frees the permuted copies)
+        codes_t, Qt = codes_t[invperm], Qt[invperm]
+    codes = codes_t.T.contiguous()  # [out, in]
+    del codes_t
+    q = Qt.T  # [out, in] float32 (a view)
     error = None
     if compute_error:
         # Each column's rounding raises the damped objective by exactly |w_j - q_j|² / U_jj² (the OBS step
         # GPTQ takes), so ``loss`` is tr(ΔW (H + λI) ΔWᵀ); the undamped error follows without H itself.
-        dw2 = (W.detach().float().masked_fill(dead, 0) - q).square().sum(dtype=torch.float64).item()
+        dw2 = sum((W[r:r + ROWS].detach().float().masked_fill(dead, 0) - q[r:r + ROWS]).square()
+                  .sum(dtype=torch.float64).item() for r in range(0, out_f, ROWS))
         num = max(loss.item() - lam * dw2, 0.0)
         error = (0.0 if num == 0 else float("inf")) if energy <= 0 else num / energy
-    w_hat = q.contiguous().to(W.dtype)  # [out, in]
+    w_hat = q.to(W.dtype, memory_format=torch.contiguous_format)  # [out, in]
     g_idx = group_of[invperm].to(torch.int32) if act_order else None  # [in] group of original column c
     args = {"damp": damp, "block_size": block_size, "act_order": act_order, "static_groups": static_groups,
             "mse": mse if kg is None else False} | ({} if kg is None else {"grid": kg.name})

@@ -194,8 +194,11 @@ def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
 
 
 def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
-    """``scale * (codes - zero)`` in float32 (broadcasting). The one dequantization formula."""
-    return (codes.float() - zero) * scale
+    """``scale * (codes - zero)`` in float32 (broadcasting). The one dequantization formula.
+
+    Computed in place on a float32 copy of ``codes`` (the same two roundings as ``(codes - zero) * scale``):
+    one temporary the size of the weight instead of three."""
+    return codes.to(torch.float32, copy=True).sub_(zero).mul_(scale)
 
 
 def fake_quantize(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:

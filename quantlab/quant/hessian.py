@@ -6,6 +6,8 @@ factor does not matter here: dampening is relative to ``mean(diag H)`` and the e
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -87,7 +89,9 @@ def _inverse_cholesky_in_place(hessian: Tensor, damp: float) -> Tensor:
     from scipy.linalg import lapack
 
     n = hessian.shape[0]
-    view = hessian.numpy().T  # column-major, shares memory
+    # column-major, sharing the tensor's memory through its address: ``Tensor.numpy()`` would mark the
+    # storage as not resizable for good, and a consuming solver frees it (gptq's ``consume_hessian``)
+    view = np.ctypeslib.as_array((ctypes.c_float * (n * n)).from_address(hessian.data_ptr())).reshape(n, n).T
     for step, (fn, kw) in enumerate(((lapack.spotrf, {"overwrite_a": 1, "clean": 0}),
                                      (lapack.spotri, {"overwrite_c": 1}),
                                      (lapack.spotrf, {"overwrite_a": 1, "clean": 0}))):

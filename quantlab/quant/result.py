@@ -91,8 +91,14 @@ class QuantResult:
         if codec is not None:  # codes of the backend's own kind (BiLLM's bit planes)
             return codec.dequantize(self).to(dtype)
         in_f = self.shape[1]
-        g_idx = self.g_idx if self.g_idx is not None else grid.trivial_g_idx(in_f, self.group_size, self.codes.device)
         zeros = self.zeros if self.zeros is not None else torch.full_like(self.scales, float(grid.sym_zero(self.bits)))
+        if g_idx_is_trivial(self.g_idx, in_f, self.group_size):
+            # contiguous groups: broadcast each group's scale and zero over a view instead of expanding them
+            # to two [out, in] float32 matrices (the same arithmetic, a third of the memory)
+            w = grid.dequantize_codes(grid.to_groups(self.codes, self.group_size), self.scales.unsqueeze(-1),
+                                      zeros.unsqueeze(-1))
+            return w.reshape(self.shape).to(dtype)
+        g_idx = self.g_idx
         w = grid.dequantize_codes(self.codes, grid.expand_groups(self.scales, g_idx), grid.expand_groups(zeros, g_idx))
         return w.to(dtype)
 
