@@ -89,6 +89,8 @@ class SafetensorsWeights:
     def load(self, module: nn.Module, prefix: str, *, mapped: bool = False) -> None:
         for pname, _ in list(module.named_parameters()):
             set_module_tensor_to_device(module, pname, "cpu", value=self.tensor(f"{prefix}.{pname}", mapped=mapped))
+        if not mapped:
+            self.close()  # the block holds copies: the pages they were read from would double its memory
 
     def release(self, module: nn.Module, prefix: str) -> None:
         for pname, _ in list(module.named_parameters()):

@@ -20,10 +20,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from quantlab.core.errors import problems_error
 from quantlab.export.io import model_tensors, write_json
+from quantlab.export.safetensors_stream import SafetensorsWriter
 from quantlab.export.spec import ExportFormat
 from quantlab.models.adapter import ties_embeddings
 from quantlab.models.load import LoadedModel, get_adapter, load_config, processor_class
@@ -89,16 +90,20 @@ def write_native(loaded: LoadedModel, results: Mapping[str, object], out: Path,
                  dtype: torch.dtype = torch.float16, *, weights=None) -> None:
     """Write a native checkpoint (``weights``: a streamed model's source, see ``io.model_tensors``)."""
     model = loaded.model
-    dense = {n: (t.to(dtype) if t.is_floating_point() else t).contiguous() for n, t in model_tensors(
-        loaded, lambda n: n.rpartition(".")[0] in results and n.endswith(".weight"), weights)}
-    save_file(dense, str(out / "model.safetensors"), metadata={"format": "pt"})
-    tensors, scalars = {}, {}
-    for name, r in results.items():
-        tensors.update({f"{name}|{k}": v.contiguous() for k, v in encode(r).items()})
-        scalars[name] = {"backend": r.backend, "args": r.args, "bits": r.bits, "group_size": r.group_size,
-                         "sym": r.sym, "bits_per_weight": r.bits_per_weight, "error": r.error,
-                         "shape": list(r.codes.shape)}
-    save_file(tensors, str(out / "quantized.safetensors"), metadata={"quantlab_native": json.dumps(scalars)})
+    # both files are written a tensor at a time (a streamed model's export holds one tensor, one result)
+    with SafetensorsWriter(out / "model.safetensors", {"format": "pt"}) as w:
+        for n, t in model_tensors(loaded, lambda n: n.rpartition(".")[0] in results and n.endswith(".weight"),
+                                  weights):
+            w.add(n, t, dtype if t.is_floating_point() else None)
+    scalars = {}
+    with SafetensorsWriter(out / "quantized.safetensors") as w:
+        for name, r in results.items():
+            for k, v in encode(r).items():
+                w.add(f"{name}|{k}", v)
+            scalars[name] = {"backend": r.backend, "args": r.args, "bits": r.bits, "group_size": r.group_size,
+                             "sym": r.sym, "bits_per_weight": r.bits_per_weight, "error": r.error,
+                             "shape": list(r.codes.shape)}
+        w.metadata = {"quantlab_native": json.dumps(scalars)}
     config = model.config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
     write_json(out / "config.json", config)

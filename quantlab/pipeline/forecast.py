@@ -138,9 +138,11 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
     samples = 2 * n * T * d * b
     block = n * T * sum(widths) * b
     opts = stats_options(recipe)
-    reservoir = MODALITIES * 4 * (opts.max_tokens * d + opts.linear_max_tokens * sum(m.in_features for m in linears))
+    tokens = n * T  # no reservoir or flush holds more rows than the samples have
+    reservoir = MODALITIES * 4 * (min(opts.max_tokens, tokens) * d
+                                  + min(opts.linear_max_tokens, tokens) * sum(m.in_features for m in linears))
     # one flush of the statistics: float32 copies of flush_tokens rows of the widest input, about three at once
-    flush = 3 * 4 * opts.flush_tokens * max(m.in_features for m in linears)
+    flush = 3 * 4 * min(opts.flush_tokens, tokens) * max(m.in_features for m in linears)
     hessians = n_blocks * sum(m.in_features ** 2 * 4 for m in linears) if opts.hessians else 0
     # the solve holds the Linear's Hessian (factored in place on the CPU; torch keeps one workspace copy
     # elsewhere) and its working set; the largest such sum over the block's Linears

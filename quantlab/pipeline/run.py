@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from quantlab.core.host_memory import measured_peak
+from quantlab.core.host_memory import map_large_allocations, measured_peak
 
 from quantlab.pipeline import stages
 from quantlab.pipeline.context import StageContext, run_log
@@ -44,6 +44,7 @@ def run_all(model: str, recipe_path: str | Path, out: str | Path, *, overwrite: 
         UserError: anything wrong with the recipe, the model, the flags or ``out``, before anything is
             written; :class:`quantlab.core.errors.RunDirBusy` when another process works in ``out``.
     """
+    map_large_allocations()  # freed blocks and activations go back to the OS (see host_memory)
     recipe = Recipe.from_yaml(recipe_path, overrides)
     skeleton = preflight(model, recipe, out=out, stream=stream, device=device, push_to_hub=push_to_hub)
     forecasts = check_forecast(skeleton, model, recipe, stream=stream, device=device)
