@@ -10,7 +10,7 @@ A stage's host peak is the sum of the terms below (bytes); ``n`` calibration sam
 | ``weights``   | all               | in memory: every parameter; ``--stream``: the resident tensors (embeddings, norms, projector, an untied head) plus the largest decoder or vision block |
 | ``samples``   | calibrate, quantize | the hidden states entering and leaving a block for every sample: ``2·n·T·d·b`` |
 | ``block``     | calibrate, quantize | inside a block, the Linear inputs kept for every sample (``n·T·Σ widths·b``) |
-| ``stats``     | calibrate         | the token reservoirs of one block (LUQ's and each Linear's, float32) and, when collected, every Linear's Hessian of every block (they are held until the stats are written) |
+| ``stats``     | calibrate         | the token reservoirs of one block (float32 rows of LUQ's tensor and of each distinct Linear input, up to the cap of image and of text tokens each), a flush's copies and, when collected, every Linear's Hessian of every block (they are held until the stats are written) |
 | ``solver``    | quantize          | the largest Linear solve: its Hessian (``in²·4``, factored in place; a second copy on a device) and :data:`SOLVER_BYTES_PER_WEIGHT` per weight (float32 weight and solution, uint8 codes) |
 | ``codes``     | quantize, export  | ``--stream``: one block's codes (uint8, a byte per weight): the block's finished Linears while the next solves, the block the export packs; in memory: every Linear's codes and dense weight |
 | ``tensor``    | export            | ``--stream``: the largest tensor read from the checkpoint (a copy; the shards are written a slice at a time) |
@@ -47,7 +47,6 @@ GiB = 1 << 30
 SOLVER_BYTES_PER_WEIGHT = 12
 LIBRARIES = 64 << 20  # what the stages import after the forecast (image plugins, k-means, plotting): measured
 PROBE_SAMPLES = 4  # samples built to measure a sample's length
-MODALITIES = 3  # image, text, all: one reservoir each
 
 
 @dataclass(frozen=True)
@@ -96,8 +95,19 @@ def _input_widths(skeleton: LoadedModel) -> list[int]:
     return [named[step[0]].in_features for step in sequential_steps(list(named), skeleton.adapter.fused_groups)]
 
 
-def sample_tokens(model_name: str, skeleton: LoadedModel, recipe) -> int:
-    """The longest of :data:`PROBE_SAMPLES` calibration samples of the recipe (capped by ``max_tokens``)."""
+@dataclass(frozen=True)
+class TokenEstimate:
+    """Tokens of the recipe's calibration samples, from a probe: the longest sample (``T``) and the mean
+    image and text tokens per sample (over image and text-only samples alike)."""
+
+    longest: int
+    image_per_sample: float
+    text_per_sample: float
+
+
+def sample_tokens(model_name: str, skeleton: LoadedModel, recipe) -> TokenEstimate:
+    """Token counts of :data:`PROBE_SAMPLES` calibration samples of the recipe (capped by ``max_tokens``);
+    without a processor or data, every sample is taken to be ``max_tokens`` text tokens long."""
     from quantlab.calib.data import build_calibration_set
     from quantlab.models.load import processor_class, resolve
     from quantlab.models.processors import load_processor
@@ -109,9 +119,12 @@ def sample_tokens(model_name: str, skeleton: LoadedModel, recipe) -> int:
                             skeleton.source)
         samples = build_calibration_set(probe, cal.model_copy(update={"num_samples": min(PROBE_SAMPLES,
                                                                                           cal.num_samples)})).samples
-        return min(cal.max_tokens, max(s.inputs["input_ids"].shape[1] for s in samples))
+        lengths = [min(cal.max_tokens, s.inputs["input_ids"].shape[1]) for s in samples]
+        images = [int(s.image_mask.sum()) for s in samples]
+        return TokenEstimate(max(lengths), sum(images) / len(samples),
+                             sum(n - i for n, i in zip(lengths, images)) / len(samples))
     except Exception:  # noqa: BLE001 - no processor, unreadable data: the cap is the bound
-        return cal.max_tokens
+        return TokenEstimate(cal.max_tokens, 0.0, float(cal.max_tokens))
 
 
 def _block_linears(skeleton: LoadedModel) -> list[nn.Linear]:
@@ -128,21 +141,28 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
     process += LIBRARIES
     weights, one_block = _weights(skeleton, b, stream)
     cal = recipe.calibration
-    n, T = cal.num_samples, sample_tokens(model_name, skeleton, recipe)
+    probe = sample_tokens(model_name, skeleton, recipe)
+    n, T = cal.num_samples, probe.longest
     text = model.config.get_text_config()
     d = text.hidden_size
     linears = _block_linears(skeleton)
+    n_blocks = len(skeleton.adapter.blocks(model))
     on_device = device is not None and torch.device(device).type != "cpu"
     # the tensors the Linears read (q/k/v share one, gate/up another): their inputs are kept for every sample
     widths = _input_widths(skeleton)
     samples = 2 * n * T * d * b
     block = n * T * sum(widths) * b
     opts = stats_options(recipe)
-    tokens = n * T  # no reservoir or flush holds more rows than the samples have
-    reservoir = MODALITIES * 4 * (min(opts.max_tokens, tokens) * d
-                                  + min(opts.linear_max_tokens, tokens) * sum(m.in_features for m in linears))
-    # one flush of the statistics: float32 copies of flush_tokens rows of the widest input, about three at once
-    flush = 3 * 4 * min(opts.flush_tokens, tokens) * max(m.in_features for m in linears)
+    image_tokens, text_tokens = n * probe.image_per_sample, n * probe.text_per_sample
+
+    def kept(cap: int) -> int:  # a reservoir keeps up to ``cap`` image and ``cap`` text rows (float32)
+        return int(min(cap, image_tokens) + min(cap, text_tokens))
+
+    # LUQ's tensor is the first Linear input (q/k/v read it too); every other distinct input has its own
+    reservoir = 4 * (kept(opts.max_tokens) * d + kept(opts.linear_max_tokens) * sum(widths[1:]))
+    # one flush of the statistics: float32 copies of the pending rows (flush_tokens, plus the sample that
+    # crossed it) of the widest input, about three at once
+    flush = 3 * 4 * min(opts.flush_tokens + T, n * T) * max(widths)
     hessians = n_blocks * sum(m.in_features ** 2 * 4 for m in linears) if opts.hessians else 0
     # the solve holds the Linear's Hessian (factored in place on the CPU; torch keeps one workspace copy
     # elsewhere) and its working set; the largest such sum over the block's Linears
@@ -150,7 +170,6 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
     solver = max(m.in_features * m.out_features * SOLVER_BYTES_PER_WEIGHT + copies * m.in_features ** 2 * 4
                  for m in linears)
     block_codes = sum(m.in_features * m.out_features for m in linears)  # uint8 until packed
-    n_blocks = len(skeleton.adapter.blocks(model))
     # streamed: one block's codes (the rest are on disk); in memory: every result, codes and dense weight
     codes = block_codes if stream else n_blocks * block_codes * (1 + b)
     largest = max(p.numel() for p in model.parameters()) * b
