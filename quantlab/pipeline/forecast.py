@@ -9,7 +9,7 @@ A stage's host peak is the sum of the terms below (bytes); ``n`` calibration sam
 | ``process``   | all               | this process's RSS when the forecast is made, plus the libraries the stages import later |
 | ``weights``   | all               | in memory: every parameter; ``--stream``: the resident tensors (embeddings, norms, projector, an untied head) plus the largest decoder or vision block |
 | ``samples``   | calibrate, quantize | the hidden states entering and leaving a block for every sample: ``2·n·T·d·b`` |
-| ``block``     | calibrate, quantize | inside a block, the Linear inputs kept for every sample (``n·T·Σ widths·b``) |
+| ``block``     | calibrate, quantize | inside a block, the distinct Linear inputs held: calibrate stashes them until a flush (``min(flush_tokens + T, n·T)·Σ widths·b``), quantize one sample's (``T·Σ widths·b``, and the widest in float32) |
 | ``stats``     | calibrate         | the token reservoirs of one block (float32 rows of LUQ's tensor and of each distinct Linear input, up to the cap of image and of text tokens each), a flush's copies and, when collected, every Linear's Hessian of every block (they are held until the stats are written) |
 | ``solver``    | quantize          | the largest Linear solve: its Hessian (``in²·4``, factored in place; a second copy on a device) and :data:`SOLVER_BYTES_PER_WEIGHT` per weight (float32 weight and solution, uint8 codes) |
 | ``codes``     | quantize, export  | ``--stream``: one block's codes (uint8, a byte per weight): the block's finished Linears while the next solves, the block the export packs; in memory: every Linear's codes and dense weight |
@@ -47,6 +47,7 @@ GiB = 1 << 30
 SOLVER_BYTES_PER_WEIGHT = 12
 LIBRARIES = 64 << 20  # what the stages import after the forecast (image plugins, k-means, plotting): measured
 PROBE_SAMPLES = 4  # samples built to measure a sample's length
+MOMENT_CHUNK = 1 << 22  # values per chunk of the statistics' moment sums (quantlab.calib.stats.Moments.of)
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,12 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
     # the tensors the Linears read (q/k/v share one, gate/up another): their inputs are kept for every sample
     widths = _input_widths(skeleton)
     samples = 2 * n * T * d * b
-    block = n * T * sum(widths) * b
     opts = stats_options(recipe)
+    window = min(opts.flush_tokens + T, n * T)  # rows stashed until a flush
+    # calibrate: the hooks keep references to each distinct Linear input until its rows are summed (a
+    # flush); quantize: one sample's inputs at a time (the Hessian hooks sum them at once, in float32)
+    block_calibrate = window * sum(widths) * b
+    block_quantize = T * sum(widths) * b + T * max(widths) * 4
     image_tokens, text_tokens = n * probe.image_per_sample, n * probe.text_per_sample
 
     def kept(cap: int) -> int:  # a reservoir keeps up to ``cap`` image and ``cap`` text rows (float32)
@@ -160,9 +165,9 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
 
     # LUQ's tensor is the first Linear input (q/k/v read it too); every other distinct input has its own
     reservoir = 4 * (kept(opts.max_tokens) * d + kept(opts.linear_max_tokens) * sum(widths[1:]))
-    # one flush of the statistics: float32 copies of the pending rows (flush_tokens, plus the sample that
-    # crossed it) of the widest input, about three at once
-    flush = 3 * 4 * min(opts.flush_tokens + T, n * T) * max(widths)
+    # one flush of the statistics: the pending rows of the widest input concatenated (the model's dtype),
+    # and the moments' float32 temporaries (five of MOMENT_CHUNK values)
+    flush = window * max(widths) * b + 5 * 4 * MOMENT_CHUNK
     hessians = n_blocks * sum(m.in_features ** 2 * 4 for m in linears) if opts.hessians else 0
     # the solve holds the Linear's Hessian (factored in place on the CPU; torch keeps one workspace copy
     # elsewhere) and its working set; the largest such sum over the block's Linears
@@ -182,13 +187,15 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
                              host_terms | {f"device.{k}": v for k, v in device_terms.items()})
 
     common = {"process": process, "weights": weights}
-    work = {"samples": samples, "block": block} | ({"block_weights": one_block} if one_block else {})
+    resident = {"block_weights": one_block} if one_block else {}
+    work = {"samples": samples, "block": block_calibrate} | resident
+    qwork = {"samples": samples, "block": block_quantize} | resident
     out = [
         stage("calibrate", common | ({} if on_device else work) | {"stats": reservoir + flush + hessians},
               work | {"weights": weights if not stream else 0}),
         stage("plan", common),
-        stage("quantize", common | {"codes": codes} | ({} if on_device else work | {"solver": solver}),
-              work | {"solver": solver}),
+        stage("quantize", common | {"codes": codes} | ({} if on_device else qwork | {"solver": solver}),
+              qwork | {"solver": solver}),
         stage("export", common | {"codes": codes} | ({"tensor": largest} if stream else {})),
     ]
     if recipe.eval.tasks:
