@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from quantlab.core.errors import UserError
-from quantlab.core.host_memory import current_rss
+from quantlab.core.host_memory import current_rss, heap_trimmer
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel, default_dtype
 from quantlab.pipeline.stages import stats_options
@@ -138,6 +138,8 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
     """The forecast of calibrate, plan, quantize and export (and eval, when the recipe has tasks)."""
     model = skeleton.model
     b = _dtype_bytes(model_name, model)
+    if base_rss is None:
+        heap_trimmer()()  # as each stage's measured peak starts after a trim (host_memory.measured_peak)
     process = (current_rss() if base_rss is None else base_rss) or 0
     process += LIBRARIES
     weights, one_block = _weights(skeleton, b, stream)
@@ -167,7 +169,7 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
     reservoir = 4 * (kept(opts.max_tokens) * d + kept(opts.linear_max_tokens) * sum(widths[1:]))
     # one flush of the statistics: the pending rows of the widest input concatenated (the model's dtype),
     # and the moments' float32 temporaries (five of MOMENT_CHUNK values)
-    flush = window * max(widths) * b + 5 * 4 * MOMENT_CHUNK
+    flush = window * max(widths) * b + 5 * 4 * min(MOMENT_CHUNK, window * max(widths))
     hessians = n_blocks * sum(m.in_features ** 2 * 4 for m in linears) if opts.hessians else 0
     # the solve holds the Linear's Hessian (factored in place on the CPU; torch keeps one workspace copy
     # elsewhere) and its working set; the largest such sum over the block's Linears
