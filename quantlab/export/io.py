@@ -41,7 +41,8 @@ def model_tensors(loaded, skip: Callable[[str], bool], weights=None) -> Iterator
 
 
 # Tensors are written as they come, in shards of at most this many bytes (one tensor larger than that gets
-# a shard of its own): with a streamed model, the export holds one tensor at a time, not the whole checkpoint. Loaders (transformers, vLLM, GPTQModel) read the hub's sharded layout, an index
+# a shard of its own): with a streamed model, the export holds one tensor at a time, not the whole
+# checkpoint. Loaders (transformers, vLLM, GPTQModel) read the hub's sharded layout, an index
 # ``model.safetensors.index.json`` with ``weight_map`` (huggingface_hub's ``save_torch_state_dict`` writes the
 # same); a checkpoint that fits one shard stays a single ``model.safetensors``.
 SHARD_BYTES = 512 << 20
@@ -85,6 +86,7 @@ def write_shards(tensors: Iterable[tuple], out: Path, max_bytes: int | None = No
     shards: list[tuple[Path, list[str]]] = []
     seen: set[str] = set()
     writer: SafetensorsWriter | None = None
+    names: list[str] = []  # the open shard's tensors
     total = 0
     try:
         for name, t, *cast in tensors:

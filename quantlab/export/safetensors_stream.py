@@ -19,6 +19,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import torch
 from torch import Tensor
@@ -114,7 +115,7 @@ class SafetensorsWriter:
         if self._side_path.exists():
             os.unlink(self._side_path)
 
-    def __enter__(self) -> SafetensorsWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind, *_) -> None:

@@ -13,7 +13,7 @@ A stage's host peak is the sum of the terms below (bytes); ``n`` calibration sam
 | ``stats``     | calibrate         | the token reservoirs of one block (float32 rows of LUQ's tensor and of each distinct Linear input, up to the cap of image and of text tokens each), a flush's copies and, when collected, every Linear's Hessian of every block (they are held until the stats are written) |
 | ``solver``    | quantize          | the largest Linear solve: its Hessian (``in²·4``, factored in place; a second copy on a device) and :data:`SOLVER_BYTES_PER_WEIGHT` per weight (float32 weight and solution, uint8 codes) |
 | ``codes``     | quantize, export  | ``--stream``: one block's codes (uint8, a byte per weight): the block's finished Linears while the next solves, the block the export packs; in memory: every Linear's codes and dense weight |
-| ``tensor``    | export            | ``--stream``: the largest tensor read from the checkpoint (a copy; the shards are written a slice at a time) |
+| ``tensor``    | export            | ``--stream``: the largest tensor read from the checkpoint (a mapped view whose pages all become resident as it is written; the shards are written a slice at a time) |
 
 With ``--device``, blocks, activations and solves move to the device: ``solver``, ``samples`` and
 ``block`` are counted there instead of on the host.
