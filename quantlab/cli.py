@@ -279,7 +279,7 @@ def calibrate(
     if stream:
         from quantlab.calib.weights import stream_model
 
-        loaded, weights = stream_model(model)
+        loaded, weights = stream_model(model, device=device)
     else:
         loaded = load_model(model)
     cs = build_calibration_set(loaded, r.calibration)

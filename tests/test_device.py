@@ -178,3 +178,47 @@ def test_cuda_matches_cpu(family):
         assert g.error == pytest.approx(r.error, rel=0.1, abs=1e-4), name
     for (n, p), (_, q) in zip(lc.model.named_parameters(), lg.model.named_parameters()):
         assert q.device.type == "cpu", n
+
+
+@pytest.mark.parametrize("stored, device, flags, expected", [
+    (torch.bfloat16, None, frozenset({"avx2", "fma"}), torch.float32),  # emulated bf16 matmuls: float32
+    (torch.bfloat16, None, frozenset({"avx512_bf16"}), torch.bfloat16),
+    (torch.bfloat16, None, frozenset({"amx_bf16"}), torch.bfloat16),
+    (torch.float16, None, frozenset({"avx512_bf16"}), torch.float32),
+    (torch.float16, "cpu", frozenset({"avx512_fp16"}), torch.float16),
+    (torch.bfloat16, "cuda", frozenset(), torch.bfloat16),  # the accelerator has the instructions
+    (torch.float32, None, frozenset(), torch.float32),
+])
+def test_compute_dtype_is_float32_where_the_cpu_emulates_16_bit(stored, device, flags, expected):
+    from quantlab.core.device import compute_dtype
+
+    assert compute_dtype(stored, device, flags) == expected
+
+
+@pytest.mark.parametrize("flags, expected", [(frozenset({"avx2"}), torch.float32),
+                                             (frozenset({"avx512_bf16"}), torch.bfloat16)])
+def test_a_bf16_checkpoint_streams_in_the_compute_dtype(tmp_path, monkeypatch, flags, expected):
+    """A bf16 checkpoint streamed on a CPU without bf16 computes in float32: its blocks are float32 copies,
+    the embedding stays a bf16 view of the file whose lookups are cast, and the quantized results equal
+    those of the same checkpoint loaded whole in float32 (computing in float32 on the stored bf16 values)."""
+    import quantlab.core.device as device_mod
+    from quantlab.calib.weights import stream_model
+    from transformers import AutoModelForImageTextToText
+
+    from quantlab.models.load import LoadedModel
+
+    monkeypatch.setattr(device_mod, "cpu_flags", lambda: flags)
+    loaded, samples = _setup("llava")
+    loaded.model.to(torch.bfloat16).save_pretrained(tmp_path)
+    lazy, weights = stream_model(tmp_path, with_processor=False)
+    assert weights.dtype == expected and lazy.model.model.multi_modal_projector.linear_1.weight.dtype == expected
+    embed = lazy.model.get_input_embeddings()
+    dtypes = []
+    embed.register_forward_hook(lambda m, a, o: dtypes.append((m.weight.dtype, o.dtype)))
+    plan = _plan(loaded)
+    results = quantize(lazy, plan, samples, progress=False, weights=weights)
+    assert dtypes and set(dtypes) == {(torch.bfloat16, expected)}
+    whole = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=expected).eval()
+    ref = quantize(LoadedModel(whole, None, lazy.adapter, str(tmp_path)), plan, samples, progress=False)
+    for name, r in ref.items():
+        assert torch.equal(results[name].codes, r.codes), name

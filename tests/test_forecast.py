@@ -59,3 +59,27 @@ def test_terms_follow_the_flags_and_the_recipe():
     assert ondevice["quantize"].host < memory["quantize"].host
     assert memory["quantize"].device is None
     assert list(memory) == ["calibrate", "plan", "quantize", "export"]
+
+
+def test_a_streamed_bf16_checkpoint_is_forecast_in_its_compute_dtype(tmp_path, monkeypatch):
+    """On a CPU without bf16 instructions a streamed bf16 checkpoint computes in float32: activations and
+    block weights count 4 bytes a value; the export still reads the stored 2-byte tensors."""
+    import torch
+
+    import quantlab.core.device as device_mod
+    from quantlab.models.load import load_model
+    from tests.conftest import tiny_llava
+
+    tiny_llava().to(torch.bfloat16).save_pretrained(tmp_path)
+    skeleton = load_model(str(tmp_path), weights=False)
+    recipe = Recipe.from_yaml("recipes/w4a16.yaml", {"eval.tasks": []})
+
+    def by_stage(flags):
+        monkeypatch.setattr(device_mod, "cpu_flags", lambda: flags)
+        return {f.stage: f for f in fc.forecast_run(skeleton, str(tmp_path), recipe, stream=True, device=None,
+                                                     base_rss=0)}
+    emulated, native = by_stage(frozenset({"avx2"})), by_stage(frozenset({"amx_bf16"}))
+    for term in ("samples", "block_weights"):
+        assert emulated["quantize"].terms[term] == 2 * native["quantize"].terms[term], term
+    assert emulated["calibrate"].terms["block"] == 2 * native["calibrate"].terms["block"]
+    assert emulated["export"].terms["tensor"] == native["export"].terms["tensor"]

@@ -6,6 +6,8 @@ This is the engine both calibration and quantization use. For every decoder bloc
 2. the ``stage`` callback receives ``(index, block, run)``; ``run()`` executes the block on every sample's
    current input and returns the outputs. A stage may register hooks and call ``run()`` to observe
    activations, replace the block's weights (quantize) and call ``run()`` again, any number of times;
+   ``run(until=modules)`` stops each sample's pass as soon as one of ``modules`` receives its input (for a
+   stage that observes only that input: quantize's steps skip the rest of the block);
 3. the block's outputs (what the stage returned, or a final ``run()``) become the next block's inputs;
 4. the block's weights are released.
 
@@ -44,7 +46,15 @@ class CalibSample:
         return bool(self.image_mask.any())
 
 
-Run = Callable[[], list[torch.Tensor]]
+Run = Callable[..., list[torch.Tensor]]
+
+
+class _Reached(Exception):
+    """Raised by the stop hook of ``run(until=...)``: the pass has delivered the input asked for."""
+
+
+def _stop(module: nn.Module, args: tuple) -> None:
+    raise _Reached
 
 
 class BlockStage(Protocol):
@@ -70,19 +80,32 @@ def capture_decoder_inputs(loaded: LoadedModel, samples: Sequence[CalibSample]) 
 
 
 def run_block(block: nn.Module, calls: Sequence[Sequence[BlockCall]], index: int,
-              hidden: Sequence[torch.Tensor], device: torch.device | None = None) -> list[torch.Tensor]:
+              hidden: Sequence[torch.Tensor], device: torch.device | None = None,
+              until: Sequence[nn.Module] = ()) -> list[torch.Tensor]:
     """Decoder block ``index`` over every sample's hidden state, each with that sample's captured call.
 
     With ``device``, each sample's call is moved there (the block must already be) and its output comes
     back to where its hidden state was, so only one sample's activations occupy the device at a time.
+    With ``until``, each pass stops when the first of those modules is called, after its other forward
+    pre-hooks ran (those registered before this call), and nothing is returned.
     """
+    stops = [m.register_forward_pre_hook(_stop) for m in until]
     outs = []
-    for s, h in enumerate(hidden):
-        call = calls[s][index].with_hidden(h)
-        if device is not None:
-            call = BlockCall(send_to_device(call.args, device), send_to_device(call.kwargs, device))
-        out = block_output(block(*call.args, **call.kwargs))
-        outs.append(out if device is None else out.to(h.device))
+    try:
+        for s, h in enumerate(hidden):
+            call = calls[s][index].with_hidden(h)
+            if device is not None:
+                call = BlockCall(send_to_device(call.args, device), send_to_device(call.kwargs, device))
+            try:
+                out = block_output(block(*call.args, **call.kwargs))
+            except _Reached:
+                continue
+            outs.append(out if device is None else out.to(h.device))
+    finally:
+        for stop in stops:
+            stop.remove()
+    if until and outs:
+        raise RuntimeError(f"block {index}: none of the modules to stop at was called")
     return outs
 
 
@@ -113,8 +136,8 @@ def stream_decoder(
         prefix = f"{adapter.decoder_blocks}.{i}"
         weights.load(block, prefix)
 
-        def run(block: nn.Module = block, i: int = i) -> list[torch.Tensor]:
-            return run_block(block, calls, i, hidden, device)
+        def run(block: nn.Module = block, i: int = i, until: Sequence[nn.Module] = ()) -> list[torch.Tensor]:
+            return run_block(block, calls, i, hidden, device, until)
 
         with placed([block], device):
             outs = stage(i, block, run) if stage is not None else None

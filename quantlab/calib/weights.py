@@ -17,8 +17,10 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
 
+from quantlab.core.device import compute_dtype
 from quantlab.models.adapter import Adapter, Component, ties_embeddings
-from quantlab.models.load import LoadedModel, default_dtype, get_adapter, load_config, processor_class, resolve
+from quantlab.models.load import (LoadedModel, checkpoint_dtype, get_adapter, load_config, load_dtype,
+                                  processor_class, resolve)
 from quantlab.models.processors import load_processor
 
 
@@ -72,23 +74,29 @@ class SafetensorsWeights:
         raise KeyError(f"{self.directory}: no tensor for parameter {name!r} (tried {name!r}, {legacy!r})")
 
     def tensor(self, name: str, *, mapped: bool = False) -> torch.Tensor:
-        """The parameter's tensor in ``self.dtype``: a copy, or (``mapped``, when no cast is needed) a view of
-        the memory-mapped file, whose pages are read only where touched (an embedding lookup reads its
-        rows, not the whole 0.6 GB table) and go when the tensor does."""
+        """The parameter's tensor: a copy in ``self.dtype``, or (``mapped``) a view of the memory-mapped file
+        in its stored dtype, whose pages are read only where touched (an embedding lookup reads its rows,
+        not the whole 0.6 GB table) and go when the tensor does."""
         key = self.key_for(name)
         fname = self.key_file[key]
         if fname not in self._handles:
             self._handles[fname] = safe_open(str(self.directory / fname), framework="pt")
         t = self._handles[fname].get_tensor(key)  # type: ignore[attr-defined]
-        if mapped and t.dtype == self.dtype:
+        if mapped:
             return t
         # Otherwise a copy, never a view of the memory map: mapped pages would stay resident (and counted)
         # for as long as the tensor lives, defeating the one-block-at-a-time bound for resident tensors.
         return t.to(self.dtype, copy=True)
 
-    def load(self, module: nn.Module, prefix: str, *, mapped: bool = False) -> None:
+    def load(self, module: nn.Module, prefix: str, *, mapped: bool = False, stored_dtype: bool = False) -> None:
+        """Materialise ``module``'s parameters: copies in ``self.dtype``, or (``mapped``) views of the file
+        where no cast is needed, or (``stored_dtype`` too) always views, in the stored dtype (see
+        :func:`compute_in` for running such a module among ``self.dtype`` ones)."""
         for pname, _ in list(module.named_parameters()):
-            set_module_tensor_to_device(module, pname, "cpu", value=self.tensor(f"{prefix}.{pname}", mapped=mapped))
+            t = self.tensor(f"{prefix}.{pname}", mapped=mapped)
+            if mapped and not stored_dtype and t.dtype != self.dtype:
+                t = t.to(self.dtype)  # a copy, so nothing keeps the mapped pages
+            set_module_tensor_to_device(module, pname, "cpu", value=t, dtype=t.dtype)
         if not mapped:
             self.close()  # the block holds copies: the pages they were read from would double its memory
 
@@ -102,11 +110,35 @@ class SafetensorsWeights:
         self._handles.clear()
 
 
-def stream_model(name_or_path: str | Path, *, with_processor: bool = True):
-    """:func:`load_streaming` for a model as :func:`quantlab.models.load.load_model` names it: aliases
-    resolved, and the same default dtype (toys in fp32, checkpoints in their own)."""
+def stream_dtype(name_or_path: str | Path, device: str | None = None) -> torch.dtype:
+    """The dtype a streamed model computes in: :func:`quantlab.models.load.load_dtype` (toys in float32,
+    checkpoints in their own), in float32 where that is a 16-bit float the CPU has no instructions for
+    (:func:`quantlab.core.device.compute_dtype`). ``device``: where the blocks compute (None: the CPU)."""
+    return compute_dtype(load_dtype(name_or_path), device)
 
-    return load_streaming(resolve(name_or_path), dtype=default_dtype(name_or_path), with_processor=with_processor)
+
+def stream_model(name_or_path: str | Path, *, device: str | None = None, with_processor: bool = True):
+    """:func:`load_streaming` for a model as :func:`quantlab.models.load.load_model` names it: aliases
+    resolved, computing in :func:`stream_dtype`."""
+
+    return load_streaming(resolve(name_or_path), dtype=stream_dtype(name_or_path, device),
+                          with_processor=with_processor)
+
+
+def compute_in(module: nn.Module, dtype: torch.dtype) -> None:
+    """Let ``module``, whose weights may be held in another dtype (a mapped view of the checkpoint), run
+    among modules computing in ``dtype``: its floating inputs are cast to its weights' dtype and its
+    floating outputs to ``dtype``. Costs nothing where the dtypes agree."""
+
+    def inputs(m: nn.Module, args: tuple) -> tuple:
+        w = next(m.parameters()).dtype
+        return tuple(a.to(w) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    def output(m: nn.Module, args: tuple, out):
+        return out.to(dtype) if torch.is_tensor(out) and out.is_floating_point() else out
+
+    module.register_forward_pre_hook(inputs)
+    module.register_forward_hook(output)
 
 
 def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.float32, with_processor: bool = True):
@@ -119,8 +151,9 @@ def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.fl
     decoder) is in memory only while a sample is embedded; decoder blocks are left to
     :func:`quantlab.calib.executor.stream_decoder`. A tied head shares the embedding's (meta) parameter
     until it runs; exports read both from the checkpoint.
-    ``dtype``: a torch dtype or its name; ``"auto"`` takes the checkpoint's (``config.dtype``, float32 when
-    it names none).
+    ``dtype``: what the model computes in, a torch dtype or its name; ``"auto"`` takes the checkpoint's
+    (``config.dtype``, float32 when it names none). Blocks and the head are read as copies in it (the head
+    as a view where no cast is needed); the embedding as a view in its stored dtype, its rows cast.
     Returns ``(LoadedModel, SafetensorsWeights)``.
     """
     from accelerate import init_empty_weights
@@ -135,8 +168,7 @@ def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.fl
     config = load_config(directory)
     adapter = get_adapter(config)
     if dtype == "auto":
-        dtype = getattr(config, "dtype", None) or getattr(getattr(config, "text_config", None), "dtype", None)
-        dtype = dtype or torch.float32
+        dtype = checkpoint_dtype(config)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with init_empty_weights(include_buffers=False):  # buffers (rotary inv_freq) must stay real
@@ -160,7 +192,13 @@ def load_streaming(directory: str | Path, *, dtype: torch.dtype | str = torch.fl
         block.register_forward_hook(lambda m, a, o, p=prefix: weights.release(m, p))
     for prefix in on_demand:
         module = model.get_submodule(prefix)
-        module.register_forward_pre_hook(lambda m, a, p=prefix: weights.load(m, p, mapped=True))
+        # a lookup reads a few rows of the mapped table, in its stored dtype (values cast exactly); the head
+        # reads all of it, so it computes as the blocks do (a copy in ``dtype`` where the dtypes differ)
+        lookup = prefix == adapter.embed_tokens
+        module.register_forward_pre_hook(lambda m, a, p=prefix, k=lookup: weights.load(m, p, mapped=True,
+                                                                                      stored_dtype=k))
         module.register_forward_hook(lambda m, a, o, p=prefix: weights.release(m, p))
+        if lookup:
+            compute_in(module, dtype)
     processor = load_processor(directory, processor_class(directory)) if with_processor else None
     return LoadedModel(model.eval(), processor, adapter, str(directory)), weights

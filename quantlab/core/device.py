@@ -55,3 +55,36 @@ def placed(modules: Sequence[nn.Module], device: torch.device | None) -> Iterato
     finally:
         for m, home in zip(modules, homes):
             m.to(home)
+
+
+# CPU feature flags (/proc/cpuinfo: x86 "flags", aarch64 "Features") under which torch's 16-bit matmuls run
+# on native instructions; without them they are emulated and far slower than float32 (measured on this
+# project's AVX2 machine: bf16 F.linear 7 GFLOPS, float32 55; eval/RESULTS.md, "Full-size streamed pipeline")
+NATIVE_HALF_FLAGS = {torch.bfloat16: ("amx_bf16", "avx512_bf16", "bf16"),
+                     torch.float16: ("amx_fp16", "avx512_fp16", "fphp")}
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (empty when /proc/cpuinfo cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def compute_dtype(stored: torch.dtype, device: str | torch.device | None,
+                  flags: frozenset[str] | None = None) -> torch.dtype:
+    """The dtype a streamed block computes in: its stored dtype, except a 16-bit float on a CPU without
+    instructions for it, which computes in float32 (a block's weights at twice the bytes, a block at a time).
+
+    ``device``: where blocks compute (None: the CPU). ``flags``: the CPU's (default :func:`cpu_flags`).
+    """
+    if stored not in NATIVE_HALF_FLAGS or (device is not None and torch.device(device).type != "cpu"):
+        return stored
+    flags = cpu_flags() if flags is None else flags
+    return stored if any(f in flags for f in NATIVE_HALF_FLAGS[stored]) else torch.float32

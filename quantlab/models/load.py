@@ -137,6 +137,18 @@ def default_dtype(name_or_path: str | Path) -> torch.dtype | str:
     return torch.float32 if str(name_or_path).startswith("toy-") else "auto"
 
 
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype a checkpoint's config says its tensors are stored in (float32 when it names none)."""
+    dtype = getattr(config, "dtype", None) or getattr(config.get_text_config(), "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def load_dtype(name_or_path: str | Path) -> torch.dtype:
+    """:func:`default_dtype` resolved: the dtype :func:`load_model` gives the model when none is asked for."""
+    dtype = default_dtype(name_or_path)
+    return checkpoint_dtype(load_config(resolve(name_or_path))) if dtype == "auto" else dtype
+
+
 def load_checkpoint(src: str, *, dtype) -> nn.Module:
     """``from_pretrained``, but a checkpoint whose tensors do not match its config is an error.
 

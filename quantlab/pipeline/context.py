@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from quantlab.calib.data import build_calibration_set
-from quantlab.calib.weights import stream_model
-from quantlab.models.load import load_model
+from quantlab.calib.weights import stream_dtype, stream_model
+from quantlab.models.load import load_dtype, load_model
 from quantlab.pipeline.rundir import RunDir
 from quantlab.recipe import Recipe
 
@@ -50,10 +52,15 @@ class StageContext:
     forecast: dict = field(default_factory=dict)  # stage -> its memory forecast (quantlab.pipeline.forecast)
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """What the stages compute in: the loader's dtype, or a streamed model's :func:`stream_dtype`."""
+        return stream_dtype(self.model_name, self.device) if self.stream else load_dtype(self.model_name)
+
+    @property
     def loaded(self):
         if self._loaded is None:
             if self.stream:
-                self._loaded, self.weights = stream_model(self.model_name)
+                self._loaded, self.weights = stream_model(self.model_name, device=self.device)
             else:
                 self._loaded = load_model(self.model_name)
         return self._loaded

@@ -2,7 +2,7 @@
 recipe and the flags, made before any stage starts.
 
 A stage's host peak is the sum of the terms below (bytes); ``n`` calibration samples of at most ``T`` tokens,
-``d`` the width of the residual stream, ``b`` the bytes of the load dtype:
+``d`` the width of the residual stream, ``b`` the bytes of the dtype the stages compute in (the loader's; streamed: :func:`quantlab.calib.weights.stream_dtype`):
 
 | term          | stages            | what                                                                         |
 |---------------|-------------------|------------------------------------------------------------------------------|
@@ -11,7 +11,7 @@ A stage's host peak is the sum of the terms below (bytes); ``n`` calibration sam
 | ``samples``   | calibrate, quantize | the hidden states entering and leaving a block for every sample: ``2·n·T·d·b`` |
 | ``block``     | calibrate, quantize | inside a block, the distinct Linear inputs held: calibrate stashes them until a flush (``min(flush_tokens + T, n·T)·Σ widths·b``), quantize one sample's (``T·Σ widths·b``, and the widest in float32) |
 | ``stats``     | calibrate         | the token reservoirs of one block (float32 rows of LUQ's tensor and of each distinct Linear input, up to the cap of image and of text tokens each), a flush's copies and, when collected, every Linear's Hessian of every block (they are held until the stats are written) |
-| ``solver``    | quantize          | the largest Linear solve: its Hessian (``in²·4``, factored in place; a second copy on a device) and :data:`SOLVER_BYTES_PER_WEIGHT` per weight (float32 weight and solution, uint8 codes) |
+| ``solver``    | quantize          | the largest Linear solve: its Hessian (``in²·4``, factored in place; a second copy on a device; one more for q/k/v and gate/up, which share one) and :data:`SOLVER_BYTES_PER_WEIGHT` per weight (float32 weight and solution, uint8 codes) |
 | ``codes``     | quantize, export  | ``--stream``: one block's codes (uint8, a byte per weight): the block's finished Linears while the next solves, the block the export packs; in memory: every Linear's codes and dense weight |
 | ``tensor``    | export            | ``--stream``: the largest tensor read from the checkpoint (a mapped view whose pages all become resident as it is written; the shards are written a slice at a time) |
 
@@ -36,7 +36,8 @@ from torch import nn
 from quantlab.core.errors import UserError
 from quantlab.core.host_memory import current_rss, heap_trimmer
 from quantlab.models.adapter import Component
-from quantlab.models.load import LoadedModel, default_dtype
+from quantlab.calib.weights import stream_dtype
+from quantlab.models.load import LoadedModel, checkpoint_dtype, load_dtype
 from quantlab.pipeline.stages import stats_options
 from quantlab.quant.apply import sequential_steps
 
@@ -63,13 +64,11 @@ class StageForecast:
         return {"stage": self.stage, "host_bytes": self.host, "device_bytes": self.device, "terms": self.terms}
 
 
-def _dtype_bytes(model_name: str, model: nn.Module) -> int:
-    dtype = default_dtype(model_name)
-    if dtype == "auto":
-        cfg = model.config
-        dtype = getattr(cfg, "dtype", None) or getattr(cfg.get_text_config(), "dtype", None) or torch.float32
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    return torch.empty(0, dtype=dtype).element_size()
+def _dtype_bytes(model_name: str, model: nn.Module, *, stream: bool, device: str | None) -> tuple[int, int]:
+    """``(compute, stored)`` bytes per value: what the stages hold blocks and activations in (the loader's
+    dtype; a streamed model's :func:`~quantlab.calib.weights.stream_dtype`) and what the checkpoint stores."""
+    compute = stream_dtype(model_name, device) if stream else load_dtype(model_name)
+    return compute.itemsize, checkpoint_dtype(model.config).itemsize
 
 
 def _weights(skeleton: LoadedModel, b: int, stream: bool) -> tuple[int, int]:
@@ -89,11 +88,16 @@ def _weights(skeleton: LoadedModel, b: int, stream: bool) -> tuple[int, int]:
     return sum(p.numel() for p in resident.values()) * b, largest * b
 
 
-def _input_widths(skeleton: LoadedModel) -> list[int]:
-    """One width per tensor the block's Linears read: a fused group (q/k/v, gate/up) reads one."""
+def _block_steps(skeleton: LoadedModel) -> list[list[nn.Linear]]:
+    """The first decoder block's Linears in quantize's steps (a fused group, q/k/v or gate/up, is one)."""
     block = skeleton.adapter.blocks(skeleton.model)[0]
     named = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-    return [named[step[0]].in_features for step in sequential_steps(list(named), skeleton.adapter.fused_groups)]
+    return [[named[n] for n in step] for step in sequential_steps(list(named), skeleton.adapter.fused_groups)]
+
+
+def _input_widths(skeleton: LoadedModel) -> list[int]:
+    """One width per tensor the block's Linears read: a fused group (q/k/v, gate/up) reads one."""
+    return [step[0].in_features for step in _block_steps(skeleton)]
 
 
 @dataclass(frozen=True)
@@ -128,16 +132,11 @@ def sample_tokens(model_name: str, skeleton: LoadedModel, recipe) -> TokenEstima
         return TokenEstimate(cal.max_tokens, 0.0, float(cal.max_tokens))
 
 
-def _block_linears(skeleton: LoadedModel) -> list[nn.Linear]:
-    adapter = skeleton.adapter
-    return [m for m in adapter.blocks(skeleton.model)[0].modules() if isinstance(m, nn.Linear)]
-
-
 def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool, device: str | None,
                  base_rss: int | None = None) -> list[StageForecast]:
     """The forecast of calibrate, plan, quantize and export (and eval, when the recipe has tasks)."""
     model = skeleton.model
-    b = _dtype_bytes(model_name, model)
+    b, stored_b = _dtype_bytes(model_name, model, stream=stream, device=device)
     if base_rss is None:
         heap_trimmer()()  # as each stage's measured peak starts after a trim (host_memory.measured_peak)
     process = (current_rss() if base_rss is None else base_rss) or 0
@@ -148,7 +147,8 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
     n, T = cal.num_samples, probe.longest
     text = model.config.get_text_config()
     d = text.hidden_size
-    linears = _block_linears(skeleton)
+    steps = _block_steps(skeleton)
+    linears = [m for step in steps for m in step]
     n_blocks = len(skeleton.adapter.blocks(model))
     on_device = device is not None and torch.device(device).type != "cpu"
     # the tensors the Linears read (q/k/v share one, gate/up another): their inputs are kept for every sample
@@ -173,13 +173,15 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
     hessians = n_blocks * sum(m.in_features ** 2 * 4 for m in linears) if opts.hessians else 0
     # the solve holds the Linear's Hessian (factored in place on the CPU; torch keeps one workspace copy
     # elsewhere) and its working set; the largest such sum over the block's Linears
+    # a step's Linears (q/k/v) share one Hessian: all but the last solve a copy while it is kept
     copies = 1 if not on_device else 2
-    solver = max(m.in_features * m.out_features * SOLVER_BYTES_PER_WEIGHT + copies * m.in_features ** 2 * 4
-                 for m in linears)
+    solver = max(m.in_features * m.out_features * SOLVER_BYTES_PER_WEIGHT
+                 + (copies + (len(step) > 1)) * m.in_features ** 2 * 4
+                 for step in steps for m in step)
     block_codes = sum(m.in_features * m.out_features for m in linears)  # uint8 until packed
     # streamed: one block's codes (the rest are on disk); in memory: every result, codes and dense weight
     codes = block_codes if stream else n_blocks * block_codes * (1 + b)
-    largest = max(p.numel() for p in model.parameters()) * b
+    largest = max(p.numel() for p in model.parameters()) * stored_b  # read as stored (a mapped view)
 
     def stage(name: str, host_terms: dict[str, int], device_terms: dict[str, int] | None = None) -> StageForecast:
         if not on_device:
@@ -201,7 +203,7 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
         stage("export", common | {"codes": codes} | ({"tensor": largest} if stream else {})),
     ]
     if recipe.eval.tasks:
-        full = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * b
+        full = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * load_dtype(model_name).itemsize
         out.append(stage("eval", common | {"model": full}))
     return out
 

@@ -53,11 +53,12 @@ def run_all(model: str, recipe_path: str | Path, out: str | Path, *, overwrite: 
         run = RunDir.open(out, model, recipe.to_yaml(), overwrite=overwrite)
         log.info(format_forecast(forecasts, host_budget()))
         env = stages.compute_env(device)
-        log.info("quantlab run: model %s, recipe %s (%s), stop after %s, torch %s, %d threads, device %s%s",
-                 model, recipe_path, recipe.name, stop_after or "report", env["torch"], env["threads"], env["device"],
-                 ", streamed" if stream else "")
         ctx = StageContext(model, recipe, run, progress=progress, say=tell, device=device, stream=stream,
                            skeleton=skeleton, forecast={f.stage: f for f in forecasts})
+        log.info("quantlab run: model %s, recipe %s (%s), stop after %s, torch %s, %d threads, device %s%s, "
+                 "computing in %s", model, recipe_path, recipe.name, stop_after or "report", env["torch"],
+                 env["threads"], env["device"], ", streamed" if stream else "",
+                 str(ctx.compute_dtype).removeprefix("torch."))
         return _stages(ctx, stop_after)
 
 

@@ -29,7 +29,7 @@ from quantlab.export.card import write_model_card
 from quantlab.export.formats import get_format
 from quantlab.export.open import open_model
 from quantlab.models.adapter import Component
-from quantlab.models.load import load_model, resolve
+from quantlab.models.load import load_dtype, load_model, resolve
 from quantlab.pipeline.context import StageContext, file_hash, fingerprint
 from quantlab.pipeline.preflight import preflight
 from quantlab.plan.cost import model_size
@@ -51,8 +51,12 @@ def stats_options(recipe):
 
 
 def calibrate_fp(ctx: StageContext) -> str:
+    # a streamed model computing in another dtype than the loader's (float32 on a CPU without bf16) gets
+    # other statistics; runs in the loader's dtype keep the fingerprints they had
+    compute = ctx.compute_dtype
+    other = [str(compute)] if compute != load_dtype(ctx.model_name) else []
     return fingerprint(ctx.model_name, ctx.recipe.calibration.model_dump(mode="json"),
-                       stats_options(ctx.recipe).to_dict())
+                       stats_options(ctx.recipe).to_dict(), *other)
 
 
 def stage_calibrate(ctx: StageContext):
@@ -230,7 +234,7 @@ def _exported_or(ctx: StageContext, fake_quant):
         ctx.say(f"eval: a {fmt} checkpoint needs {package} to load; evaluating the in-memory fake-quant "
                 "model instead (it matches the export's dequantized weights)")
         return fake_quant
-    return open_model(ctx.run.model, dtype=fake_quant.model.dtype)
+    return open_model(ctx.run.model, dtype=load_dtype(ctx.model_name))  # as the base model is evaluated
 
 
 def stage_eval(ctx: StageContext, quantized_loaded) -> dict:

@@ -2,8 +2,9 @@
 
 For each decoder block the streaming executor hands over, Linears are processed in *true sequential*
 order: Linears that read the same input (q/k/v, gate/up: the adapter's fused groups) form one step;
-each step's Hessian ``H = mean(xᵀx)`` is gathered from a forward pass through the block whose earlier
-sublayers are already quantized. The dequantized (fake-quant) weight replaces the original in place, so
+each step's Hessian ``H = mean(xᵀx)`` is gathered once, from a forward pass through the block whose earlier
+sublayers are already quantized, stopped where the step's input is reached (the rest of the block does
+not change it). The dequantized (fake-quant) weight replaces the original in place, so
 the in-memory model evaluates as the quantized one; the packed :class:`QuantResult` is kept for export.
 The quantized block's outputs feed the next block.
 """
@@ -55,13 +56,18 @@ def sequential_steps(names: Sequence[str], fused_groups: Sequence[Sequence[str]]
 
 
 class _HessianHook:
-    """Accumulates ``mean(xᵀx)`` over all tokens of all samples for one Linear input."""
+    """Accumulates ``mean(xᵀx)`` over all tokens of all samples of the one input ``modules`` read (a step:
+    q/k/v read the same tensor); a pass is expected to stop at the first of them (``run(until=...)``)."""
 
-    def __init__(self, module: nn.Linear):
-        self.h = torch.zeros(module.in_features, module.in_features, dtype=torch.float32,
-                             device=module.weight.device)
+    def __init__(self, modules: Sequence[nn.Linear]):
+        first = modules[0]
+        self.h = torch.zeros(first.in_features, first.in_features, dtype=torch.float32, device=first.weight.device)
         self.n = 0
-        self.handle = module.register_forward_pre_hook(self)
+        self.handles = [m.register_forward_pre_hook(self) for m in modules]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
@@ -163,16 +169,18 @@ def quantize(
                     results[n] = _light(saved[n]) if streamed else saved[n]
             return run()
         for step in sequential_steps(names, adapter.fused_groups):
-            hooks = {n: _HessianHook(modules[n]) for n in step}
+            linears = [modules[n] for n in step]
+            hook = _HessianHook(linears)
             try:
-                run()
+                run(until=linears)
             finally:
-                for h in hooks.values():
-                    h.handle.remove()
-            for n in step:
-                result = _quantize_module(n, modules[n], planned[n], hooks[n].h)
+                hook.remove()
+            for k, n in enumerate(step):
+                # each solve factors its Hessian in place: all but the last get a copy
+                hessian = hook.h if k == len(step) - 1 else hook.h.clone()
+                result = _quantize_module(n, modules[n], planned[n], hessian)
                 results[n] = _light(result) if streamed else result  # the block holds the dense weight
-            del hooks, result
+            del hook, hessian, result
             trim()  # the solves' freed workspace goes back to the OS instead of staying in glibc's heap
         if save_block is not None:
             save_block(index, {n: results[n] for n in names})

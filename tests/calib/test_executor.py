@@ -116,3 +116,31 @@ def test_streaming_keeps_a_tied_head_one_tensor(tmp_path):
         for s, got in zip(samples, logits):
             model.model.rope_deltas = None
             torch.testing.assert_close(got, model(**s.inputs, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_run_until_stops_each_pass_where_the_module_is_reached(tiny_family):
+    """``run(until=[m])``: every sample's pass delivers m's input to the hooks registered before it, then
+    stops; m itself and what follows do not run. A full ``run()`` afterwards is unaffected."""
+    family, model = tiny_family
+    loaded = LoadedModel(model, None, get_adapter(model), family)
+    samples = _samples(family)
+    seen = {"inputs": 0, "down_ran": 0, "o_ran": 0}
+    outputs: dict[str, list] = {}
+
+    def stage(i, block, run):
+        if i == 0:
+            outputs["full"] = run()
+            pre = block.mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("inputs", seen["inputs"] + 1))
+            ran = block.mlp.down_proj.register_forward_hook(lambda m, a, o: seen.__setitem__("down_ran", seen["down_ran"] + 1))
+            o_ran = block.self_attn.o_proj.register_forward_hook(lambda m, a, o: seen.__setitem__("o_ran", seen["o_ran"] + 1))
+            outputs["until"] = run(until=[block.mlp.down_proj])
+            pre.remove(), ran.remove(), o_ran.remove()
+            outputs["again"] = run()
+            return outputs["again"]
+        return None
+
+    stream_decoder(loaded, samples, stage)
+    assert outputs["until"] == []
+    assert seen == {"inputs": len(samples), "down_ran": 0, "o_ran": len(samples)}
+    for a, b in zip(outputs["full"], outputs["again"]):
+        assert torch.equal(a, b)
