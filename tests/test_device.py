@@ -201,10 +201,10 @@ def test_a_bf16_checkpoint_streams_in_the_compute_dtype(tmp_path, monkeypatch, f
     """A bf16 checkpoint streamed on a CPU without bf16 computes in float32: its blocks are float32 copies,
     the embedding stays a bf16 view of the file whose lookups are cast, and the quantized results equal
     those of the same checkpoint loaded whole in float32 (computing in float32 on the stored bf16 values)."""
-    import quantlab.core.device as device_mod
-    from quantlab.calib.weights import stream_model
     from transformers import AutoModelForImageTextToText
 
+    import quantlab.core.device as device_mod
+    from quantlab.calib.weights import stream_model
     from quantlab.models.load import LoadedModel
 
     monkeypatch.setattr(device_mod, "cpu_flags", lambda: flags)

@@ -3,7 +3,6 @@ what the stages measure (the 3B / 7B comparisons are eval/bench/full_size.py's).
 
 from __future__ import annotations
 
-import pytest
 from typer.testing import CliRunner
 
 import quantlab.pipeline.forecast as fc

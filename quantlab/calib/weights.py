@@ -19,8 +19,15 @@ from torch import nn
 
 from quantlab.core.device import compute_dtype
 from quantlab.models.adapter import Adapter, Component, ties_embeddings
-from quantlab.models.load import (LoadedModel, checkpoint_dtype, get_adapter, load_config, load_dtype,
-                                  processor_class, resolve)
+from quantlab.models.load import (
+    LoadedModel,
+    checkpoint_dtype,
+    get_adapter,
+    load_config,
+    load_dtype,
+    processor_class,
+    resolve,
+)
 from quantlab.models.processors import load_processor
 
 

@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantlab.calib.weights import stream_dtype
 from quantlab.core.errors import UserError
 from quantlab.core.host_memory import current_rss, heap_trimmer
 from quantlab.models.adapter import Component
-from quantlab.calib.weights import stream_dtype
 from quantlab.models.load import LoadedModel, checkpoint_dtype, load_dtype
 from quantlab.pipeline.stages import stats_options
 from quantlab.quant.apply import sequential_steps
