@@ -104,8 +104,10 @@ class SafetensorsWeights:
             if mapped and not stored_dtype and t.dtype != self.dtype:
                 t = t.to(self.dtype)  # a copy, so nothing keeps the mapped pages
             set_module_tensor_to_device(module, pname, "cpu", value=t, dtype=t.dtype)
-        if not mapped:
-            self.close()  # the block holds copies: the pages they were read from would double its memory
+            if not mapped:
+                # the module holds a copy: unmap the pages it was read from now, not after the whole block
+                # (a bf16 block's pages beside its float32 copies were calibration's peak at 7B, +0.38 GiB)
+                self.close()
 
     def release(self, module: nn.Module, prefix: str) -> None:
         for pname, _ in list(module.named_parameters()):

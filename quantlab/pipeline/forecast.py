@@ -2,14 +2,16 @@
 recipe and the flags, made before any stage starts.
 
 A stage's host peak is the sum of the terms below (bytes); ``n`` calibration samples of at most ``T`` tokens,
-``d`` the width of the residual stream, ``b`` the bytes of the dtype the stages compute in (the loader's; streamed: :func:`quantlab.calib.weights.stream_dtype`):
+``d`` the width of the residual stream, ``b`` the bytes of the dtype the stages compute in (the loader's;
+streamed: :func:`quantlab.calib.weights.stream_dtype`), ``w_k`` the width of the block's ``k``-th distinct
+Linear input:
 
 | term          | stages            | what                                                                         |
 |---------------|-------------------|------------------------------------------------------------------------------|
 | ``process``   | all               | this process's RSS when the forecast is made, plus the libraries the stages import later |
 | ``weights``   | all               | in memory: every parameter; ``--stream``: the resident tensors (embeddings, norms, projector, an untied head) plus the largest decoder or vision block |
-| ``samples``   | calibrate, quantize | the hidden states entering and leaving a block for every sample: ``2·n·T·d·b`` |
-| ``block``     | calibrate, quantize | inside a block, the distinct Linear inputs held: calibrate stashes them until a flush (``min(flush_tokens + T, n·T)·Σ widths·b``), quantize one sample's (``T·Σ widths·b``, and the widest in float32) |
+| ``samples``   | calibrate, quantize | the hidden states entering and leaving a block for every sample: ``2·N·d·b`` (``N`` tokens in all) |
+| ``block``     | calibrate, quantize | inside a block, the distinct Linear inputs held: calibrate stashes each until it has a window of ``W = min(flush_tokens + T, N)`` rows, then concatenates and sums it while the inputs after it hold ``W - T`` rows (``max_k (2·W·w_k + (W - T)·Σ_{j>k} w_j)·b``); quantize one sample's (``T·Σ widths·b``, and the widest in float32) |
 | ``stats``     | calibrate         | the token reservoirs of one block (float32 rows of LUQ's tensor and of each distinct Linear input, up to the cap of image and of text tokens each), a flush's copies and, when collected, every Linear's Hessian of every block (they are held until the stats are written) |
 | ``solver``    | quantize          | the largest Linear solve: its Hessian (``in²·4``, factored in place; a second copy on a device; one more for q/k/v and gate/up, which share one) and :data:`SOLVER_BYTES_PER_WEIGHT` per weight (float32 weight and solution, uint8 codes) |
 | ``codes``     | quantize, export  | ``--stream``: one block's codes (uint8, a byte per weight): the block's finished Linears while the next solves, the block the export packs; in memory: every Linear's codes and dense weight |
@@ -90,9 +92,11 @@ def _weights(skeleton: LoadedModel, b: int, stream: bool) -> tuple[int, int]:
 
 def _block_steps(skeleton: LoadedModel) -> list[list[nn.Linear]]:
     """The first decoder block's Linears in quantize's steps (a fused group, q/k/v or gate/up, is one)."""
-    block = skeleton.adapter.blocks(skeleton.model)[0]
-    named = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-    return [[named[n] for n in step] for step in sequential_steps(list(named), skeleton.adapter.fused_groups)]
+    adapter = skeleton.adapter
+    block = adapter.blocks(skeleton.model)[0]
+    # full names, as quantize groups them (a fused group's names are matched after a dot)
+    named = {f"{adapter.decoder_blocks}.0.{n}": m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    return [[named[n] for n in step] for step in sequential_steps(list(named), adapter.fused_groups)]
 
 
 def _input_widths(skeleton: LoadedModel) -> list[int]:
@@ -153,12 +157,16 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
     on_device = device is not None and torch.device(device).type != "cpu"
     # the tensors the Linears read (q/k/v share one, gate/up another): their inputs are kept for every sample
     widths = _input_widths(skeleton)
-    samples = 2 * n * T * d * b
+    total = max(T, round(n * (probe.image_per_sample + probe.text_per_sample)))  # tokens of all samples
+    samples = 2 * total * d * b
     opts = stats_options(recipe)
-    window = min(opts.flush_tokens + T, n * T)  # rows stashed until a flush
-    # calibrate: the hooks keep references to each distinct Linear input until its rows are summed (a
-    # flush); quantize: one sample's inputs at a time (the Hessian hooks sum them at once, in float32)
-    block_calibrate = window * sum(widths) * b
+    # calibrate: the hooks keep references to each distinct Linear input until it has gathered a window of
+    # rows, which is then concatenated (a copy) and summed (a flush); the inputs read later in the block
+    # hold the rows of the window's earlier samples meanwhile (all of them when one flush at the end takes
+    # every token). quantize: one sample's inputs at a time (the Hessian hook sums them, in float32).
+    window = min(opts.flush_tokens + T, total)
+    others = window if total <= opts.flush_tokens else window - T
+    block_calibrate = max(2 * window * w + others * sum(widths[k + 1:]) for k, w in enumerate(widths)) * b
     block_quantize = T * sum(widths) * b + T * max(widths) * 4
     image_tokens, text_tokens = n * probe.image_per_sample, n * probe.text_per_sample
 
@@ -167,9 +175,8 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
 
     # LUQ's tensor is the first Linear input (q/k/v read it too); every other distinct input has its own
     reservoir = 4 * (kept(opts.max_tokens) * d + kept(opts.linear_max_tokens) * sum(widths[1:]))
-    # one flush of the statistics: the pending rows of the widest input concatenated (the model's dtype),
-    # and the moments' float32 temporaries (five of MOMENT_CHUNK values)
-    flush = window * max(widths) * b + 5 * 4 * min(MOMENT_CHUNK, window * max(widths))
+    # a flush's moments: float32 temporaries, five of MOMENT_CHUNK values (its copy is in ``block``)
+    flush = 5 * 4 * min(MOMENT_CHUNK, window * max(widths))
     hessians = n_blocks * sum(m.in_features ** 2 * 4 for m in linears) if opts.hessians else 0
     # the solve holds the Linear's Hessian (factored in place on the CPU; torch keeps one workspace copy
     # elsewhere) and its working set; the largest such sum over the block's Linears

@@ -75,9 +75,16 @@ def _qparams(values: Tensor, bits: int, sym: bool, mse: bool | str, hdiag: Tenso
 
 def _energy(Hd: Tensor, Wt: Tensor) -> float:
     """``tr(W H Wᵀ)`` from ``Wt [in, out]``, :data:`ROWS` rows of ``H`` at a time (``H @ Wt`` whole would be
-    two more ``[in, out]`` float32 temporaries at the solve's peak)."""
-    return sum(((Hd[r:r + ROWS] @ Wt) * Wt[r:r + ROWS]).sum(dtype=torch.float64).item()
-               for r in range(0, Hd.shape[0], ROWS))
+    two more ``[in, out]`` float32 temporaries at the solve's peak). ``H`` is symmetric, so each slice
+    multiplies only its diagonal block and the columns after it, counted twice: half the products."""
+    n, total = Hd.shape[0], 0.0
+    for r in range(0, n, ROWS):
+        e = min(r + ROWS, n)
+        part = Hd[r:e, r:e] @ Wt[r:e]
+        if e < n:
+            part.addmm_(Hd[r:e, e:], Wt[e:], alpha=2.0)
+        total += (part * Wt[r:e]).sum(dtype=torch.float64).item()
+    return total
 
 
 def _static_params(Wt: Tensor, group_size: int, bits: int, sym: bool, mse: bool | str, hdiag: Tensor
