@@ -122,6 +122,13 @@ def stage_seconds(run_log: Path) -> dict[str, float]:
     return out
 
 
+def block_intervals(run: Path) -> list[float]:
+    """Seconds between consecutive quantized blocks (``RUN/quant/block_*.safetensors`` modification times):
+    a per-block time that a resumed or briefly contended run still gives (take the median)."""
+    times = sorted(p.stat().st_mtime for p in (run / "quant").glob("block_*.safetensors"))
+    return [b - a for a, b in zip(times, times[1:])]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(CONFIGS), default="qwen2.5-vl-3b")
@@ -162,6 +169,10 @@ def main() -> None:
               f"forecast={fc / GiB if fc else nan:.2f} GiB measured/forecast={peak / fc if peak and fc else nan:.3f} "
               f"seconds={s if s is not None else nan:.0f} per_block={s / layers if s is not None else nan:.1f}",
               flush=True)
+    gaps = sorted(block_intervals(run))
+    if gaps:
+        print(f"  quantize block intervals: median {gaps[len(gaps) // 2]:.1f}s, fastest {gaps[0]:.1f}s, "
+              f"slowest {gaps[-1]:.1f}s over {len(gaps)}")
     exported = sorted(p.name for p in (run / "model").iterdir())
     print(f"  export: {len(exported)} files ({', '.join(exported[:4])}{', ...' if len(exported) > 4 else ''})")
 
