@@ -7,7 +7,7 @@ import torch
 
 from quantlab.quant.pack import pack_gptq_qweight, pack_gptq_qzeros, pack_int32, unpack_int32
 
-SHAPES = [(7, 45), (33, 100), (5, 1), (3, 32), (64, 96), (1, 257)]
+SHAPES = [(7, 45), (33, 100), (5, 1), (3, 32), (64, 96), (1, 257), (600, 40), (40, 600)]  # last two: > PACK_ROWS
 
 
 def stream_reference(codes: torch.Tensor, bits: int) -> torch.Tensor:
