@@ -154,6 +154,8 @@ def test_streamed_run_is_byte_identical(toy_dir, tmp_path):
     summary = run_all(str(toy_dir), _recipe(tmp_path), out, progress=False, say=lambda m: None, stream=True,
                       overrides={"eval.tasks": []})  # nothing evaluated, nothing loaded whole
     assert (out / "report.md").is_file() and summary["eval"]["quantized"].tasks == {}
+    quantized = json.loads((out / "report.json").read_text())["memory"]["quantized"]
+    assert quantized["runtime_peak_bytes"] is None and "streamed run" in quantized["runtime_note"]
 
 
 def test_streamed_run_refuses_the_budget_planner(toy_dir, tmp_path):

@@ -281,14 +281,16 @@ def stage_report(ctx: StageContext, plan, results, evals: dict) -> Path:
     base_bytes = base_size.total_bytes
     fmt = run.state["export"]["format"]
     missing = _missing_loader(fmt)
+    # nor the quantized model's in a streamed run: a loader may hold it decompressed (18 GB at 7B in transformers)
+    note = (f"loading a {fmt} checkpoint here needs {missing}" if missing is not None else
+            "not measured in a streamed run (it would load the whole model)" if ctx.stream else None)
     memory = {
         "baseline": memory_report("baseline (fp16)", predicted=base_bytes,
                                   directory=base_dir if base_dir.is_dir() else None,
                                   runtime_source=base_dir if measure_base else None, device=ctx.device),
         "quantized": memory_report(
             f"quantized ({fmt})", predicted=plan.predicted_bytes, directory=run.model,
-            runtime_source=run.model if missing is None else None, device=ctx.device,
-            runtime_note=None if missing is None else f"loading a {fmt} checkpoint here needs {missing}"),
+            runtime_source=run.model if note is None else None, device=ctx.device, runtime_note=note),
     }
     sizes = {"baseline": ModelSize(base_bytes, base_size.decoder_linear_bytes, base_size.avg_bits),
              "quantized": ModelSize(plan.predicted_bytes, quant_size.decoder_linear_bytes, quant_size.avg_bits)}
