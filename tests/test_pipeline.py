@@ -151,8 +151,10 @@ def test_streamed_run_is_byte_identical(toy_dir, tmp_path):
     for f in ("stats/stats.safetensors", "plan.yaml", "model/model.safetensors", "model/quantized.safetensors"):
         assert _sha(out / f) == _sha(ref / f), f
     assert ", streamed" in (out / "run.log").read_text()
-    summary = run_all(str(toy_dir), _recipe(tmp_path), out, progress=False, say=lambda m: None, stream=True,
+    said: list[str] = []
+    summary = run_all(str(toy_dir), _recipe(tmp_path), out, progress=False, say=said.append, stream=True,
                       overrides={"eval.tasks": []})  # nothing evaluated, nothing loaded whole
+    assert "quantize: up to date, reading quant/ block by block" in said  # no pass through the decoder
     assert (out / "report.md").is_file() and summary["eval"]["quantized"].tasks == {}
     quantized = json.loads((out / "report.json").read_text())["memory"]["quantized"]
     assert quantized["runtime_peak_bytes"] is None and "streamed run" in quantized["runtime_note"]

@@ -108,6 +108,42 @@ def _quantize_module(name: str, module: nn.Linear, scheme: QuantScheme, hessian:
     return result.to("cpu")  # results are exported from host memory, whatever device solved them
 
 
+def _planned_linears(model: nn.Module, plan: Mapping[str, QuantScheme | None]):
+    modules = dict(model.named_modules())
+    planned = {n: s for n, s in plan.items() if s is not None}
+    unknown = [n for n in planned if not isinstance(modules.get(n), nn.Linear)]
+    if unknown:
+        raise KeyError(f"plan names modules that are not Linear layers of this model: {unknown[:5]}")
+    return modules, planned
+
+
+def _outside_decoder(loaded: LoadedModel, modules: Mapping[str, nn.Module], planned: Mapping[str, QuantScheme]
+                     ) -> dict[str, object]:
+    """Results of the planned Linears outside the decoder (data-free backends only)."""
+    results = {}
+    for name, scheme in planned.items():
+        if loaded.adapter.component_of(name) == Component.DECODER:
+            continue
+        problem = outside_decoder_problem(scheme)
+        if problem is not None:
+            raise ValueError(f"{name}: {problem}")
+        results[name] = _quantize_module(name, modules[name], scheme, None)
+    return results
+
+
+@torch.no_grad()
+def saved_results(loaded: LoadedModel, plan: Mapping[str, QuantScheme | None],
+                  reread_block: Callable[[int], Mapping[str, object]]) -> BlockResults:
+    """A streamed model's results when every decoder block's are saved: read from disk when asked
+    (``reread_block``), with no pass through the decoder (which :func:`quantize` would make to carry the
+    activations from block to block). For an export that resumes after quantization finished."""
+    modules, planned = _planned_linears(loaded.model, plan)
+    resident = _outside_decoder(loaded, modules, planned)
+    prefix = loaded.adapter.decoder_blocks + "."
+    on_disk = {n: int(n[len(prefix):].split(".", 1)[0]) for n in planned if n not in resident}
+    return BlockResults(resident, on_disk, reread_block)
+
+
 @torch.no_grad()
 def quantize(
     loaded: LoadedModel,
@@ -141,20 +177,10 @@ def quantize(
     """
     adapter, model = loaded.adapter, loaded.model
     streamed = weights is not None
-    modules = dict(model.named_modules())
-    planned = {n: s for n, s in plan.items() if s is not None}
-    unknown = [n for n in planned if not isinstance(modules.get(n), nn.Linear)]
-    if unknown:
-        raise KeyError(f"plan names modules that are not Linear layers of this model: {unknown[:5]}")
-    results: dict[str, object] = {}
+    modules, planned = _planned_linears(model, plan)
     on_disk: dict[str, int] = {}  # module -> block, for blocks whose results were saved and dropped
     drop_saved = streamed and save_block is not None and reread_block is not None
-    outside = {n: s for n, s in planned.items() if adapter.component_of(n) != Component.DECODER}
-    for name, scheme in outside.items():
-        problem = outside_decoder_problem(scheme)
-        if problem is not None:
-            raise ValueError(f"{name}: {problem}")
-        results[name] = _quantize_module(name, modules[name], scheme, None)
+    results: dict[str, object] = _outside_decoder(loaded, modules, planned)
 
     def stage(index: int, block: nn.Module, run) -> list[torch.Tensor]:
         prefix = f"{adapter.decoder_blocks}.{index}."

@@ -11,7 +11,7 @@ from quantlab.calib.weights import load_streaming
 from quantlab.export.compressed_tensors import write_compressed_tensors
 from quantlab.export.native import write_native
 from quantlab.models import Component
-from quantlab.quant.apply import quantize
+from quantlab.quant.apply import quantize, saved_results
 from quantlab.quant.results_io import BlockResults, load_results, save_results
 from quantlab.quant.scheme import QuantScheme
 from tests.test_apply import _setup
@@ -44,6 +44,11 @@ def test_streamed_export_is_byte_identical(tmp_path, family, backend, writer, fi
                         save_block=lambda i, r: save_results(blocks / f"{i}.safetensors", r, with_dequantized=False),
                         reread_block=lambda i: load_results(blocks / f"{i}.safetensors", dequantized=False))
     assert isinstance(streamed, BlockResults) and len(streamed) == len(plan)
+    # every block saved: the results again, from disk, with no pass through the decoder
+    again = saved_results(lazy, plan, lambda i: load_results(blocks / f"{i}.safetensors", dequantized=False))
+    assert sorted(again) == sorted(streamed)
+    assert all(torch.equal(again[n].codes, streamed[n].codes) and torch.equal(again[n].scales, streamed[n].scales)
+               for n in plan)
     with pytest.raises(ValueError, match="meta device .* pass weights="):
         writer(lazy, streamed, tmp_path)
     for d in ("memory", "stream"):
