@@ -15,7 +15,7 @@ Linear input:
 | ``stats``     | calibrate         | the token reservoirs of one block (float32 rows of LUQ's tensor and of each distinct Linear input, up to the cap of image and of text tokens each), a flush's copies and, when collected, every Linear's Hessian of every block (they are held until the stats are written) |
 | ``solver``    | quantize          | the largest Linear solve: its Hessian (``in²·4``, factored in place; a second copy on a device; one more for q/k/v and gate/up, which share one) and :data:`SOLVER_BYTES_PER_WEIGHT` per weight (float32 weight and solution, uint8 codes) |
 | ``codes``     | quantize, export  | ``--stream``: one block's codes (uint8, a byte per weight): the block's finished Linears while the next solves, the block the export packs; in memory: every Linear's codes and dense weight |
-| ``tensor``    | export            | ``--stream``: the largest tensor read from the checkpoint (a mapped view whose pages all become resident as it is written; the shards are written a slice at a time) |
+| ``tensor``    | export            | ``--stream``: the largest tensor read from the checkpoint (a mapped view whose pages all become resident as it is written; the shards are written a slice at a time), counted instead of ``codes`` when larger: the dense tensors are written before the quantized blocks |
 
 With ``--device``, blocks, activations and solves move to the device: ``solver``, ``samples`` and
 ``block`` are counted there instead of on the host.
@@ -207,7 +207,8 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
         stage("plan", common),
         stage("quantize", common | {"codes": codes} | ({} if on_device else qwork | {"solver": solver}),
               qwork | {"solver": solver}),
-        stage("export", common | {"codes": codes} | ({"tensor": largest} if stream else {})),
+        # streamed: the dense tensors are written first (one mapped at a time), then the blocks' packed codes
+        stage("export", common | ({"tensor": largest} if stream and largest > codes else {"codes": codes})),
     ]
     if recipe.eval.tasks:
         full = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * load_dtype(model_name).itemsize
