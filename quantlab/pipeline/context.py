@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,10 @@ class StageContext:
     skeleton: Any = None  # the model's meta-device skeleton from the preflight (shapes, names; no weights)
     forecast: dict = field(default_factory=dict)  # stage -> its memory forecast (quantlab.pipeline.forecast)
 
-    @property
+    @cached_property
     def compute_dtype(self) -> torch.dtype:
-        """What the stages compute in: the loader's dtype, or a streamed model's :func:`stream_dtype`."""
+        """What the stages compute in: the loader's dtype, or a streamed model's :func:`stream_dtype`
+        (read once: every stage's fingerprint asks)."""
         return stream_dtype(self.model_name, self.device) if self.stream else load_dtype(self.model_name)
 
     @property

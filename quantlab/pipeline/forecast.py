@@ -212,7 +212,9 @@ def forecast_run(skeleton: LoadedModel, model_name: str, recipe, *, stream: bool
         stage("export", common | ({"tensor": largest} if stream and largest > codes else {"codes": codes})),
     ]
     if recipe.eval.tasks:
-        full = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) * load_dtype(model_name).itemsize
+        # evaluation loads the whole model in the loader's dtype, streamed or not
+        full = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        full *= load_dtype(model_name).itemsize
         out.append(stage("eval", common | {"model": full}))
     return out
 

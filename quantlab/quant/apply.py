@@ -139,8 +139,7 @@ def saved_results(loaded: LoadedModel, plan: Mapping[str, QuantScheme | None],
     activations from block to block). For an export that resumes after quantization finished."""
     modules, planned = _planned_linears(loaded.model, plan)
     resident = _outside_decoder(loaded, modules, planned)
-    prefix = loaded.adapter.decoder_blocks + "."
-    on_disk = {n: int(n[len(prefix):].split(".", 1)[0]) for n in planned if n not in resident}
+    on_disk = {n: loaded.adapter.block_index(n) for n in planned if n not in resident}
     return BlockResults(resident, on_disk, reread_block)
 
 
