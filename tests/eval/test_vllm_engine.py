@@ -62,6 +62,9 @@ def _compare(model_dir: Path, loaded_here, python: str):
     served = open_engine("vllm", model_dir, python=python)
     theirs = evaluate(served, ["shapes-vqa"], data_dir=None, limit=N_ITEMS, max_new_tokens=8)
     ours = evaluate(loaded_here, ["shapes-vqa"], data_dir=None, limit=N_ITEMS, max_new_tokens=8)
+    # what docs/engines.md reports (pytest -s shows it)
+    print(f"\n{model_dir.name}: vLLM {theirs.tasks['shapes-vqa'].score:.3f}, transformers "
+          f"{ours.tasks['shapes-vqa'].score:.3f}, same item scores {_agreement(theirs, ours):.3f}")
     return theirs, ours, served
 
 
@@ -92,7 +95,8 @@ def _export(toy: str, fmt: str, tmp_path: Path, *, bits: int = 4, mixed: bool = 
                            group_size=64 if mixed and loaded.adapter.block_index(n) % 2 else 32)
             for n, _ in loaded.adapter.iter_linears(loaded.model, Component.DECODER)}
     results = quantize(loaded, plan, samples, progress=False)
-    out = write_dir_atomic(tmp_path / f"{toy}-{fmt}", lambda d: get_format(fmt).write(loaded, results, d))
+    name = f"{toy}-{fmt}-w{bits}{'-mixed' if mixed else ''}"
+    out = write_dir_atomic(tmp_path / name, lambda d: get_format(fmt).write(loaded, results, d))
     return out, loaded
 
 
