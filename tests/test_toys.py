@@ -69,3 +69,30 @@ def test_hard_toy_fp_accuracy_on_a_seeded_subset(name):
     assert recorded["dataset"] == "shapes-vqa-hard" and recorded["test"]["n"] >= 500
     assert recorded["test"]["accuracy"] >= 0.85 and min(recorded["test"]["per_type"].values()) >= 0.60
     assert r.score >= 0.80, r.per_type  # 120 items: a few points of sampling noise below the 500-item score
+
+
+@pytest.mark.parametrize("name", ["toy-llava-hard", "toy-qwen2.5-vl-hard"])
+def test_training_conversations_carry_the_loss_on_every_answer(name):
+    """``--turns``: a training board's conversation holds its question and more about the same board; the loss
+    falls on exactly the answers (and each turn's end token), the first one where a single-turn sample's does."""
+    from quantlab.data.synthetic import SETS
+    from quantlab.toys.batches import collate, prepare
+    from quantlab.toys.build import TOYS, build_toy
+
+    model, processor = build_toy(name, seed=0)
+    member = SETS.get(TOYS[name].size.dataset)
+    many, one = (prepare(processor, member, "train", 6, turns=t, bins=6) for t in (4, 1))
+    image_id = model.config.image_token_id
+    batch = collate(many, torch.arange(6), processor.tokenizer.pad_token_id, image_id)
+    for i, sample in enumerate(member.samples("train", 6)):
+        answers = [sample.answer] + [a for _q, a, _t in member.more_questions(sample, 3)]
+        spans = many.answer_spans[i]
+        assert len(spans) == len(answers) >= 3 and spans[0][0] == one.answer_start[i]
+        assert torch.equal(many.ids[i][:spans[0][1]], one.ids[i])  # the first turn is the single-turn sample
+        labelled = (batch["labels"][i] != -100).nonzero().flatten().tolist()
+        assert labelled == [k for lo, hi in spans for k in range(lo, hi)]
+        eos = processor.tokenizer.decode(one.ids[i][-1:])
+        for (lo, hi), answer in zip(spans, answers):
+            assert processor.tokenizer.decode(many.ids[i][lo:hi]).strip() == answer + eos
+    assert collate(one, torch.arange(6), processor.tokenizer.pad_token_id, image_id)["labels"].ne(-100).sum() < \
+        batch["labels"].ne(-100).sum()

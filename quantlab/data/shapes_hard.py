@@ -27,6 +27,7 @@ shapes-VQA's, so a split is a pure function of its seed.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -259,3 +260,44 @@ def make_sample(split: str, index: int) -> HardSample:
         assert label is not None
         question, answer = "What does the label say?", label.text
     return HardSample(f"hard-{split}-{index:06d}", objects, label, question, answer, qtype, seed)
+
+
+def more_questions(sample: HardSample, k: int) -> list[tuple[str, str, str]]:
+    """Up to ``k`` more ``(question, answer, type)`` about ``sample``'s board as it is, of other types than its
+    own (seeded by the sample). The training script packs them into one conversation after the sample's own
+    question, so one image supervises several answers; the board is never redrawn, so a type the board cannot
+    ask (no label, no unique shape, no two objects in line) is skipped."""
+    rng = np.random.default_rng([*sample.seed, 8])
+    objects, label = sample.objects, sample.label
+    counts = Counter(o.shape for o in objects)
+    unique = [o for o in objects if counts[o.shape] == 1]
+
+    def color():
+        if not unique:
+            return None
+        o = unique[int(rng.integers(len(unique)))]
+        return f"What color is the {o.shape}?", o.color
+
+    def shape():
+        o = objects[int(rng.integers(len(objects)))]
+        return f"What shape is the {o.color} object?", o.shape
+
+    def relation():
+        pairs = [(a, d, t) for a in objects for d, step in DIRECTIONS.items() if (t := _neighbour(objects, a, step))]
+        if not pairs:
+            return None
+        anchor, direction, target = pairs[int(rng.integers(len(pairs)))]
+        if counts[anchor.shape] == 1 and rng.random() < 0.5:
+            return f"What color is the shape {direction} the {anchor.shape}?", target.color
+        return f"What shape is {direction} the {anchor.color} object?", target.shape
+
+    makers = {"color": color, "shape": shape, "count": lambda: ("How many shapes are there?", str(len(objects))),
+              "exist": lambda: _exist(rng, objects), "relation": relation,
+              "text": lambda: ("What does the label say?", label.text) if label else None}
+    out: list[tuple[str, str, str]] = []
+    for qtype in (QUESTION_TYPES[int(i)] for i in rng.permutation(len(QUESTION_TYPES))):
+        if len(out) == k:
+            break
+        if qtype != sample.question_type and (qa := makers[qtype]()) is not None:
+            out.append((*qa, qtype))
+    return out

@@ -32,6 +32,8 @@ class SyntheticSet(Member):
         grid, cell_px: the board (``grid x grid`` cells of ``cell_px`` pixels).
         alphabet: characters labels are made of (empty: no labels).
         calib_kind: the calibration source kind (:data:`quantlab.calib.data.SOURCES`) that draws from it.
+        more_questions: ``(sample, k) -> [(question, answer, type)]``, up to ``k`` more questions about the
+            sample's board (training packs them into one conversation); None: the set has none.
     """
 
     make_sample: Callable[[str, int], Any]
@@ -43,6 +45,7 @@ class SyntheticSet(Member):
     cell_px: int
     alphabet: str = ""
     calib_kind: str = "shapes"
+    more_questions: Callable[[Any, int], list[tuple[str, str, str]]] | None = None
 
     def samples(self, split: str, n: int, *, start: int = 0) -> Iterator[Any]:
         """Samples ``start .. start+n-1`` of ``split``."""
@@ -60,7 +63,8 @@ SETS.register(SyntheticSet(name="shapes-vqa", make_sample=shapes.make_sample, qu
 SETS.register(SyntheticSet(name="shapes-vqa-hard", make_sample=shapes_hard.make_sample,
                            question_types=shapes_hard.QUESTION_TYPES, text_types=shapes_hard.TEXT_TYPES,
                            colors=tuple(shapes_hard.COLORS), shapes=shapes_hard.SHAPES, grid=shapes_hard.GRID,
-                           cell_px=shapes_hard.CELL_PX, alphabet=shapes_hard.ALPHABET, calib_kind="shapes-hard"))
+                           cell_px=shapes_hard.CELL_PX, alphabet=shapes_hard.ALPHABET, calib_kind="shapes-hard",
+                           more_questions=shapes_hard.more_questions))
 
 
 def set_of_model(model_dir: str | Path) -> SyntheticSet:

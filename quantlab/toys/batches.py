@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from quantlab.data.synthetic import SyntheticSet
-from quantlab.models.inputs import answer_suffix, prompt_text
+from quantlab.models.inputs import answer_suffix, chat_messages, prompt_text
 
 
 def color_ids(member: SyntheticSet) -> dict[str, int]:
@@ -37,6 +37,7 @@ class Batchable:
     n_objects: torch.Tensor  # (N,) objects in each scene (for the curriculum)
     word_targets: list[torch.Tensor]  # per sample (k, 4): position, other attribute, row bin, col bin
     cell_chars: torch.Tensor  # (N, cells, 2): label characters in each cell (0 = none), for sets with labels
+    answer_spans: list[list[tuple[int, int]]] | None = None  # per sample, [start, end) of every answer (turns > 1)
 
 
 def first_token(tokenizer, word: str) -> int:
@@ -84,16 +85,55 @@ def label_chars(sample, member: SyntheticSet) -> torch.Tensor:
     return out
 
 
-def prepare(processor, member: SyntheticSet, split: str, n: int, *, bins: int = 2, chunk: int = 512) -> Batchable:
-    """Tokenise ``n`` samples of ``split`` with the real processor (in chunks, for speed)."""
-    ids, starts, pixels, grids, colors, shp, bind, chars = [], [], [], [], [], [], [], []
+def conversation(processor, member: SyntheticSet, sample, turns: int) -> tuple[str, list[tuple[str, str]]]:
+    """The templated conversation of ``sample``'s question and up to ``turns - 1`` more about its board, and for
+    each answer the texts before it and up to its end (to find its tokens)."""
+    qas = [(sample.question, sample.answer)] + [(q, a) for q, a, _t in member.more_questions(sample, turns - 1)]
+    messages = chat_messages(qas[0][0], True, qas[0][1])
+    for q, a in qas[1:]:
+        messages += [{"role": "user", "content": [{"type": "text", "text": q}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": a}]}]
+    bounds = [(processor.apply_chat_template(messages[:2 * j + 1], add_generation_prompt=True, tokenize=False),
+               processor.apply_chat_template(messages[:2 * j + 2], tokenize=False).rstrip("\n"))
+              for j in range(len(qas))]
+    return bounds[-1][1], bounds
+
+
+def _answer_spans(tokenizer, full: torch.Tensor, text: str, bounds: list[tuple[str, str]]) -> list[tuple[int, int]]:
+    """Token spans of the answers in ``full`` (the processor's ids of ``text``, image placeholder expanded)."""
+    plain = tokenizer(text, add_special_tokens=True)["input_ids"]
+    shift = len(full) - len(plain)  # the image tokens the processor added
+
+    def length(prefix: str) -> int:
+        ids = tokenizer(prefix, add_special_tokens=True)["input_ids"]
+        if ids != plain[:len(ids)]:
+            raise ValueError(f"chat template: {prefix[-40:]!r} does not tokenize as a prefix of the conversation")
+        return len(ids) + shift
+
+    return [(length(head), length(upto)) for head, upto in bounds]
+
+
+def prepare(processor, member: SyntheticSet, split: str, n: int, *, bins: int = 2, chunk: int = 512,
+            turns: int = 1) -> Batchable:
+    """Tokenise ``n`` samples of ``split`` with the real processor (in chunks, for speed).
+
+    ``turns > 1``: each sample becomes a conversation of its question and up to ``turns - 1`` more about the
+    same board (``member.more_questions``), every answer carrying the loss (``answer_spans``).
+    """
+    if turns > 1 and member.more_questions is None:
+        raise ValueError(f"{member.name} has no more_questions: train it with turns=1")
+    ids, starts, pixels, grids, colors, shp, bind, chars, spans = [], [], [], [], [], [], [], [], []
     words = word_ids(processor.tokenizer, member)
     cids, sids = color_ids(member), shape_ids(member)
     samples = list(member.samples(split, n))
     for lo in range(0, n, chunk):
         part = samples[lo:lo + chunk]
-        texts = [prompt_text(processor, s.question, True) + answer_suffix(processor, s.question, True, s.answer)
-                 for s in part]
+        if turns > 1:
+            convs = [conversation(processor, member, s, turns) for s in part]
+            texts = [text for text, _b in convs]
+        else:
+            texts = [prompt_text(processor, s.question, True) + answer_suffix(processor, s.question, True, s.answer)
+                     for s in part]
         heads = [prompt_text(processor, s.question, True) for s in part]
         images = [s.render() for s in part]
         enc = processor(images=images, text=texts, return_tensors="pt", padding=True)
@@ -103,6 +143,10 @@ def prepare(processor, member: SyntheticSet, split: str, n: int, *, bins: int = 
             head_len = int(head_enc["attention_mask"][i].sum())
             ids.append(full)
             starts.append(head_len)
+            if turns > 1:
+                spans.append(_answer_spans(processor.tokenizer, full, texts[i], convs[i][1]))
+                if spans[-1][0][0] != head_len:
+                    raise ValueError(f"answer span of {part[i].id} starts at {spans[-1][0][0]}, not {head_len}")
             bind.append(binding_targets(part[i], full, head_len, words, member, bins))
         pv = enc["pixel_values"]
         if "image_grid_thw" in enc:
@@ -123,7 +167,7 @@ def prepare(processor, member: SyntheticSet, split: str, n: int, *, bins: int = 
     extra = {"image_grid_thw": torch.cat(grids)} if grids else {}
     return Batchable(ids, starts, torch.cat(pixels), extra, torch.stack(colors), torch.stack(shp),
                      [s.question_type for s in samples], torch.tensor([len(s.objects) for s in samples]), bind,
-                     torch.stack(chars))
+                     torch.stack(chars), spans if turns > 1 else None)
 
 
 def collate(data: Batchable, idx: torch.Tensor, pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:
@@ -136,7 +180,8 @@ def collate(data: Batchable, idx: torch.Tensor, pad_id: int, image_token_id: int
     for row, (i, s) in enumerate(zip(idx.tolist(), seqs)):
         input_ids[row, : len(s)] = s
         mask[row, : len(s)] = 1
-        labels[row, data.answer_start[i]: len(s)] = s[data.answer_start[i]:]
+        for lo, hi in data.answer_spans[i] if data.answer_spans else [(data.answer_start[i], len(s))]:
+            labels[row, lo:hi] = s[lo:hi]
     batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
     pv = data.pixel_values[idx]
     if "image_grid_thw" in data.extra:

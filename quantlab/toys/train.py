@@ -40,7 +40,7 @@ from quantlab.toys.build import TOYS, build_toy
 def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_train: int, seed: int,
           aux_weight: float, threads: int, eval_every: int, curriculum: float = 0.0,
           bind_weight: float = 0.5, bind_bins: int = 2, test_n: int = 500, vision_warmup: int = 0,
-          attn_weight: float = 0.0) -> dict:
+          attn_weight: float = 0.0, turns: int = 1) -> dict:
     """Train toy ``name`` and save it (fp16 safetensors + processor) to ``out``; returns the training log."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -50,7 +50,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     adapter = ADAPTERS[TOYS[name].model_type]
     image_token_id = adapter.image_token_id(model.config)
     pad_id = processor.tokenizer.pad_token_id
-    data = prepare(processor, member, "train", n_train, bins=bind_bins)
+    data = prepare(processor, member, "train", n_train, bins=bind_bins, turns=turns)
     held = prepare(processor, member, "calibration", 500, bins=bind_bins)
     print(f"data ready in {time.time() - t0:.0f}s: {n_train} train samples", flush=True)
 
@@ -138,7 +138,8 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     info = {"command": "python -m quantlab.toys.train " + " ".join(sys.argv[1:]), "toy": name,
             "dataset": member.name, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
             "n_train": n_train, "aux_weight": aux_weight, "curriculum": curriculum, "bind_weight": bind_weight,
-            "bind_bins": bind_bins, "vision_warmup": vision_warmup, "attn_weight": attn_weight, "threads": threads, "train_seconds": round(time.time() - t0, 1),
+            "bind_bins": bind_bins, "vision_warmup": vision_warmup, "attn_weight": attn_weight, "turns": turns,
+            "threads": threads, "train_seconds": round(time.time() - t0, 1),
             "torch": torch.__version__, "log": log}
     info["test"] = test_accuracy(out, member.name, test_n)
     info["total_seconds"] = round(time.time() - t0, 1)
@@ -194,11 +195,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="weight of the lookup-attention loss (needs --bind-bins equal to the board's grid)")
     ap.add_argument("--vision-warmup", type=int, default=0,
                     help="steps training the vision tower + projector on the cell losses alone, before the rest")
+    ap.add_argument("--turns", type=int, default=1,
+                    help="questions per training board: the sample's own and up to TURNS-1 more about the same "
+                         "board, in one conversation (one image encode supervises several answers)")
     a = ap.parse_args(argv)
     train(a.toy, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_train=a.n_train, seed=a.seed,
           aux_weight=a.aux_weight, threads=a.threads, eval_every=a.eval_every,
           curriculum=a.curriculum, bind_weight=a.bind_weight, bind_bins=a.bind_bins, test_n=a.test_n,
-          vision_warmup=a.vision_warmup, attn_weight=a.attn_weight)
+          vision_warmup=a.vision_warmup, attn_weight=a.attn_weight, turns=a.turns)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,36 @@ def _nearest(objects, anchor, dr, dc):
     return None if best is None else best[1]
 
 
+def _check(s, q: str, answer: str, qtype: str) -> None:
+    """``answer`` to question ``q`` of type ``qtype`` follows from ``s``'s board (re-derived here)."""
+    if qtype == "color":
+        shape = q.removeprefix("What color is the ").removesuffix("?")
+        named = [o for o in s.objects if o.shape == shape]
+        assert len(named) == 1 and named[0].color == answer, (s.id, q)
+    elif qtype == "shape":
+        color = q.removeprefix("What shape is the ").removesuffix(" object?")
+        assert next(o.shape for o in s.objects if o.color == color) == answer, (s.id, q)
+    elif qtype == "count":
+        assert q == "How many shapes are there?" and answer == str(len(s.objects)), (s.id, q)
+    elif qtype == "exist":
+        words = q.removesuffix("?").split()
+        assert answer == ("yes" if (words[-2], words[-1]) in {(o.color, o.shape) for o in s.objects} else "no")
+    elif qtype == "relation":
+        direction = next(d for d in H.DIRECTIONS if f" {d} " in q)
+        if q.startswith("What shape is"):
+            color = q.split(" the ")[1].removesuffix(" object?")
+            anchor = next(o for o in s.objects if o.color == color)
+            assert _nearest(s.objects, anchor, *H.DIRECTIONS[direction]).shape == answer, (s.id, q)
+        else:
+            shape = q.split(" the ")[-1].removesuffix("?")
+            named = [o for o in s.objects if o.shape == shape]
+            assert len(named) == 1, (s.id, q)
+            assert _nearest(s.objects, named[0], *H.DIRECTIONS[direction]).color == answer, (s.id, q)
+    else:
+        assert s.label is not None and answer == s.label.text and 2 <= len(answer) <= 4
+        assert set(answer) <= set(H.ALPHABET)
+
+
 def test_answers_follow_from_the_board(samples):
     types = Counter(s.question_type for s in samples)
     assert set(types) == set(H.QUESTION_TYPES) and len(set(types.values())) == 1
@@ -76,33 +106,7 @@ def test_answers_follow_from_the_board(samples):
         assert len(set(colors)) == len(colors), s.id  # colours unique on a board
         cells = {(o.row, o.col) for o in s.objects}
         assert len(cells) == len(s.objects) and (s.label is None or not cells & set(s.label.cells()))
-        q = s.question
-        if s.question_type == "color":
-            shape = q.removeprefix("What color is the ").removesuffix("?")
-            named = [o for o in s.objects if o.shape == shape]
-            assert len(named) == 1 and named[0].color == s.answer
-        elif s.question_type == "shape":
-            color = q.removeprefix("What shape is the ").removesuffix(" object?")
-            assert next(o.shape for o in s.objects if o.color == color) == s.answer
-        elif s.question_type == "count":
-            assert s.answer == str(len(s.objects)) and 1 <= len(s.objects) <= H.MAX_COUNT
-        elif s.question_type == "exist":
-            words = q.removesuffix("?").split()
-            assert s.answer == ("yes" if (words[-2], words[-1]) in {(o.color, o.shape) for o in s.objects} else "no")
-        elif s.question_type == "relation":
-            direction = next(d for d in H.DIRECTIONS if f" {d} " in q)
-            if q.startswith("What shape is"):
-                color = q.split(" the ")[1].removesuffix(" object?")
-                anchor = next(o for o in s.objects if o.color == color)
-                assert _nearest(s.objects, anchor, *H.DIRECTIONS[direction]).shape == s.answer
-            else:
-                shape = q.split(" the ")[-1].removesuffix("?")
-                named = [o for o in s.objects if o.shape == shape]
-                assert len(named) == 1
-                assert _nearest(s.objects, named[0], *H.DIRECTIONS[direction]).color == s.answer
-        else:
-            assert s.label is not None and s.answer == s.label.text and 2 <= len(s.answer) <= 4
-            assert set(s.answer) <= set(H.ALPHABET)
+        _check(s, s.question, s.answer, s.question_type)
         assert len(s.objects) <= (H.MAX_COUNT if s.question_type == "count" else H.MAX_OBJECTS)
 
 
@@ -150,3 +154,19 @@ def test_hard_calibration_source_draws_from_the_hard_set():
     txt = list(kind.texts(CalibSource(kind="shapes-hard"), 3, 0))
     assert img[0].image.size == (96, 96) and img[0].id.startswith("hard-calibration-")
     assert txt[0].image is None and "row" in txt[0].prompt
+
+
+def test_more_questions_follow_from_the_same_board(samples):
+    """The extra questions training packs into one conversation: seeded, of other types than the sample's own
+    and each other, every answer re-derived from the unchanged board; every type occurs."""
+    seen = Counter()
+    for s in samples:
+        extra = H.more_questions(s, 3)
+        assert extra == H.more_questions(s, 3)
+        types = [t for _q, _a, t in extra]
+        assert len(extra) <= 3 and len(set(types)) == len(types) and s.question_type not in types
+        for q, a, t in extra:
+            _check(s, q, a, t)
+            seen[t] += 1
+    assert set(seen) == set(H.QUESTION_TYPES)
+    assert sum(len(H.more_questions(s, 5)) for s in samples) > 4 * len(samples)  # most boards ask most types
