@@ -200,6 +200,31 @@ def _neighbour(objects: tuple[ShapeObject, ...], anchor: ShapeObject, step: tupl
     return min(ahead, key=lambda o: abs(o.col - anchor.col) + abs(o.row - anchor.row), default=None)
 
 
+# Each question type's wording and answer, in one place for the sample's own question and the extra ones.
+def _ask_color(target: ShapeObject) -> tuple[str, str]:
+    return f"What color is the {target.shape}?", target.color
+
+
+def _ask_shape(target: ShapeObject) -> tuple[str, str]:
+    return f"What shape is the {target.color} object?", target.shape
+
+
+def _ask_count(objects: tuple[ShapeObject, ...]) -> tuple[str, str]:
+    return "How many shapes are there?", str(len(objects))
+
+
+def _ask_text(label: Label) -> tuple[str, str]:
+    return "What does the label say?", label.text
+
+
+def _ask_relation(anchor: ShapeObject, direction: str, target: ShapeObject, by_shape: bool) -> tuple[str, str]:
+    """Name the anchor by its shape (must be unique) and ask the target's colour, or by its colour and ask the
+    target's shape."""
+    if by_shape:
+        return f"What color is the shape {direction} the {anchor.shape}?", target.color
+    return f"What shape is {direction} the {anchor.color} object?", target.shape
+
+
 def _relation(rng: np.random.Generator, objects: tuple[ShapeObject, ...]):
     """A (question, answer, objects) relation triple, or None when no object has a neighbour in line."""
     pairs = [(a, d, t) for a in objects for d, step in DIRECTIONS.items() if (t := _neighbour(objects, a, step))]
@@ -207,9 +232,9 @@ def _relation(rng: np.random.Generator, objects: tuple[ShapeObject, ...]):
         return None
     anchor, direction, target = pairs[int(rng.integers(len(pairs)))]
     if rng.random() < 0.5:  # name the anchor by its (unique) colour, ask the target's shape
-        return f"What shape is {direction} the {anchor.color} object?", target.shape, objects
+        return (*_ask_relation(anchor, direction, target, by_shape=False), objects)
     objects = _unique_shape(objects, anchor)
-    return f"What color is the shape {direction} the {anchor.shape}?", target.color, objects
+    return (*_ask_relation(anchor, direction, target, by_shape=True), objects)
 
 
 def _exist(rng: np.random.Generator, objects: tuple[ShapeObject, ...]) -> tuple[str, str]:
@@ -246,19 +271,19 @@ def make_sample(split: str, index: int) -> HardSample:
     if qtype == "color":
         target = objects[int(rng.integers(n))]
         objects = _unique_shape(objects, target)
-        question, answer = f"What color is the {target.shape}?", target.color
+        question, answer = _ask_color(target)
     elif qtype == "shape":
         target = objects[int(rng.integers(n))]
-        question, answer = f"What shape is the {target.color} object?", target.shape
+        question, answer = _ask_shape(target)
     elif qtype == "count":
-        question, answer = "How many shapes are there?", str(n)
+        question, answer = _ask_count(objects)
     elif qtype == "exist":
         question, answer = _exist(rng, objects)
     elif qtype == "relation":
         question, answer, objects = rel
     else:
         assert label is not None
-        question, answer = "What does the label say?", label.text
+        question, answer = _ask_text(label)
     return HardSample(f"hard-{split}-{index:06d}", objects, label, question, answer, qtype, seed)
 
 
@@ -272,28 +297,17 @@ def more_questions(sample: HardSample, k: int) -> list[tuple[str, str, str]]:
     counts = Counter(o.shape for o in objects)
     unique = [o for o in objects if counts[o.shape] == 1]
 
-    def color():
-        if not unique:
-            return None
-        o = unique[int(rng.integers(len(unique)))]
-        return f"What color is the {o.shape}?", o.color
-
-    def shape():
-        o = objects[int(rng.integers(len(objects)))]
-        return f"What shape is the {o.color} object?", o.shape
-
     def relation():
         pairs = [(a, d, t) for a in objects for d, step in DIRECTIONS.items() if (t := _neighbour(objects, a, step))]
         if not pairs:
             return None
         anchor, direction, target = pairs[int(rng.integers(len(pairs)))]
-        if counts[anchor.shape] == 1 and rng.random() < 0.5:
-            return f"What color is the shape {direction} the {anchor.shape}?", target.color
-        return f"What shape is {direction} the {anchor.color} object?", target.shape
+        return _ask_relation(anchor, direction, target, by_shape=counts[anchor.shape] == 1 and rng.random() < 0.5)
 
-    makers = {"color": color, "shape": shape, "count": lambda: ("How many shapes are there?", str(len(objects))),
-              "exist": lambda: _exist(rng, objects), "relation": relation,
-              "text": lambda: ("What does the label say?", label.text) if label else None}
+    makers = {"color": lambda: _ask_color(unique[int(rng.integers(len(unique)))]) if unique else None,
+              "shape": lambda: _ask_shape(objects[int(rng.integers(len(objects)))]),
+              "count": lambda: _ask_count(objects), "exist": lambda: _exist(rng, objects), "relation": relation,
+              "text": lambda: _ask_text(label) if label else None}
     out: list[tuple[str, str, str]] = []
     for qtype in (QUESTION_TYPES[int(i)] for i in rng.permutation(len(QUESTION_TYPES))):
         if len(out) == k:

@@ -107,7 +107,7 @@ def test_answers_follow_from_the_board(samples):
         cells = {(o.row, o.col) for o in s.objects}
         assert len(cells) == len(s.objects) and (s.label is None or not cells & set(s.label.cells()))
         _check(s, s.question, s.answer, s.question_type)
-        assert len(s.objects) <= (H.MAX_COUNT if s.question_type == "count" else H.MAX_OBJECTS)
+        assert 1 <= len(s.objects) <= (H.MAX_COUNT if s.question_type == "count" else H.MAX_OBJECTS)
 
 
 def test_labels_are_drawn_and_only_where_they_are(samples):
