@@ -90,7 +90,9 @@ def _backends() -> list[str]:
 
     lines = ["## Backends (`QuantScheme.backend`, `QuantScheme.args`)", "",
              "The registered post-training backends, the bit widths each accepts, and the keys its `args` take.",
-             "", "| backend | bits | needs calibration Hessians | `args` keys |", "|---|---|---|---|"]
+             "Every backend that needs Hessians also takes `image_weight` (default 1.0): the weight of image "
+             "tokens against text tokens in the Hessian `XᵀDX / ΣD` it is solved against (docs/method.md, "
+             "token-weighted Hessians).", "", "| backend | bits | needs calibration Hessians | `args` keys |", "|---|---|---|---|"]
     for name, b in sorted(BACKENDS.items()):
         opts = ", ".join(f"`{o}`" for o in b.options) or "-"
         lines.append(f"| `{name}` | {', '.join(map(str, b.bits))} | {'yes' if b.needs_hessian else 'no'} | {opts} |")

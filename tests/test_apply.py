@@ -81,3 +81,40 @@ def test_gptq_outside_decoder_is_refused():
     with pytest.raises(ValueError, match="multi_modal_projector.linear_1.*needs calibration data"):
         quantize(loaded, {"model.multi_modal_projector.linear_1": QuantScheme(backend="gptq", bits=4, group_size=32)},
                  samples, progress=False)
+
+
+def test_image_weight_solves_against_the_token_weighted_hessian(monkeypatch):
+    """GPTQ with ``image_weight`` gets ``Σ XᵀDX / ΣD`` of its inputs (image tokens weighted), computed here
+    independently from the fp block's inputs; the plain scheme gets the unweighted Hessian."""
+    from quantlab.quant import apply
+    from quantlab.quant.hessian import hessian_from_inputs, weighted_hessian_from_inputs
+
+    loaded, samples = _setup()
+    q = "model.language_model.layers.0.self_attn.q_proj"
+    module = dict(loaded.model.named_modules())[q]
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    for s in samples:
+        loaded.model(**s.inputs)
+    handle.remove()
+    x = torch.cat(seen)
+    image = torch.cat([s.image_mask.reshape(-1) for s in samples])
+    assert 0 < int(image.sum()) < len(image)
+
+    given = {}
+    real = apply.quantize_weight
+
+    def spy(weight, scheme, *, hessian, **kw):
+        given[scheme.args.get("image_weight", 1.0)] = hessian.clone()
+        return real(weight, scheme, hessian=hessian, **kw)
+
+    monkeypatch.setattr(apply, "quantize_weight", spy)
+    for w in (0.25, 1.0):
+        loaded, samples = _setup()
+        scheme = QuantScheme(backend="gptq", bits=4, group_size=32, args={} if w == 1.0 else {"image_weight": w})
+        results = quantize(loaded, {q: scheme}, samples, progress=False)
+        assert results[q].args.get("image_weight", 1.0) == w
+    d = torch.where(image, 0.25, 1.0)
+    torch.testing.assert_close(given[0.25], weighted_hessian_from_inputs(x, d), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(given[1.0], hessian_from_inputs(x), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(given[0.25], given[1.0], rtol=1e-2)

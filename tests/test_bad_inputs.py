@@ -282,6 +282,16 @@ def test_stream_with_the_budget_planner_is_refused_before_calibration(tmp_path, 
     assert not out.exists()
 
 
+def test_measured_candidates_with_token_weights_are_refused_before_calibration(tmp_path):
+    """The budget planner measures with calibration's (unweighted) Hessians: an image_weight candidate would be
+    measured against another objective than the one it is quantized with."""
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["quantize", "toy-llava", "--recipe", "luq-budget", "--out", str(out), "--set",
+                              "plan.candidates=[{backend: gptq, bits: 4, group_size: 32, args: {image_weight: 0.5}}]"])
+    refused(res, "not token-weighted", "gptq-w4-g32")
+    assert not out.exists()
+
+
 def test_a_mistyped_model_leaves_nothing_that_refuses_the_corrected_command(tmp_path):
     out = tmp_path / "run"
     res = runner.invoke(app, ["quantize", "toy-lava", "--recipe", "w4a16", "--out", str(out), *FAST])

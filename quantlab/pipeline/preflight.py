@@ -89,7 +89,7 @@ def recipe_problems(recipe: Recipe, *, stream: bool = False) -> list[str]:
     """What is wrong with a recipe whatever the model (empty: nothing)."""
     spec, fmt = recipe.plan, recipe.export.format
     planner = PLANNERS.get(spec.planner)
-    problems: list[str] = list(planner.requires(spec))
+    problems: list[str] = planner.problems(spec)
     for key, scheme in recipe_schemes(recipe):
         why = scheme_problem(scheme, fmt)
         if why is not None:

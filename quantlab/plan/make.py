@@ -93,7 +93,7 @@ def make_plan(loaded: LoadedModel, stats, spec: PlanSpec, *, export_format: str 
     planner = PLANNERS.get(spec.planner)
     # an explicit budget_bytes stands for the recipe's budget
     given = spec if budget_bytes is None else spec.model_copy(update={"budget_gb": budget_bytes / 1e9})
-    problems = planner.requires(given)
+    problems = planner.problems(given)
     if problems:
         raise problems_error(f"plan.planner {spec.planner!r}", problems)
     layers, info = planner.plan(PlanInputs(loaded, stats, spec, blocks, linears, export_format, budget_bytes,
@@ -263,6 +263,19 @@ class Planner(Member):
     requires: Callable[[PlanSpec], list[str]]
     measures: Callable[[PlanSpec], bool]
     needs_stats: bool = True
+
+    def problems(self, spec: PlanSpec) -> list[str]:
+        """What the recipe lacks for this planner (``requires``), and what it cannot measure faithfully."""
+        out = list(self.requires(spec))
+        if self.measures(spec):
+            weighted = sorted({s.label() for s in self.schemes(spec) if s.args.get("image_weight", 1.0) != 1.0})
+            if weighted:
+                # calibration keeps one Hessian per Linear, so a measurement would solve these schemes
+                # against the unweighted one while the quantize stage uses the weighted one
+                out.append(f"plan: the {spec.planner} planner measures candidates with calibration's Hessians, "
+                           f"which are not token-weighted; schemes with image_weight ({', '.join(weighted)}) "
+                           "can be set by the uniform planner, luq with k / target_avg_bits / budget_gb, or plan.rules")
+        return out
 
 
 def _luq_requires(spec: PlanSpec) -> list[str]:

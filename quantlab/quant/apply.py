@@ -24,7 +24,7 @@ from quantlab.core.progress import block_progress
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
 from quantlab.quant import quantize_weight
-from quantlab.quant.registry import outside_decoder_problem
+from quantlab.quant.registry import HESSIAN_OPTIONS, outside_decoder_problem
 from quantlab.quant.results_io import BlockResults
 from quantlab.quant.scheme import QuantScheme
 
@@ -57,12 +57,18 @@ def sequential_steps(names: Sequence[str], fused_groups: Sequence[Sequence[str]]
 
 class _HessianHook:
     """Accumulates ``mean(xᵀx)`` over all tokens of all samples of the one input ``modules`` read (a step:
-    q/k/v read the same tensor); a pass is expected to stop at the first of them (``run(until=...)``)."""
+    q/k/v read the same tensor); a pass is expected to stop at the first of them (``run(until=...)``).
 
-    def __init__(self, modules: Sequence[nn.Linear]):
+    With ``weights`` (one ``(seq,)`` tensor per sample, in the order the executor runs them), token ``t``
+    counts ``w_t`` times: ``ΣXᵀDX / ΣD`` (:func:`quantlab.quant.hessian.weighted_hessian_from_inputs`).
+    """
+
+    def __init__(self, modules: Sequence[nn.Linear], weights: Sequence[torch.Tensor] | None = None):
         first = modules[0]
         self.h = torch.zeros(first.in_features, first.in_features, dtype=torch.float32, device=first.weight.device)
-        self.n = 0
+        self.n = 0.0
+        self.weights = weights
+        self.calls = 0
         self.handles = [m.register_forward_pre_hook(self) for m in modules]
 
     def remove(self) -> None:
@@ -71,10 +77,33 @@ class _HessianHook:
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        k = x.shape[0]
+        if self.weights is None:
+            k, xw = float(x.shape[0]), x
+        else:
+            w = self.weights[self.calls].reshape(-1).to(x.device, torch.float32)
+            k, xw = float(w.sum()), x * w[:, None]
+        self.calls += 1
+        if k == 0:
+            return
         # in place: ``x.T @ x`` as a separate matrix would double the peak at 11008 inputs (0.5 GB each)
-        self.h.addmm_(x.T, x, beta=self.n / (self.n + k), alpha=1.0 / (self.n + k))
+        self.h.addmm_(xw.T, x, beta=self.n / (self.n + k), alpha=1.0 / (self.n + k))
         self.n += k
+
+
+def token_weights(samples: Sequence[CalibSample], image_weight: float) -> list[torch.Tensor] | None:
+    """Per sample, each token's weight in the Hessian: ``image_weight`` on image tokens, 1 on text tokens, 0 on
+    padding; None when ``image_weight`` is 1 (every token counts the same: the plain Hessian)."""
+    if image_weight == 1.0:
+        return None
+    out = []
+    for s in samples:
+        image = s.image_mask.reshape(-1).bool()
+        w = torch.where(image, float(image_weight), 1.0)
+        mask = s.inputs.get("attention_mask")
+        if mask is not None and mask.shape[-1] == image.shape[0]:
+            w = w * mask.reshape(-1, image.shape[0])[0].float()
+        out.append(w)
+    return out
 
 
 def as_stored(result, dtype: torch.dtype = torch.float16):
@@ -94,6 +123,11 @@ def as_stored(result, dtype: torch.dtype = torch.float16):
     return dataclasses.replace(rounded, dequantized=rounded.dequantize())
 
 
+def image_weight(scheme: QuantScheme) -> float:
+    """The weight of image tokens in the Hessian ``scheme``'s backend is solved against (1.0: unweighted)."""
+    return float(scheme.args.get("image_weight", 1.0))
+
+
 def _light(result):
     """The result without its dense weight (exports need codes and scales only; ``dequantize()`` rebuilds it)."""
     return dataclasses.replace(result, dequantized=result.dequantized.new_empty(0))
@@ -104,6 +138,9 @@ def _quantize_module(name: str, module: nn.Linear, scheme: QuantScheme, hessian:
     check_shape(name, module, scheme)
     # The Hessian is this step's own accumulator: the solver may factor it in place instead of copying it
     result = as_stored(quantize_weight(module.weight.data, scheme, hessian=hessian, consume_hessian=True))
+    shaped = {k: scheme.args[k] for k in HESSIAN_OPTIONS if k in scheme.args}
+    if shaped:  # the solver never saw them; the result records how its Hessian was weighted
+        result = dataclasses.replace(result, args={**result.args, **shaped})
     module.weight.data.copy_(result.dequantized)
     return result.to("cpu")  # results are exported from host memory, whatever device solved them
 
@@ -195,17 +232,22 @@ def quantize(
             return run()
         for step in sequential_steps(names, adapter.fused_groups):
             linears = [modules[n] for n in step]
-            hook = _HessianHook(linears)
+            # one Hessian per token weighting the step's schemes ask for (usually one: q/k/v share a scheme)
+            hooks = {w: _HessianHook(linears, token_weights(samples, w))
+                     for w in dict.fromkeys(image_weight(planned[n]) for n in step)}
             try:
                 run(until=linears)
             finally:
-                hook.remove()
+                for hook in hooks.values():
+                    hook.remove()
             for k, n in enumerate(step):
-                # each solve factors its Hessian in place: all but the last get a copy
-                hessian = hook.h if k == len(step) - 1 else hook.h.clone()
+                w = image_weight(planned[n])
+                # each solve factors its Hessian in place: all but the last user of each get a copy
+                last = max(j for j, m in enumerate(step) if image_weight(planned[m]) == w)
+                hessian = hooks[w].h if k == last else hooks[w].h.clone()
                 result = _quantize_module(n, modules[n], planned[n], hessian)
                 results[n] = _light(result) if streamed else result  # the block holds the dense weight
-            del hook, hessian, result
+            del hooks, hessian, result
             trim()  # the solves' freed workspace goes back to the OS instead of staying in glibc's heap
         if save_block is not None:
             save_block(index, {n: results[n] for n in names})

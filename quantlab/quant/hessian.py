@@ -21,6 +21,22 @@ def hessian_from_inputs(x: Tensor) -> Tensor:
     return x.T @ x / x.shape[0]
 
 
+def weighted_hessian_from_inputs(x: Tensor, weights: Tensor) -> Tensor:
+    """``XᵀDX / ΣD`` in float32: token ``t``'s outer product ``x_t x_tᵀ`` weighted by ``weights[t] >= 0``.
+
+    Token weighting (VLMQ, arXiv 2508.03351; MBQ's modality balance, arXiv 2412.19509) makes GPTQ's objective
+    ``Σ_t w_t ||ΔW x_t||²``: a token weighted 0 does not count, one weighted 2 counts twice. Uniform weights
+    give :func:`hessian_from_inputs`. ``x [..., in]``, ``weights`` with one entry per token row of ``x``.
+    """
+    x = x.reshape(-1, x.shape[-1]).float()
+    w = weights.reshape(-1).float().to(x.device)
+    if w.shape[0] != x.shape[0]:
+        raise ValueError(f"weighted_hessian_from_inputs: {w.shape[0]} weights for {x.shape[0]} token rows")
+    if bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise ValueError("weighted_hessian_from_inputs: weights must be non-negative with a positive sum")
+    return (x * w[:, None]).T @ x / w.sum()
+
+
 def relative_output_error(weight: Tensor, weight_hat: Tensor, hessian: Tensor) -> float:
     """``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` = ``||WX - ŴX||² / ||WX||²`` for ``H = XᵀX``.
 

@@ -82,6 +82,9 @@ class Backend(Member):
         unknown = sorted(set(scheme.args) - set(self.options))
         if unknown:
             return f"unknown option(s) {unknown} for backend {self.name!r}; valid: {sorted(self.options)}"
+        w = scheme.args.get("image_weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+            return f"image_weight must be a non-negative number (1.0: image tokens count as much as text), got {w!r}"
         return None if self.check is None else self.check(scheme, in_features)
 
     def nominal(self, scheme: QuantScheme) -> float:
@@ -98,6 +101,10 @@ class Backend(Member):
 
 BACKENDS: Registry[Backend] = Registry("quantization backend")
 
+# Options every Hessian backend takes: they shape the Hessian the quantize stage gathers, not the solver.
+# ``image_weight``: weight of image tokens against text tokens (1.0) in ``H = XᵀDX / ΣD`` (docs/method.md).
+HESSIAN_OPTIONS = ("image_weight",)
+
 
 def register_backend(name: str, *, bits: tuple[int, ...] = tuple(range(1, 9)), needs_hessian: bool = False,
                      options: tuple[str, ...] = (), nominal_bits: float | None = None,
@@ -106,13 +113,15 @@ def register_backend(name: str, *, bits: tuple[int, ...] = tuple(range(1, 9)), n
                      ) -> Callable[[BackendFn], BackendFn]:
     """Decorator registering ``fn`` under ``name``; a duplicate name raises ``ValueError``.
 
-    ``bits``, ``needs_hessian`` and ``options`` are what ``quantize_weight`` validates before the call;
+    ``bits``, ``needs_hessian`` and ``options`` are what ``quantize_weight`` validates before the call (a backend
+    that needs a Hessian also takes :data:`HESSIAN_OPTIONS`);
     ``nominal_bits``, ``native`` and ``check`` see :class:`Backend`.
     """
 
     def deco(fn: BackendFn) -> BackendFn:
+        every = HESSIAN_OPTIONS if needs_hessian else ()
         BACKENDS.register(Backend(name=name, fn=fn, bits=tuple(bits), needs_hessian=needs_hessian,
-                                  options=tuple(options), nominal_bits=nominal_bits, native=native, check=check))
+                                  options=tuple(options) + every, nominal_bits=nominal_bits, native=native, check=check))
         return fn
 
     return deco

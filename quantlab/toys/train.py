@@ -35,12 +35,13 @@ from quantlab.toys.aux_losses import (
 )
 from quantlab.toys.batches import collate, first_token_accuracy, prepare
 from quantlab.toys.build import TOYS, build_toy
+from quantlab.toys.probes import lookup_probes
 
 
 def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_train: int, seed: int,
           aux_weight: float, threads: int, eval_every: int, curriculum: float = 0.0,
           bind_weight: float = 0.5, bind_bins: int = 2, test_n: int = 500, vision_warmup: int = 0,
-          attn_weight: float = 0.0, turns: int = 1) -> dict:
+          attn_weight: float = 0.0, turns: int = 1, probe: bool = False, bf16: bool = False) -> dict:
     """Train toy ``name`` and save it (fp16 safetensors + processor) to ``out``; returns the training log."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -69,7 +70,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     word_aux = WordAlignedHead(model, processor.tokenizer, width, member)
     captured: dict[str, torch.Tensor] = {}
     projector = adapter.get(model, adapter.projector)
-    hook = projector.register_forward_hook(lambda m, i, o: captured.__setitem__("features", o))
+    hook = projector.register_forward_hook(lambda m, i, o: captured.__setitem__("features", o.float()))
 
     params = list(model.parameters()) + list(heads.parameters()) + [word_aux.empty, word_aux.scale]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -108,7 +109,8 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
         pool = pools[min(most, 1 + ((most - 1) * step) // ramp)]
         idx = pool[torch.randint(0, len(pool), (batch_size,), generator=gen)]
         batch = collate(data, idx, pad_id, image_token_id)
-        out_ = model(**batch, output_hidden_states=bind_weight > 0, output_attentions=attn_weight > 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out_ = model(**batch, output_hidden_states=bind_weight > 0, output_attentions=attn_weight > 0)
         aux = cell_loss(cell_terms(captured["features"].reshape(batch_size, -1, width), data, idx, word_aux, heads))
         loss = out_.loss + aux_weight * aux
         if bind_weight > 0:
@@ -125,6 +127,8 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
             acc = first_token_accuracy(model, held, pad_id, image_token_id)
             entry = {"step": step + 1, "lm_loss": round(out_.loss.item(), 4), "aux_loss": round(aux.item(), 4),
                      "seconds": round(time.time() - t0, 1), **acc}
+            if probe:
+                entry.update(lookup_probes(model, held, heads, bind_layer, pad_id, image_token_id, grid))
             log.append(entry)
             print(json.dumps(entry), flush=True)
     hook.remove()
@@ -138,7 +142,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     info = {"command": "python -m quantlab.toys.train " + " ".join(sys.argv[1:]), "toy": name,
             "dataset": member.name, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
             "n_train": n_train, "aux_weight": aux_weight, "curriculum": curriculum, "bind_weight": bind_weight,
-            "bind_bins": bind_bins, "vision_warmup": vision_warmup, "attn_weight": attn_weight, "turns": turns,
+            "bind_bins": bind_bins, "vision_warmup": vision_warmup, "attn_weight": attn_weight, "turns": turns, "bf16": bf16,
             "threads": threads, "train_seconds": round(time.time() - t0, 1),
             "torch": torch.__version__, "log": log}
     info["test"] = test_accuracy(out, member.name, test_n)
@@ -198,11 +202,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--turns", type=int, default=1,
                     help="questions per training board: the sample's own and up to TURNS-1 more about the same "
                          "board, in one conversation (one image encode supervises several answers)")
+    ap.add_argument("--probe", action="store_true",
+                    help="log held-out lookup probes at each evaluation (toys/probes.py): binding accuracy, attention")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bfloat16 autocast for the training forward (faster only on CPUs with native bf16)")
     a = ap.parse_args(argv)
     train(a.toy, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_train=a.n_train, seed=a.seed,
           aux_weight=a.aux_weight, threads=a.threads, eval_every=a.eval_every,
           curriculum=a.curriculum, bind_weight=a.bind_weight, bind_bins=a.bind_bins, test_n=a.test_n,
-          vision_warmup=a.vision_warmup, attn_weight=a.attn_weight, turns=a.turns)
+          vision_warmup=a.vision_warmup, attn_weight=a.attn_weight, turns=a.turns, probe=a.probe, bf16=a.bf16)
 
 
 if __name__ == "__main__":
