@@ -292,6 +292,14 @@ def test_measured_candidates_with_token_weights_are_refused_before_calibration(t
     assert not out.exists()
 
 
+def test_stream_with_measured_image_weights_is_refused_before_calibration(tmp_path, toy_copy):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["quantize", str(toy_copy), "--recipe", "w4a16", "--out", str(out), "--stream",
+                              "--set", "plan.scheme.args={image_weight: measured}"])
+    refused(res, "image_weight", "--stream")
+    assert not out.exists()
+
+
 def test_a_mistyped_model_leaves_nothing_that_refuses_the_corrected_command(tmp_path):
     out = tmp_path / "run"
     res = runner.invoke(app, ["quantize", "toy-lava", "--recipe", "w4a16", "--out", str(out), *FAST])

@@ -9,7 +9,8 @@ On disk (a directory, written atomically: into a temporary sibling, then renamed
 |                     | ``hessian/{name}`` (float32 ``(in, in)``, plain sum ``Σ w_t x_t x_tᵀ``) when collected    |
 | ``summary.json``    | ``meta`` (model source, sample and token counts incl. image/text and skipped samples,    |
 |                     | options), ``blocks`` / ``linears`` scalars (``tokens``, entropies, variance, kurtosis,   |
-|                     | absmax, outlier share; NaN written as null), ``hessian_weight`` (``Σ w_t`` per Linear)   |
+|                     | absmax, outlier share; NaN written as null), ``hessian_weight`` (``Σ w_t`` per Linear);  |
+|                     | ``meta.modality_gradient_ratio`` (per block, MBQ's image / text ratio) when measured     |
 
 ``block/{i}`` is the LUQ tensor of decoder block ``i`` (``meta.luq_tensor`` says which one). Loading reads
 only these two files (no pickle).

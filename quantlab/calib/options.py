@@ -32,6 +32,8 @@ class CollectOptions:
             about ``flush_tokens`` × the block's distinct Linear input widths, in the model dtype).
         hessians: accumulate ``H = Σ w_t x_t x_tᵀ`` (float32, plain sum) for every Linear.
         modality_weights: ``(image, text)`` token weights ``w_t`` of the Hessians.
+        modality_gradients: measure MBQ's per-block gradient ratio (image / text tokens) with one backward pass
+            per sample (:mod:`quantlab.calib.modality_grad`; in-memory models only), for ``image_weight: measured``.
         seed: seeds the reservoirs and k-means.
     """
 
@@ -50,6 +52,7 @@ class CollectOptions:
     outlier_ratio: float = 20.0
     hessians: bool = False
     modality_weights: tuple[float, float] = (1.0, 1.0)
+    modality_gradients: bool = False
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -81,6 +84,8 @@ class CollectOptions:
         d = dataclasses.asdict(self)
         d["modality_weights"] = {"image": self.modality_weights[0], "text": self.modality_weights[1]}
         d["entropy_modalities"] = list(self.entropy_modalities)
+        if not self.modality_gradients:  # absent when off: runs calibrated before it keep their fingerprints
+            del d["modality_gradients"]
         return d
 
     @classmethod

@@ -30,7 +30,7 @@ from quantlab.export.open import open_model
 from quantlab.models.adapter import Component
 from quantlab.models.load import load_dtype, load_model, resolve
 from quantlab.pipeline.context import StageContext, file_hash, fingerprint
-from quantlab.pipeline.preflight import preflight
+from quantlab.pipeline.preflight import asks_measured_weights, preflight
 from quantlab.plan.cost import model_size
 from quantlab.plan.fit import plan_problems
 from quantlab.plan.make import PLANNERS, make_plan
@@ -46,7 +46,8 @@ def stats_options(recipe):
     s = recipe.stats
     hessians = s.hessians or PLANNERS.get(recipe.plan.planner).measures(recipe.plan)
     return CollectOptions(entropy_k=s.entropy_k, max_tokens=s.entropy_max_tokens, entropy_on=s.hook,
-                          linear_max_tokens=min(512, s.entropy_max_tokens), hessians=hessians)
+                          linear_max_tokens=min(512, s.entropy_max_tokens), hessians=hessians,
+                          modality_gradients=asks_measured_weights(recipe))
 
 
 def calibrate_fp(ctx: StageContext) -> str:
@@ -123,7 +124,7 @@ def plan_for_model(model: str, recipe_path, overrides: dict | None = None, *, st
     stats = CalibrationStats.load(stats_dir) if stats_dir is not None else None
     planner = PLANNERS.get(spec.planner)
     measures = planner.measures(spec)
-    if not measures and (not planner.needs_stats or stats is not None):
+    if not measures and not asks_measured_weights(recipe) and (not planner.needs_stats or stats is not None):
         loaded, samples = load_model(model, weights=False), ()
     else:
         loaded = load_model(model)

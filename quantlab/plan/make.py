@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from quantlab.calib.executor import CalibSample
+from quantlab.calib.modality_grad import median_floor
 from quantlab.core.errors import problems_error
 from quantlab.core.registry import Member, Registry
 from quantlab.models.adapter import Component
@@ -30,7 +31,7 @@ from quantlab.plan.fit import Fitted, ShapeFallback, fit_scheme, group_by_block
 from quantlab.plan.plan import Plan, apply_rules
 from quantlab.plan.sensitivity import measure_damage, quantized_kl, units_of
 from quantlab.plan.spec import PlanSpec
-from quantlab.quant.registry import get_backend
+from quantlab.quant.registry import MEASURED, get_backend
 from quantlab.quant.scheme import QuantScheme
 
 
@@ -100,6 +101,10 @@ def make_plan(loaded: LoadedModel, stats, spec: PlanSpec, *, export_format: str 
                                            tuple(samples), progress, device))
 
     full = {n: pinned.get(n, layers.get(n)) for n in linears}
+    full, weights = resolve_measured_weights(full, stats, adapter)
+    if weights:
+        info["image_weight"] = {"from": "calibration's gradient ratio (image / text tokens), median-floored",
+                                "blocks": {str(b): w for b, w in weights.items()}}
     fmt = plan_format(list(full.values()), export_format)
     full, fallbacks = fit_shapes(full, linears, fmt, spec.shape_fallback)
     if fallbacks:
@@ -107,6 +112,31 @@ def make_plan(loaded: LoadedModel, stats, spec: PlanSpec, *, export_format: str 
     size = model_size(loaded.model, adapter, full, fmt, dtype_bytes=2)
     return Plan(model=loaded.source, format=fmt, planner=spec.planner, layers=full,
                 predicted_bytes=size.total_bytes, avg_bits=size.avg_bits, info=info, budget_bytes=budget_bytes)
+
+
+def resolve_measured_weights(layers: dict[str, QuantScheme | None], stats, adapter
+                             ) -> tuple[dict[str, QuantScheme | None], dict[int, float]]:
+    """Schemes with ``image_weight: measured`` get their block's number: MBQ's gradient ratio (image / text
+    tokens) from calibration, floored at the median over blocks (docs/method.md#token-weighted-hessians).
+    Returns the layers and ``{block: weight}`` used (empty when no scheme asks)."""
+    asking = [n for n, s in layers.items() if s is not None and s.args.get("image_weight") == MEASURED]
+    if not asking:
+        return layers, {}
+    ratios = (stats.meta or {}).get("modality_gradient_ratio") if stats is not None else None
+    if not ratios:
+        raise ValueError(f"image_weight {MEASURED!r} ({asking[0]}, ...) needs calibration statistics with "
+                         "modality gradient ratios: calibrate with modality_gradients (the quantize command does "
+                         "when a recipe scheme asks for it)")
+    floored = median_floor(ratios)
+    out, used = dict(layers), {}
+    for n in asking:
+        block = adapter.block_index(n)
+        if block is None:
+            raise ValueError(f"{n}: image_weight {MEASURED!r} is measured per decoder block; this module is "
+                             "outside the decoder")
+        used[block] = round(floored[block], 6)
+        out[n] = layers[n].model_copy(update={"args": {**layers[n].args, "image_weight": used[block]}})
+    return out, dict(sorted(used.items()))
 
 
 def _fixed_bytes(loaded: LoadedModel, linears: dict[str, nn.Linear], planned: set[str], fmt: str) -> int:

@@ -24,7 +24,7 @@ from quantlab.core.progress import block_progress
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
 from quantlab.quant import quantize_weight
-from quantlab.quant.registry import HESSIAN_OPTIONS, outside_decoder_problem
+from quantlab.quant.registry import HESSIAN_OPTIONS, MEASURED, outside_decoder_problem
 from quantlab.quant.results_io import BlockResults
 from quantlab.quant.scheme import QuantScheme
 
@@ -125,7 +125,11 @@ def as_stored(result, dtype: torch.dtype = torch.float16):
 
 def image_weight(scheme: QuantScheme) -> float:
     """The weight of image tokens in the Hessian ``scheme``'s backend is solved against (1.0: unweighted)."""
-    return float(scheme.args.get("image_weight", 1.0))
+    w = scheme.args.get("image_weight", 1.0)
+    if w == MEASURED:
+        raise ValueError(f"{scheme.label()}: image_weight {MEASURED!r} is resolved to a number per block by the plan "
+                         "stage (from calibration's gradient ratios); quantize with a plan made by make_plan")
+    return float(w)
 
 
 def _light(result):

@@ -83,8 +83,9 @@ class Backend(Member):
         if unknown:
             return f"unknown option(s) {unknown} for backend {self.name!r}; valid: {sorted(self.options)}"
         w = scheme.args.get("image_weight", 1.0)
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
-            return f"image_weight must be a non-negative number (1.0: image tokens count as much as text), got {w!r}"
+        if w != MEASURED and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf")):
+            return (f"image_weight must be a non-negative number (1.0: image tokens count as much as text) or "
+                    f"{MEASURED!r}, got {w!r}")
         return None if self.check is None else self.check(scheme, in_features)
 
     def nominal(self, scheme: QuantScheme) -> float:
@@ -104,6 +105,7 @@ BACKENDS: Registry[Backend] = Registry("quantization backend")
 # Options every Hessian backend takes: they shape the Hessian the quantize stage gathers, not the solver.
 # ``image_weight``: weight of image tokens against text tokens (1.0) in ``H = XᵀDX / ΣD`` (docs/method.md).
 HESSIAN_OPTIONS = ("image_weight",)
+MEASURED = "measured"  # image_weight from MBQ's measured gradient ratio, resolved per block by the plan stage
 
 
 def register_backend(name: str, *, bits: tuple[int, ...] = tuple(range(1, 9)), needs_hessian: bool = False,
