@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--balanced", action="store_true", help="occupied and empty cells weigh the same in the losses")
+    ap.add_argument("--all-terms", action="store_true", help="train the row/column terms too, as training does")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -60,12 +62,12 @@ def main() -> None:
     def probed_terms(d: Batchable, idx: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         encode_images(model, collate(d, idx, pad, image_token))
         terms = cell_terms(captured["f"].reshape(len(idx), -1, width), d, idx, words, heads)
-        return {k: terms[k] for k in PROBED}
+        return terms if a.all_terms else {k: terms[k] for k in PROBED}
 
     t0 = time.time()
     for step in range(a.steps):
         idx = torch.randint(0, len(data.ids), (a.batch_size,), generator=gen)
-        loss = cell_loss(probed_terms(data, idx))
+        loss = cell_loss(probed_terms(data, idx), balanced=a.balanced)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -73,7 +75,7 @@ def main() -> None:
         if (step + 1) % 100 == 0:
             with torch.no_grad():
                 acc = {k: round(float((lg.argmax(-1)[y > 0] == y[y > 0]).float().mean()), 3)
-                       for k, (lg, y) in probed_terms(held, torch.arange(256)).items()}
+                       for k, (lg, y) in probed_terms(held, torch.arange(256)).items() if k in PROBED}
             print(json.dumps({"step": step + 1, "loss": round(loss.item(), 3), "accuracy_on_occupied_cells": acc,
                               "seconds": round(time.time() - t0)}), flush=True)
 

@@ -108,10 +108,26 @@ def cell_terms(feats: torch.Tensor, data: Batchable, idx: torch.Tensor, word_aux
     return terms
 
 
-def cell_loss(terms: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """The sum of the terms' cross-entropies (each over every cell of the batch)."""
-    return sum(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.flatten())
-               for logits, target in terms.values())
+BALANCED = ("color", "shape", "chars")  # terms whose class 0 means "nothing here"
+
+
+def cell_loss(terms: dict[str, tuple[torch.Tensor, torch.Tensor]], balanced: bool = False) -> torch.Tensor:
+    """The sum of the terms' cross-entropies (each over every cell of the batch).
+
+    ``balanced``: for the colour, shape and character terms, the mean over the cells that hold something plus
+    the mean over those that do not. On a 6 x 6 board with at most six objects, five cells in six are empty:
+    a plain mean is mostly the easy "empty" answer, and the shape of the few objects, the hard part, gets a
+    sixth of the gradient (docs/hard-testbed.md, run 7's probes).
+    """
+    total = 0
+    for name, (logits, target) in terms.items():
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.flatten(), reduction="none")
+        if balanced and name in BALANCED:
+            full = target.flatten() > 0
+            total = total + sum(ce[m].mean() for m in (full, ~full) if bool(m.any()))
+        else:
+            total = total + ce.mean()
+    return total
 
 
 def vision_params(model: nn.Module, heads: nn.ModuleDict, word_aux: WordAlignedHead) -> list[nn.Parameter]:

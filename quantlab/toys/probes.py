@@ -47,3 +47,21 @@ def lookup_probes(model: nn.Module, data: Batchable, heads: nn.ModuleDict, bind_
     model.train(was_training)
     best = (mass / max(1, total)).max(-1).values
     return {"bind_acc": round(hits / max(1, total), 3), "lookup_attn": [round(float(v), 3) for v in best]}
+
+
+@torch.no_grad()
+def cell_accuracy(model: nn.Module, data: Batchable, word_aux: nn.Module, heads: nn.ModuleDict,
+                  captured: dict[str, torch.Tensor], pad_id: int, image_token_id: int, n: int = 256) -> dict:
+    """Accuracy of the cell heads on the occupied cells of ``n`` held-out boards (colour, shape, characters):
+    what the image tokens say about the objects, before the decoder reads them."""
+    from quantlab.toys.aux_losses import cell_terms, encode_images
+
+    was_training = model.training
+    model.eval()
+    idx = torch.arange(min(n, len(data.ids)))
+    encode_images(model, collate(data, idx, pad_id, image_token_id))
+    width = captured["features"].shape[-1]
+    terms = cell_terms(captured["features"].reshape(len(idx), -1, width).float(), data, idx, word_aux, heads)
+    model.train(was_training)
+    return {k: round(float((lg.argmax(-1)[y > 0] == y[y > 0]).float().mean()), 3)
+            for k, (lg, y) in terms.items() if k in ("color", "shape", "chars")}

@@ -35,13 +35,14 @@ from quantlab.toys.aux_losses import (
 )
 from quantlab.toys.batches import collate, first_token_accuracy, prepare
 from quantlab.toys.build import TOYS, build_toy
-from quantlab.toys.probes import lookup_probes
+from quantlab.toys.probes import cell_accuracy, lookup_probes
 
 
 def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_train: int, seed: int,
           aux_weight: float, threads: int, eval_every: int, curriculum: float = 0.0,
           bind_weight: float = 0.5, bind_bins: int = 2, test_n: int = 500, vision_warmup: int = 0,
-          attn_weight: float = 0.0, turns: int = 1, probe: bool = False, bf16: bool = False) -> dict:
+          attn_weight: float = 0.0, turns: int = 1, probe: bool = False, bf16: bool = False,
+          balanced_cells: bool = False) -> dict:
     """Train toy ``name`` and save it (fp16 safetensors + processor) to ``out``; returns the training log."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -89,7 +90,8 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
             idx = torch.randint(0, len(data.ids), (batch_size,), generator=gen)
             batch = collate(data, idx, pad_id, image_token_id)
             encode_images(model, batch)
-            aux = cell_loss(cell_terms(captured["features"].reshape(batch_size, -1, width), data, idx, word_aux, heads))
+            aux = cell_loss(cell_terms(captured["features"].reshape(batch_size, -1, width), data, idx, word_aux, heads),
+                            balanced=balanced_cells)
             vopt.zero_grad(set_to_none=True)
             aux.backward()
             torch.nn.utils.clip_grad_norm_(vparams, 1.0)
@@ -111,7 +113,8 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
         batch = collate(data, idx, pad_id, image_token_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out_ = model(**batch, output_hidden_states=bind_weight > 0, output_attentions=attn_weight > 0)
-        aux = cell_loss(cell_terms(captured["features"].reshape(batch_size, -1, width), data, idx, word_aux, heads))
+        aux = cell_loss(cell_terms(captured["features"].reshape(batch_size, -1, width), data, idx, word_aux, heads),
+                            balanced=balanced_cells)
         loss = out_.loss + aux_weight * aux
         if bind_weight > 0:
             loss = loss + bind_weight * binding_loss(out_.hidden_states[bind_layer], data, idx, heads)
@@ -129,6 +132,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
                      "seconds": round(time.time() - t0, 1), **acc}
             if probe:
                 entry.update(lookup_probes(model, held, heads, bind_layer, pad_id, image_token_id, grid))
+                entry["cell_acc"] = cell_accuracy(model, held, word_aux, heads, captured, pad_id, image_token_id)
             log.append(entry)
             print(json.dumps(entry), flush=True)
     hook.remove()
@@ -142,7 +146,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     info = {"command": "python -m quantlab.toys.train " + " ".join(sys.argv[1:]), "toy": name,
             "dataset": member.name, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
             "n_train": n_train, "aux_weight": aux_weight, "curriculum": curriculum, "bind_weight": bind_weight,
-            "bind_bins": bind_bins, "vision_warmup": vision_warmup, "attn_weight": attn_weight, "turns": turns, "bf16": bf16,
+            "bind_bins": bind_bins, "vision_warmup": vision_warmup, "attn_weight": attn_weight, "turns": turns, "bf16": bf16, "balanced_cells": balanced_cells,
             "threads": threads, "train_seconds": round(time.time() - t0, 1),
             "torch": torch.__version__, "log": log}
     info["test"] = test_accuracy(out, member.name, test_n)
@@ -206,11 +210,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="log held-out lookup probes at each evaluation (toys/probes.py): binding accuracy, attention")
     ap.add_argument("--bf16", action="store_true",
                     help="bfloat16 autocast for the training forward (faster only on CPUs with native bf16)")
+    ap.add_argument("--balanced-cells", action="store_true",
+                    help="occupied and empty cells weigh the same in the cell losses (toys/aux_losses.py cell_loss)")
     a = ap.parse_args(argv)
     train(a.toy, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_train=a.n_train, seed=a.seed,
           aux_weight=a.aux_weight, threads=a.threads, eval_every=a.eval_every,
           curriculum=a.curriculum, bind_weight=a.bind_weight, bind_bins=a.bind_bins, test_n=a.test_n,
-          vision_warmup=a.vision_warmup, attn_weight=a.attn_weight, turns=a.turns, probe=a.probe, bf16=a.bf16)
+          vision_warmup=a.vision_warmup, attn_weight=a.attn_weight, turns=a.turns, probe=a.probe, bf16=a.bf16,
+          balanced_cells=a.balanced_cells)
 
 
 if __name__ == "__main__":
