@@ -53,6 +53,15 @@ class Adapter:
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ("mlp.gate_proj", "mlp.up_proj"),
     )
+    # AWQ's scale pairs inside a decoder block: (producer, consumers that read its output). Scales on the
+    # consumers' input columns fold into the producer's weight (a norm) or output rows (a Linear); v -> o only
+    # where v_proj's rows match o_proj's inputs (no grouped-query heads). docs/method.md, quantlab/quant/awq.py.
+    scale_pairs: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    )
     guessed: tuple[str, ...] = field(default=())  # fields a generic fallback had to guess
 
     def get(self, model: nn.Module, path: str) -> nn.Module:
