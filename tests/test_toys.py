@@ -96,3 +96,32 @@ def test_training_conversations_carry_the_loss_on_every_answer(name):
             assert processor.tokenizer.decode(many.ids[i][lo:hi]).strip() == answer + eos
     assert collate(one, torch.arange(6), processor.tokenizer.pad_token_id, image_id)["labels"].ne(-100).sum() < \
         batch["labels"].ne(-100).sum()
+
+
+@pytest.mark.parametrize("name", ["toy-llava-hard", "toy-qwen2.5-vl-hard"])
+def test_late_targets_sit_at_the_question_mark_and_name_the_answer(name):
+    """``--late-weight``: a relation question's target object (its answer class, row, column) and a count
+    question's number, at the question's ``?`` token; other questions have none."""
+    from quantlab.data import shapes_hard as H
+    from quantlab.data.synthetic import SETS
+    from quantlab.toys.batches import color_ids, prepare, shape_ids
+    from quantlab.toys.build import TOYS, build_toy
+
+    _model, processor = build_toy(name, seed=0)
+    member = SETS.get(TOYS[name].size.dataset)
+    samples = list(member.samples("train", 18))
+    data = prepare(processor, member, "train", 18, bins=6)
+    cids, sids = color_ids(member), shape_ids(member)
+    for s, ids, start, late in zip(samples, data.ids, data.answer_start, data.late_targets):
+        if s.question_type not in ("relation", "count"):
+            assert len(late) == 0
+            continue
+        pos, other, row, col, count = late[0].tolist()
+        assert processor.tokenizer.decode(ids[pos:pos + 1]) == "?" and pos < start
+        assert "?" not in processor.tokenizer.decode(ids[pos + 1:start])
+        if s.question_type == "count":
+            assert (other, row, col, count) == (0, 0, 0, int(s.answer))
+        else:
+            t = H.relation_target(s)
+            answer_class = cids[s.answer] if s.answer in cids else len(cids) + sids[s.answer]
+            assert (other, row, col, count) == (answer_class, t.row + 1, t.col + 1, 0)

@@ -225,6 +225,20 @@ def _ask_relation(anchor: ShapeObject, direction: str, target: ShapeObject, by_s
     return f"What shape is {direction} the {anchor.color} object?", target.shape
 
 
+def relation_target(sample) -> ShapeObject | None:
+    """The object a relation question asks about (None for other questions): its anchor found by the
+    colour or shape the question names, then the nearest object in the named direction."""
+    if sample.question_type != "relation":
+        return None
+    q = sample.question
+    direction = next(d for d in DIRECTIONS if f" {d} the " in q)
+    named = q.rsplit(" the ", 1)[1].rstrip("?").removesuffix(" object")
+    anchors = [o for o in sample.objects if named in (o.color, o.shape)]
+    if len(anchors) != 1:
+        raise ValueError(f"{sample.id}: relation anchor {named!r} is not unique")
+    return _neighbour(sample.objects, anchors[0], DIRECTIONS[direction])
+
+
 def _relation(rng: np.random.Generator, objects: tuple[ShapeObject, ...]):
     """A (question, answer, objects) relation triple, or None when no object has a neighbour in line."""
     pairs = [(a, d, t) for a in objects for d, step in DIRECTIONS.items() if (t := _neighbour(objects, a, step))]

@@ -34,6 +34,8 @@ class SyntheticSet(Member):
         calib_kind: the calibration source kind (:data:`quantlab.calib.data.SOURCES`) that draws from it.
         more_questions: ``(sample, k) -> [(question, answer, type)]``, up to ``k`` more questions about the
             sample's board (training packs them into one conversation); None: the set has none.
+        relation_target: ``sample -> object or None``: the object a relation question asks about (training's
+            late auxiliary targets); None: the set has no relation questions.
     """
 
     make_sample: Callable[[str, int], Any]
@@ -46,6 +48,7 @@ class SyntheticSet(Member):
     alphabet: str = ""
     calib_kind: str = "shapes"
     more_questions: Callable[[Any, int], list[tuple[str, str, str]]] | None = None
+    relation_target: Callable[[Any], Any] | None = None
 
     def samples(self, split: str, n: int, *, start: int = 0) -> Iterator[Any]:
         """Samples ``start .. start+n-1`` of ``split``."""
@@ -64,7 +67,7 @@ SETS.register(SyntheticSet(name="shapes-vqa-hard", make_sample=shapes_hard.make_
                            question_types=shapes_hard.QUESTION_TYPES, text_types=shapes_hard.TEXT_TYPES,
                            colors=tuple(shapes_hard.COLORS), shapes=shapes_hard.SHAPES, grid=shapes_hard.GRID,
                            cell_px=shapes_hard.CELL_PX, alphabet=shapes_hard.ALPHABET, calib_kind="shapes-hard",
-                           more_questions=shapes_hard.more_questions))
+                           more_questions=shapes_hard.more_questions, relation_target=shapes_hard.relation_target))
 
 
 def set_of_model(model_dir: str | Path) -> SyntheticSet:

@@ -67,6 +67,29 @@ def binding_loss(hidden: torch.Tensor, data: Batchable, idx: torch.Tensor, heads
             + F.cross_entropy(heads["bind_col"](h), tgt[:, 2]))
 
 
+LATE_TERMS = ("late_other", "late_row", "late_col", "late_count")  # heads, in the late targets' column order
+
+
+def late_loss(hidden: torch.Tensor, data: Batchable, idx: torch.Tensor, heads: nn.ModuleDict) -> torch.Tensor:
+    """Cross-entropy of the late targets (:func:`quantlab.toys.batches.late_targets`: a relation question's
+    target object, a count question's number) read from a late decoder layer at the question's ``?``."""
+    rows, pos, tgt = [], [], []
+    for r, i in enumerate(idx.tolist()):
+        t = data.late_targets[i]
+        rows += [r] * len(t)
+        pos.append(t[:, 0])
+        tgt.append(t[:, 1:])
+    if not rows:
+        return hidden.sum() * 0
+    h = hidden[torch.tensor(rows), torch.cat(pos)]
+    tgt = torch.cat(tgt)
+    total = hidden.new_zeros(())
+    for k, name in enumerate(LATE_TERMS):
+        if bool((tgt[:, k] > 0).any()):  # class 0: not this kind of question
+            total = total + F.cross_entropy(heads[name](h), tgt[:, k], ignore_index=0)
+    return total
+
+
 class WordAlignedHead(nn.Module):
     """Classifies each image token's colour and shape against the decoder's own word embeddings.
 

@@ -38,6 +38,7 @@ class Batchable:
     word_targets: list[torch.Tensor]  # per sample (k, 4): position, other attribute, row bin, col bin
     cell_chars: torch.Tensor  # (N, cells, 2): label characters in each cell (0 = none), for sets with labels
     answer_spans: list[list[tuple[int, int]]] | None = None  # per sample, [start, end) of every answer (turns > 1)
+    late_targets: list[torch.Tensor] | None = None  # per sample (k, 5): position, other, row, col, count (0 = n/a)
 
 
 def first_token(tokenizer, word: str) -> int:
@@ -73,6 +74,28 @@ def binding_targets(sample, ids: torch.Tensor, answer_start: int, words: dict[in
         other = sids[obj.shape] + len(cids) if kind == "color" else cids[obj.color]
         rows.append((pos, other, 1 + obj.row * bins // sample.grid, 1 + obj.col * bins // sample.grid))
     return torch.tensor(rows, dtype=torch.long).reshape(-1, 4)
+
+
+def late_targets(sample, ids: torch.Tensor, answer_start: int, question_mark: int, member: SyntheticSet,
+                 bins: int) -> torch.Tensor:
+    """At the question's last ``?``: the object a relation question asks about (its other attribute in the
+    binding classes, row and column bins) or a count question's number; ``(0, 5)`` for other questions.
+
+    These are what the decoder must have found by its late layers to answer; supervising them there gives
+    the two-hop questions (anchor, then its neighbour) a shorter path than the answer token's loss alone.
+    """
+    marks = (ids[:answer_start] == question_mark).nonzero().flatten()
+    if not len(marks) or sample.question_type not in ("relation", "count"):
+        return torch.zeros(0, 5, dtype=torch.long)
+    pos = int(marks[-1])
+    if sample.question_type == "count":
+        return torch.tensor([[pos, 0, 0, 0, int(sample.answer)]])
+    target = member.relation_target(sample) if member.relation_target is not None else None
+    if target is None:
+        return torch.zeros(0, 5, dtype=torch.long)
+    cids, sids = color_ids(member), shape_ids(member)
+    other = cids[target.color] if sample.answer == target.color else len(cids) + sids[target.shape]
+    return torch.tensor([[pos, other, 1 + target.row * bins // sample.grid, 1 + target.col * bins // sample.grid, 0]])
 
 
 def label_chars(sample, member: SyntheticSet) -> torch.Tensor:
@@ -122,8 +145,9 @@ def prepare(processor, member: SyntheticSet, split: str, n: int, *, bins: int = 
     """
     if turns > 1 and member.more_questions is None:
         raise ValueError(f"{member.name} has no more_questions: train it with turns=1")
-    ids, starts, pixels, grids, colors, shp, bind, chars, spans = [], [], [], [], [], [], [], [], []
+    ids, starts, pixels, grids, colors, shp, bind, chars, spans, late = [], [], [], [], [], [], [], [], [], []
     words = word_ids(processor.tokenizer, member)
+    question_mark = processor.tokenizer.convert_tokens_to_ids("?")
     cids, sids = color_ids(member), shape_ids(member)
     samples = list(member.samples(split, n))
     for lo in range(0, n, chunk):
@@ -148,6 +172,7 @@ def prepare(processor, member: SyntheticSet, split: str, n: int, *, bins: int = 
                 if spans[-1][0][0] != head_len:
                     raise ValueError(f"answer span of {part[i].id} starts at {spans[-1][0][0]}, not {head_len}")
             bind.append(binding_targets(part[i], full, head_len, words, member, bins))
+            late.append(late_targets(part[i], full, head_len, question_mark, member, bins))
         pv = enc["pixel_values"]
         if "image_grid_thw" in enc:
             per = int(enc["image_grid_thw"][0].prod())
@@ -167,7 +192,7 @@ def prepare(processor, member: SyntheticSet, split: str, n: int, *, bins: int = 
     extra = {"image_grid_thw": torch.cat(grids)} if grids else {}
     return Batchable(ids, starts, torch.cat(pixels), extra, torch.stack(colors), torch.stack(shp),
                      [s.question_type for s in samples], torch.tensor([len(s.objects) for s in samples]), bind,
-                     torch.stack(chars), spans if turns > 1 else None)
+                     torch.stack(chars), spans if turns > 1 else None, late)
 
 
 def collate(data: Batchable, idx: torch.Tensor, pad_id: int, image_token_id: int) -> dict[str, torch.Tensor]:

@@ -170,3 +170,17 @@ def test_more_questions_follow_from_the_same_board(samples):
             seen[t] += 1
     assert set(seen) == set(H.QUESTION_TYPES)
     assert sum(len(H.more_questions(s, 5)) for s in samples) > 4 * len(samples)  # most boards ask most types
+
+
+def test_relation_target_is_the_object_the_answer_describes(samples):
+    """``relation_target`` (training's late targets) agrees with the test's own nearest-object search."""
+    relations = [s for s in samples if s.question_type == "relation"]
+    assert len(relations) == N // len(H.QUESTION_TYPES)
+    for s in relations:
+        t = H.relation_target(s)
+        assert (t.color if s.question.startswith("What color") else t.shape) == s.answer, s.id
+        direction = next(d for d in H.DIRECTIONS if f" {d} " in s.question)
+        named = s.question.rsplit(" the ", 1)[1].rstrip("?").removesuffix(" object")
+        anchor = next(o for o in s.objects if named in (o.color, o.shape))
+        assert t == _nearest(s.objects, anchor, *H.DIRECTIONS[direction]), s.id
+    assert all(H.relation_target(s) is None for s in samples if s.question_type != "relation")
