@@ -2,6 +2,7 @@
 
     python eval/luq_table.py --model toy-llava --out eval/results/toy-llava.json
     python eval/luq_table.py --model toy-llava-hard --out eval/results/toy-llava-hard.json
+    python eval/luq_table.py --model DIR --out X.json --rows "RTN W3 g128" "RTN W2 g64"   # the test bed's targets
 
 The task and the calibration source follow the model (shapes-VQA-hard for the hard toys,
 docs/hard-testbed.md); every accuracy row carries a paired test against the fp row (McNemar, exact).
@@ -130,6 +131,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--limit", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rows", nargs="*", default=None,
+                    help="only these rows (names as printed, e.g. 'RTN W3 g128'; GPTQ W4 g128 always runs: the "
+                         "saving column needs it); the fp row always runs")
     a = ap.parse_args()
     task = task_of(a.model)[0]
     base, calib = seeded_setup(a.model, a.samples, a.seed)
@@ -144,7 +148,11 @@ def main() -> None:
                   "exist_f1": fp.aggregates.get("exist", {}).get("f1"), "kl_to_fp": 0.0, "model_bytes": rep.total_bytes,
                   "decoder_linear_bytes": rep.decoder_linear_bytes, "avg_bits": 16.0, "nominal_bits": 16.0})
     print(json.dumps({k: v for k, v in table[-1].items() if k != "item_scores"}), flush=True)
-    for name, spec in rows().items():
+    chosen = rows() if a.rows is None else {n: s for n, s in rows().items() if n in {*a.rows, "GPTQ W4 g128"}}
+    unknown = set(a.rows or ()) - set(rows())
+    if unknown:
+        raise SystemExit(f"--rows: unknown {sorted(unknown)}; valid: {sorted(rows())}")
+    for name, spec in chosen.items():
         row = evaluate_row(name, base, calib.samples, stats, spec, limit=a.limit, held=held, task=task)
         row.update(versus(fp.item_scores, row["item_scores"]))
         plan = row.pop("plan")

@@ -170,15 +170,15 @@ def test_streamed_run_refuses_the_budget_planner(toy_dir, tmp_path):
 
 def test_measured_image_weight_resolves_per_block_from_calibration(toy_dir, tmp_path):
     """``image_weight: measured``: calibration records MBQ's per-block gradient ratios, the plan writes each
-    layer's number (the ratio floored at the median), and quantize solves against that weighting."""
+    layer's number (the ratio floored at the median); tests/test_apply.py checks that quantize solves against
+    the weighting a plan gives."""
     from quantlab.calib.artifact import CalibrationStats
     from quantlab.calib.modality_grad import median_floor
-    from quantlab.quant.results_io import load_results
 
     out = tmp_path / "run"
     scheme = {"backend": "gptq", "bits": 4, "group_size": 128, "args": {"image_weight": "measured"}}
     run_all(str(toy_dir), _recipe(tmp_path, planner="uniform", scheme=scheme), out, progress=False,
-            say=lambda m: None, stop_after="quantize")
+            say=lambda m: None, stop_after="plan")
     ratios = CalibrationStats.load(out / "stats").meta["modality_gradient_ratio"]
     assert len(ratios) == 8 and all(r > 0 for r in ratios) and len(set(ratios)) > 1
     expected = median_floor(ratios)
@@ -188,5 +188,3 @@ def test_measured_image_weight_resolves_per_block_from_calibration(toy_dir, tmp_
         if s is not None:
             block = int(name.split(".layers.")[1].split(".")[0])
             assert s["args"]["image_weight"] == round(expected[block], 6), name
-    results = load_results(out / "quant" / "block_003.safetensors")
-    assert {r.args["image_weight"] for r in results.values()} == {round(expected[3], 6)}
