@@ -27,10 +27,10 @@ from quantlab.toys.aux_losses import (
     ATTN_LAYER,
     WordAlignedHead,
     binding_loss,
-    late_loss,
     cell_loss,
     cell_terms,
     encode_images,
+    late_loss,
     lookup_attention_loss,
     vision_params,
 )

@@ -28,7 +28,7 @@ def _reference(model, adapter, samples) -> list[float]:
     for s in samples:
         outs = []
 
-        def keep(module, args, out):
+        def keep(module, args, out, outs=outs):
             out.retain_grad()
             outs.append(out)
 

@@ -61,7 +61,10 @@ def test_search_alpha_picks_the_grid_minimum_and_keeps_alpha_zero():
 def test_folding_v_into_o_without_grouped_heads():
     """v_proj -> o_proj (AWQ's scale_fc_fc) where every query head has its own value head."""
     from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    from transformers.models.llama.modeling_llama import (
+        LlamaDecoderLayer,
+        LlamaRotaryEmbedding,
+    )
 
     cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4)
     torch.manual_seed(0)
