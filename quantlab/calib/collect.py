@@ -89,14 +89,6 @@ class _Acc:
     weight_sum: float = 0.0
 
 
-def _valid_mask(sample: CalibSample) -> torch.Tensor:
-    seq = sample.image_mask.shape[-1]
-    am = sample.inputs.get("attention_mask")
-    if am is not None and am.shape[-1] == seq:
-        return am.reshape(-1, seq)[0].bool()
-    return torch.ones(seq, dtype=torch.bool, device=sample.image_mask.device)
-
-
 LUQ = "<luq>"  # source key of the LUQ tensor inside a block
 
 
@@ -111,7 +103,7 @@ class StatsCollector:
                  prefix: str = ""):
         self.options = options
         self.prefix = prefix
-        self.valid = [_valid_mask(s) for s in samples]
+        self.valid = [s.valid_mask for s in samples]
         self.all_valid = [bool(v.all()) for v in self.valid]
         self.image = [s.image_mask.reshape(-1)[v].bool() for s, v in zip(samples, self.valid)]
         self.luq_res = TokenReservoir(self.image, options.max_tokens, options.seed)

@@ -45,6 +45,15 @@ class CalibSample:
     def has_image(self) -> bool:
         return bool(self.image_mask.any())
 
+    @property
+    def valid_mask(self) -> torch.Tensor:
+        """``(seq,)`` bool: the tokens that are not padding (from the attention mask, when it has one per token)."""
+        seq = self.image_mask.shape[-1]
+        am = self.inputs.get("attention_mask")
+        if am is not None and am.shape[-1] == seq:
+            return am.reshape(-1, seq)[0].bool()
+        return torch.ones(seq, dtype=torch.bool, device=self.image_mask.device)
+
 
 Run = Callable[..., list[torch.Tensor]]
 

@@ -29,10 +29,7 @@ from quantlab.models.load import LoadedModel
 def text_loss(logits: torch.Tensor, sample: CalibSample) -> torch.Tensor:
     """Mean next-token cross-entropy of ``logits`` ``(1, seq, vocab)`` on the sample's text tokens."""
     ids = sample.inputs["input_ids"].reshape(-1)
-    keep = ~sample.image_mask.reshape(-1).bool()
-    mask = sample.inputs.get("attention_mask")
-    if mask is not None and mask.shape[-1] == ids.shape[0]:
-        keep = keep & mask.reshape(-1).bool()
+    keep = ~sample.image_mask.reshape(-1).bool() & sample.valid_mask
     target = keep[1:]  # position p predicts token p + 1
     if not bool(target.any()):
         return logits.sum() * 0

@@ -95,15 +95,8 @@ def token_weights(samples: Sequence[CalibSample], image_weight: float) -> list[t
     padding; None when ``image_weight`` is 1 (every token counts the same: the plain Hessian)."""
     if image_weight == 1.0:
         return None
-    out = []
-    for s in samples:
-        image = s.image_mask.reshape(-1).bool()
-        w = torch.where(image, float(image_weight), 1.0)
-        mask = s.inputs.get("attention_mask")
-        if mask is not None and mask.shape[-1] == image.shape[0]:
-            w = w * mask.reshape(-1, image.shape[0])[0].float()
-        out.append(w)
-    return out
+    return [torch.where(s.image_mask.reshape(-1).bool(), float(image_weight), 1.0) * s.valid_mask.float()
+            for s in samples]
 
 
 def as_stored(result, dtype: torch.dtype = torch.float16):
@@ -237,18 +230,18 @@ def quantize(
         for step in sequential_steps(names, adapter.fused_groups):
             linears = [modules[n] for n in step]
             # one Hessian per token weighting the step's schemes ask for (usually one: q/k/v share a scheme)
-            hooks = {w: _HessianHook(linears, token_weights(samples, w))
-                     for w in dict.fromkeys(image_weight(planned[n]) for n in step)}
+            weight_of = {n: image_weight(planned[n]) for n in step}
+            hooks = {w: _HessianHook(linears, token_weights(samples, w)) for w in dict.fromkeys(weight_of.values())}
             try:
                 run(until=linears)
             finally:
                 for hook in hooks.values():
                     hook.remove()
-            for k, n in enumerate(step):
-                w = image_weight(planned[n])
+            last_user = {w: n for n, w in weight_of.items()}  # dicts keep order: the last Linear of each weighting
+            for n in step:
+                w = weight_of[n]
                 # each solve factors its Hessian in place: all but the last user of each get a copy
-                last = max(j for j, m in enumerate(step) if image_weight(planned[m]) == w)
-                hessian = hooks[w].h if k == last else hooks[w].h.clone()
+                hessian = hooks[w].h if last_user[w] == n else hooks[w].h.clone()
                 result = _quantize_module(n, modules[n], planned[n], hessian)
                 results[n] = _light(result) if streamed else result  # the block holds the dense weight
             del hooks, hessian, result

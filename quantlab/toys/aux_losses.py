@@ -36,14 +36,35 @@ def lookup_attention_loss(attn: torch.Tensor, data: Batchable, idx: torch.Tensor
         t = t[t[:, 1] > 0]
         if not len(t):
             continue
-        start = int((input_ids[r] == image_token_id).nonzero()[0])
         rows += [r] * len(t)
         pos.append(t[:, 0])
-        key.append(start + (t[:, 2] - 1) * grid + (t[:, 3] - 1))
+        key.append(object_tokens(input_ids[r], t, image_token_id, grid))
     if not rows:
         return attn.sum() * 0
     p = attn[torch.tensor(rows), 0, torch.cat(pos), torch.cat(key)]
     return -torch.log(p + 1e-6).mean()
+
+
+def object_tokens(input_ids: torch.Tensor, targets: torch.Tensor, image_token_id: int, grid: int) -> torch.Tensor:
+    """Positions in one sequence of the image tokens of the objects that binding ``targets`` name (their row and
+    column bins, 1-based, must be the board's rows and columns): one image token per cell, in raster order."""
+    start = int((input_ids == image_token_id).nonzero()[0])
+    return start + (targets[:, 2] - 1) * grid + (targets[:, 3] - 1)
+
+
+def _at_positions(hidden: torch.Tensor, per_sample: list[torch.Tensor], idx: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The hidden states at each target's position (column 0 of every sample's ``(k, 1 + m)`` targets) and the
+    targets' other columns, over the batch rows ``idx``; None when the batch has no target."""
+    rows, pos, tgt = [], [], []
+    for r, i in enumerate(idx.tolist()):
+        t = per_sample[i]
+        rows += [r] * len(t)
+        pos.append(t[:, 0])
+        tgt.append(t[:, 1:])
+    if not rows:
+        return None
+    return hidden[torch.tensor(rows), torch.cat(pos)], torch.cat(tgt)
 
 
 def binding_loss(hidden: torch.Tensor, data: Batchable, idx: torch.Tensor, heads: nn.ModuleDict) -> torch.Tensor:
@@ -53,16 +74,10 @@ def binding_loss(hidden: torch.Tensor, data: Batchable, idx: torch.Tensor, heads
     position; supervising that directly is what lets a tiny decoder trained from scratch learn the
     lookup in minutes rather than after a long plateau.
     """
-    rows, pos, tgt = [], [], []
-    for r, i in enumerate(idx.tolist()):
-        t = data.word_targets[i]
-        rows += [r] * len(t)
-        pos.append(t[:, 0])
-        tgt.append(t[:, 1:])
-    if not rows:
+    gathered = _at_positions(hidden, data.word_targets, idx)
+    if gathered is None:
         return hidden.sum() * 0
-    h = hidden[torch.tensor(rows), torch.cat(pos)]
-    tgt = torch.cat(tgt)
+    h, tgt = gathered
     return (F.cross_entropy(heads["bind_other"](h), tgt[:, 0]) + F.cross_entropy(heads["bind_row"](h), tgt[:, 1])
             + F.cross_entropy(heads["bind_col"](h), tgt[:, 2]))
 
@@ -73,16 +88,10 @@ LATE_TERMS = ("late_other", "late_row", "late_col", "late_count")  # heads, in t
 def late_loss(hidden: torch.Tensor, data: Batchable, idx: torch.Tensor, heads: nn.ModuleDict) -> torch.Tensor:
     """Cross-entropy of the late targets (:func:`quantlab.toys.batches.late_targets`: a relation question's
     target object, a count question's number) read from a late decoder layer at the question's ``?``."""
-    rows, pos, tgt = [], [], []
-    for r, i in enumerate(idx.tolist()):
-        t = data.late_targets[i]
-        rows += [r] * len(t)
-        pos.append(t[:, 0])
-        tgt.append(t[:, 1:])
-    if not rows:
+    gathered = _at_positions(hidden, data.late_targets, idx)
+    if gathered is None:
         return hidden.sum() * 0
-    h = hidden[torch.tensor(rows), torch.cat(pos)]
-    tgt = torch.cat(tgt)
+    h, tgt = gathered
     total = hidden.new_zeros(())
     for k, name in enumerate(LATE_TERMS):
         if bool((tgt[:, k] > 0).any()):  # class 0: not this kind of question

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantlab.toys.aux_losses import cell_terms, encode_images, object_tokens
 from quantlab.toys.batches import Batchable, collate
 
 
@@ -39,8 +40,7 @@ def lookup_probes(model: nn.Module, data: Batchable, heads: nn.ModuleDict, bind_
             hits += int((heads["bind_other"](h).argmax(-1) == t[:, 1]).sum())
             total += len(t)
             if grid == int(data.cell_color.shape[1] ** 0.5):
-                start = int((batch["input_ids"][r] == image_token_id).nonzero()[0])
-                key = start + (t[:, 2] - 1) * grid + (t[:, 3] - 1)
+                key = object_tokens(batch["input_ids"][r], t, image_token_id, grid)
                 for layer in range(layers):
                     mass[layer] += out.attentions[layer][r, :, t[:, 0], key].sum(-1)
     model.set_attn_implementation({"text_config": impl})
@@ -54,8 +54,6 @@ def cell_accuracy(model: nn.Module, data: Batchable, word_aux: nn.Module, heads:
                   captured: dict[str, torch.Tensor], pad_id: int, image_token_id: int, n: int = 256) -> dict:
     """Accuracy of the cell heads on the occupied cells of ``n`` held-out boards (colour, shape, characters):
     what the image tokens say about the objects, before the decoder reads them."""
-    from quantlab.toys.aux_losses import cell_terms, encode_images
-
     was_training = model.training
     model.eval()
     idx = torch.arange(min(n, len(data.ids)))
