@@ -16,10 +16,10 @@ $(BIN)/quantlab: pyproject.toml
 install: $(BIN)/quantlab
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup -m "not slow"
 
 demo: install
 	$(BIN)/quantlab quantize toy-llava --recipe recipes/luq.yaml --out runs/demo

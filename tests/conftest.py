@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -71,3 +73,12 @@ def tiny_inputs(family: str, batch: int = 2) -> dict[str, torch.Tensor]:
 def tiny_family(request):
     """(family, model) for every supported family."""
     return request.param, TINY_BUILDERS[request.param]()
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (``make test`` runs two workers on the two cores) each worker and the processes its
+    tests start compute on one thread: two workers with two threads each would fight over the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = "1"
+        torch.set_num_threads(1)

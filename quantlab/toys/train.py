@@ -25,6 +25,7 @@ from quantlab.data.synthetic import SETS
 from quantlab.models.adapter import ADAPTERS
 from quantlab.toys.aux_losses import (
     ATTN_LAYER,
+    LATE_TERMS,
     WordAlignedHead,
     binding_loss,
     cell_loss,
@@ -43,7 +44,8 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
           aux_weight: float, threads: int, eval_every: int, curriculum: float = 0.0,
           bind_weight: float = 0.5, bind_bins: int = 2, test_n: int = 500, vision_warmup: int = 0,
           attn_weight: float = 0.0, turns: int = 1, probe: bool = False, bf16: bool = False,
-          balanced_cells: bool = False, late_weight: float = 0.0) -> dict:
+          balanced_cells: bool = False, late_weight: float = 0.0, late_from: int = 0,
+          late_count: bool = True) -> dict:
     """Train toy ``name`` and save it (fp16 safetensors + processor) to ``out``; returns the training log."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -119,15 +121,17 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
         idx = pool[torch.randint(0, len(pool), (batch_size,), generator=gen)]
         batch = collate(data, idx, pad_id, image_token_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out_ = model(**batch, output_hidden_states=bind_weight > 0 or late_weight > 0,
+            late_on = late_weight > 0 and step >= late_from
+            out_ = model(**batch, output_hidden_states=bind_weight > 0 or late_on,
                          output_attentions=attn_weight > 0)
         aux = cell_loss(cell_terms(captured["features"].reshape(batch_size, -1, width), data, idx, word_aux, heads),
                             balanced=balanced_cells)
         loss = out_.loss + aux_weight * aux
         if bind_weight > 0:
             loss = loss + bind_weight * binding_loss(out_.hidden_states[bind_layer], data, idx, heads)
-        if late_weight > 0:
-            loss = loss + late_weight * late_loss(out_.hidden_states[late_layer].float(), data, idx, heads)
+        if late_on:
+            loss = loss + late_weight * late_loss(out_.hidden_states[late_layer].float(), data, idx, heads,
+                                                  terms=LATE_TERMS if late_count else LATE_TERMS[:3])
         if attn_weight > 0:
             loss = loss + attn_weight * lookup_attention_loss(out_.attentions[ATTN_LAYER], data, idx, image_token_id,
                                                               batch["input_ids"], grid)
@@ -157,7 +161,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
             "dataset": member.name, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
             "n_train": n_train, "aux_weight": aux_weight, "curriculum": curriculum, "bind_weight": bind_weight,
             "bind_bins": bind_bins, "vision_warmup": vision_warmup, "attn_weight": attn_weight, "turns": turns, "bf16": bf16, "balanced_cells": balanced_cells, "late_weight": late_weight,
-            "threads": threads, "train_seconds": round(time.time() - t0, 1),
+            "late_from": late_from, "late_count": late_count, "threads": threads, "train_seconds": round(time.time() - t0, 1),
             "torch": torch.__version__, "log": log}
     info["test"] = test_accuracy(out, member.name, test_n)
     info["total_seconds"] = round(time.time() - t0, 1)
@@ -224,12 +228,17 @@ def main(argv: list[str] | None = None) -> None:
                     help="occupied and empty cells weigh the same in the cell losses (toys/aux_losses.py cell_loss)")
     ap.add_argument("--late-weight", type=float, default=0.0,
                     help="weight of the late targets' loss (a relation's target object, a count) at 3/4 depth")
+    ap.add_argument("--late-from", type=int, default=0,
+                    help="first decoder step with the late targets' loss (after the lookups by name are learnt)")
+    ap.add_argument("--no-late-count", dest="late_count", action="store_false",
+                    help="late targets on relation questions only (no count target)")
     a = ap.parse_args(argv)
     train(a.toy, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_train=a.n_train, seed=a.seed,
           aux_weight=a.aux_weight, threads=a.threads, eval_every=a.eval_every,
           curriculum=a.curriculum, bind_weight=a.bind_weight, bind_bins=a.bind_bins, test_n=a.test_n,
           vision_warmup=a.vision_warmup, attn_weight=a.attn_weight, turns=a.turns, probe=a.probe, bf16=a.bf16,
-          balanced_cells=a.balanced_cells, late_weight=a.late_weight)
+          balanced_cells=a.balanced_cells, late_weight=a.late_weight,
+          late_from=a.late_from, late_count=a.late_count)
 
 
 if __name__ == "__main__":

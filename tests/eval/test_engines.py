@@ -93,3 +93,56 @@ def test_an_engine_that_cannot_serve_the_export_format_is_refused(tmp_path):
     text = " ".join(res.output.split())
     assert "eval.engine: llama-cpp serves export formats ['gguf']; export.format is 'compressed-tensors'" in text
     assert not out.exists()
+
+
+# A fake session child (the ``--serve`` protocol of engine_children/vllm_child.py): one job per stdin line,
+# one reply line per job; answers with its process id, writes plenty to stderr (as vLLM does, more than a
+# pipe buffer holds), and refuses (then exits 3) when told to.
+FAKE_SESSION_CHILD = """
+import json, os, sys
+assert sys.argv[1:] == ["--serve"]
+for line in sys.stdin:
+    job = json.loads(line)
+    sys.stderr.write("engine log line\\n" * 20000)
+    if job["options"].get("refuse"):
+        print(json.dumps({"ok": False, "refused": "ValueError: no kernel for this"}), flush=True)
+        sys.exit(3)
+    with open(job["requests"]) as f, open(job["out"], "w") as g:
+        for r in map(json.loads, f):
+            g.write(json.dumps({"id": r["id"], "text": f"{os.getpid()} {job['model']}", "logprob": -0.5}) + "\\n")
+    print(json.dumps({"ok": True}), flush=True)
+"""
+
+
+def test_a_session_answers_several_checkpoints_in_one_child_and_restarts_after_a_refusal(tmp_path, monkeypatch,
+                                                                                           request):
+    from quantlab.eval import engines
+    from quantlab.eval.engines import EngineSession, open_engine
+    from quantlab.models.load import ASSETS
+
+    (tmp_path / "fake_session.py").write_text(FAKE_SESSION_CHILD)
+    monkeypatch.setattr(engines, "CHILDREN", tmp_path)
+    ENGINES.register(Engine(name="fake-session", description="test double", child="fake_session.py", sessions=True))
+    request.addfinalizer(lambda: ENGINES.remove("fake-session"))
+    img = Image.new("RGB", (8, 8))
+    with EngineSession("fake-session", sys.executable) as session:
+        answers = {toy: open_engine("fake-session", ASSETS / toy, session=session).answer(
+            ["what colour?", "what shape?"], [img, img], max_new_tokens=4) for toy in ("toy-llava", "toy-qwen2.5-vl")}
+        pids = {a.split()[0] for rows in answers.values() for a in rows}
+        assert len(pids) == 1  # both checkpoints in one child
+        assert all(a.endswith(str(ASSETS / toy)) for toy, rows in answers.items() for a in rows)
+        refusing = open_engine("fake-session", ASSETS / "toy-llava", session=session, options={"refuse": True})
+        with pytest.raises(EngineRefused, match="fake-session refused .*toy-llava: ValueError: no kernel for this"):
+            refusing.answer(["what colour?"], [img], max_new_tokens=4)
+        again = open_engine("fake-session", ASSETS / "toy-llava", session=session).answer(["what colour?"], [img],
+                                                                                           max_new_tokens=4)
+        assert again[0].split()[0] not in pids  # a fresh child after the refusal
+    assert session._proc is None
+
+
+def test_an_engine_without_a_session_mode_is_refused_a_session():
+    from quantlab.core.errors import UserError
+    from quantlab.eval.engines import EngineSession
+
+    with pytest.raises(UserError, match="'llama-cpp' answers one checkpoint per process"):
+        EngineSession("llama-cpp")

@@ -21,10 +21,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantlab.eval.engines import EngineRefused, engine_python, install_engine
+from quantlab.eval.engines import (
+    EngineRefused,
+    EngineSession,
+    engine_python,
+    install_engine,
+)
 from quantlab.eval.runner import evaluate
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs the module, so its cases share one vLLM session (one import of vLLM, ~15 s on 2 cores)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm")]
 
 N_ITEMS = 24  # seeded shapes-VQA test items per comparison (each vLLM start costs ~20-60 s on 2 cores)
 MIN_AGREEMENT = 0.95  # vLLM on CPU computes in bf16 and transformers in fp32: near-ties may flip
@@ -38,6 +44,13 @@ def vllm_python() -> str:
         return engine_python("vllm")
     except Exception as err:  # noqa: BLE001 - no network, no wheel: the reason is the skip message
         pytest.skip(f"cannot build the vLLM environment: {err}")
+
+
+@pytest.fixture(scope="module")
+def vllm_session(vllm_python):
+    """One vLLM child answering every case of the module in turn (EngineSession)."""
+    with EngineSession("vllm", vllm_python) as session:
+        yield session
 
 
 def _avx512(python: str) -> bool:
@@ -55,11 +68,12 @@ def _agreement(a, b) -> float:
     return sum(same) / len(same)
 
 
-def _compare(model_dir: Path, loaded_here, python: str):
-    """vLLM's and transformers' evaluation of the same checkpoint on the same seeded items."""
+def _compare(model_dir: Path, loaded_here, python: str, session: EngineSession | None = None):
+    """vLLM's and transformers' evaluation of the same checkpoint on the same seeded items (in ``session``'s
+    child, or in a child of its own)."""
     from quantlab.eval.engines import open_engine
 
-    served = open_engine("vllm", model_dir, python=python)
+    served = open_engine("vllm", model_dir, python=python, session=session)
     theirs = evaluate(served, ["shapes-vqa"], data_dir=None, limit=N_ITEMS, max_new_tokens=8)
     ours = evaluate(loaded_here, ["shapes-vqa"], data_dir=None, limit=N_ITEMS, max_new_tokens=8)
     # what docs/engines.md reports (pytest -s shows it)
@@ -69,10 +83,12 @@ def _compare(model_dir: Path, loaded_here, python: str):
 
 
 @pytest.mark.parametrize("toy", ["toy-llava", "toy-qwen2.5-vl"])
-def test_vllm_serves_the_base_toys_with_images(vllm_python, toy):
+def test_vllm_serves_the_base_toys_with_images(vllm_python, vllm_session, toy):
     from quantlab.models.load import ASSETS, load_model
 
-    theirs, ours, served = _compare(ASSETS / toy, load_model(toy, dtype=torch.float32), vllm_python)
+    # one case per way of running the child: a process of its own (toy-llava), the module's session (the rest)
+    session = None if toy == "toy-llava" else vllm_session
+    theirs, ours, served = _compare(ASSETS / toy, load_model(toy, dtype=torch.float32), vllm_python, session)
     t, o = theirs.tasks["shapes-vqa"], ours.tasks["shapes-vqa"]
     assert t.n == o.n == N_ITEMS and t.n_failed == 0
     assert all(lp is not None and lp <= 0 for lp in served.logprobs)
@@ -113,7 +129,7 @@ CPU_WIDTHS = (4,)  # vLLM's CPU kernel (CPUWNA16) takes uint4 / uint4b8 codes on
 
 @pytest.mark.parametrize("toy,fmt,bits,mixed", CASES,
                          ids=[f"{t}-{f}-w{b}{'-mixed' if m else ''}" for t, f, b, m in CASES])
-def test_vllm_serves_quantized_exports(vllm_python, tmp_path, toy, fmt, bits, mixed):
+def test_vllm_serves_quantized_exports(vllm_python, vllm_session, tmp_path, toy, fmt, bits, mixed):
     on_gpu = "cuda" in str(os.environ.get("QUANTLAB_VLLM_DEVICE", ""))  # docs/gpu-check.md sets it
     if bits not in CPU_WIDTHS and not on_gpu:
         pytest.skip(f"vLLM's CPU kernel CPUWNA16 takes 4-bit codes only (uint4, uint4b8), not {bits}-bit: "
@@ -125,9 +141,9 @@ def test_vllm_serves_quantized_exports(vllm_python, tmp_path, toy, fmt, bits, mi
     out, loaded = _export(toy, fmt, tmp_path, bits=bits, mixed=mixed)
     if not avx512:
         with pytest.raises(EngineRefused, match=KERNEL_GAP):  # loaded, then stopped at the kernel, nothing else
-            _compare(out, loaded, vllm_python)
+            _compare(out, loaded, vllm_python, vllm_session)
         return
-    theirs, ours, _ = _compare(out, loaded, vllm_python)
+    theirs, ours, _ = _compare(out, loaded, vllm_python, vllm_session)
     assert theirs.tasks["shapes-vqa"].n_failed == 0
     assert _agreement(theirs, ours) >= MIN_AGREEMENT
 
