@@ -292,6 +292,24 @@ def test_measured_candidates_with_token_weights_are_refused_before_calibration(t
     assert not out.exists()
 
 
+def test_measured_candidates_with_awq_are_refused_before_calibration(tmp_path):
+    """AWQ's scales are searched block by block in the quantize stage: the budget planner's per-layer
+    measurement would score an awq candidate without them."""
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["quantize", "toy-llava", "--recipe", "luq-budget", "--out", str(out), "--set",
+                              "plan.candidates=[{backend: rtn, bits: 4, group_size: 32, args: {awq: true}}]"])
+    refused(res, "without AWQ's block-wise scale search", "rtn-w4-g32")
+    assert not out.exists()
+
+
+def test_stream_with_awq_is_refused_before_calibration(tmp_path, toy_copy):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["quantize", str(toy_copy), "--recipe", "w4a16", "--out", str(out), "--stream",
+                              "--set", "plan.scheme.args={awq: true}"])
+    refused(res, "awq", "--stream")
+    assert not out.exists()
+
+
 def test_stream_with_measured_image_weights_is_refused_before_calibration(tmp_path, toy_copy):
     out = tmp_path / "run"
     res = runner.invoke(app, ["quantize", str(toy_copy), "--recipe", "w4a16", "--out", str(out), "--stream",

@@ -305,6 +305,13 @@ class Planner(Member):
                 out.append(f"plan: the {spec.planner} planner measures candidates with calibration's Hessians, "
                            f"which are not token-weighted; schemes with image_weight ({', '.join(weighted)}) "
                            "can be set by the uniform planner, luq with k / target_avg_bits / budget_gb, or plan.rules")
+            scaled = sorted({s.label() for s in self.schemes(spec) if s.args.get("awq", False)})
+            if scaled:
+                # AWQ's scales are searched per block in the quantize stage; a measurement would score the
+                # candidate without them
+                out.append(f"plan: the {spec.planner} planner measures candidates layer by layer without AWQ's "
+                           f"block-wise scale search; schemes with awq ({', '.join(scaled)}) can be set by the "
+                           "uniform planner, luq with k / target_avg_bits / budget_gb, or plan.rules")
         return out
 
 

@@ -23,7 +23,7 @@ from quantlab.core.host_memory import heap_trimmer
 from quantlab.core.progress import block_progress
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
-from quantlab.quant import quantize_weight
+from quantlab.quant import awq, quantize_weight
 from quantlab.quant.registry import HESSIAN_OPTIONS, MEASURED, outside_decoder_problem
 from quantlab.quant.results_io import BlockResults
 from quantlab.quant.scheme import QuantScheme
@@ -125,6 +125,17 @@ def image_weight(scheme: QuantScheme) -> float:
     return float(w)
 
 
+def _refold(block: nn.Module, prefix: str, pairs, saved: Mapping[str, object],
+            planned: Mapping[str, QuantScheme]) -> None:
+    """A resumed block: divide each AWQ producer that is not itself quantized by the scales its consumers'
+    saved results record (a quantized producer's saved weight holds its fold already)."""
+    for producer, consumers in pairs:
+        s = next((saved[prefix + c].input_scales for c in consumers
+                  if prefix + c in saved and saved[prefix + c].input_scales is not None), None)
+        if s is not None and prefix + producer not in planned:
+            awq.divide_producer(block.get_submodule(producer), s)
+
+
 def _light(result):
     """The result without its dense weight (exports need codes and scales only; ``dequantize()`` rebuilds it)."""
     return dataclasses.replace(result, dequantized=result.dequantized.new_empty(0))
@@ -211,6 +222,9 @@ def quantize(
     adapter, model = loaded.adapter, loaded.model
     streamed = weights is not None
     modules, planned = _planned_linears(model, plan)
+    if streamed and any(awq.wants_awq(s) for s in planned.values()):
+        raise ValueError("awq: AWQ folds its scales into the decoder's norms in memory, and a streamed model's "
+                         "export reads those from the checkpoint (not built yet); quantize it in memory")
     on_disk: dict[str, int] = {}  # module -> block, for blocks whose results were saved and dropped
     drop_saved = streamed and save_block is not None and reread_block is not None
     results: dict[str, object] = _outside_decoder(loaded, modules, planned)
@@ -220,6 +234,7 @@ def quantize(
         names = [prefix + n for n, m in block.named_modules() if isinstance(m, nn.Linear) and prefix + n in planned]
         saved = load_block(index) if load_block is not None else None
         if saved is not None:
+            _refold(block, prefix, adapter.scale_pairs, saved, planned)
             for n in names:
                 modules[n].weight.data.copy_(saved[n].dequantized)
                 if drop_saved:
@@ -227,6 +242,13 @@ def quantize(
                 else:
                     results[n] = _light(saved[n]) if streamed else saved[n]
             return run()
+        pairs = awq.block_pairs(adapter.scale_pairs, block, prefix, planned)
+        scaled = {}
+        if pairs:  # AWQ first, on the block still in full precision: its scales are folded in before any solve
+            w = image_weight(planned[pairs[0][1][0]])
+            valid = [smp.valid_mask for smp in samples]
+            scaled = awq.search_block_scales(block, prefix, pairs, planned, run, valid,
+                                             token_weights(samples, w) or [v.float() for v in valid])
         for step in sequential_steps(names, adapter.fused_groups):
             linears = [modules[n] for n in step]
             # one Hessian per token weighting the step's schemes ask for (usually one: q/k/v share a scheme)
@@ -243,6 +265,10 @@ def quantize(
                 # each solve factors its Hessian in place: all but the last user of each get a copy
                 hessian = hooks[w].h if last_user[w] == n else hooks[w].h.clone()
                 result = _quantize_module(n, modules[n], planned[n], hessian)
+                if n in scaled:
+                    alpha, s = scaled[n]
+                    result = dataclasses.replace(result, input_scales=s,
+                                                 args={**result.args, "awq": True, "awq_alpha": alpha})
                 results[n] = _light(result) if streamed else result  # the block holds the dense weight
             del hooks, hessian, result
             trim()  # the solves' freed workspace goes back to the OS instead of staying in glibc's heap

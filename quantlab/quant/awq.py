@@ -8,16 +8,34 @@ output error; ``x / s`` is never computed: ``1 / s`` folds into whatever produce
 weight, or the rows of the previous Linear), so the model stays an ordinary checkpoint of the same
 architecture. Reference: ``mit-han-lab/llm-awq``, ``awq/quantize/auto_scale.py`` (``auto_scale_block``,
 ``scale_ln_fcs``, ``scale_fc_fc``).
+
+In quantlab a scheme asks for AWQ with ``args: {awq: true}`` on a uniform-grid backend (rtn: AWQ then RTN;
+gptq: AWQ then GPTQ). The quantize stage then, per decoder block and before quantizing it, searches each of
+the adapter's scale pairs (``Adapter.scale_pairs``: a norm or Linear and the Linears that read its output)
+and folds the chosen scales in (:func:`search_block_scales`); the consumers' results record theirs
+(``QuantResult.input_scales``) so a resumed run folds the producer again. The loss is the whole block's
+output error, each token weighted as the consumers' scheme weights it (``image_weight``: MBQ's modality
+balance, docs/method.md), and the quantizer searched with is RTN at the consumer's scheme (as AutoAWQ does
+before GPTQ too).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from quantlab.quant.api import quantize_weight
+from quantlab.quant.scheme import QuantScheme
+
 GRID = 20  # AWQ's n_grid: α in {0, 1/20, ..., 19/20}
+OPTION = "awq"  # the scheme option (``args: {awq: true}``)
+
+
+def wants_awq(scheme: QuantScheme | None) -> bool:
+    """Whether ``scheme`` asks for AWQ's scales."""
+    return scheme is not None and bool(scheme.args.get(OPTION, False))
 
 
 def awq_scales(act_absmean: Tensor, alpha: float) -> Tensor:
@@ -68,3 +86,128 @@ def search_alpha(act_absmean: Tensor, loss: Callable[[Tensor], float], grid: int
             best = (value, alpha, s)
     assert best is not None
     return best[1], best[2], losses
+
+
+def divide_producer(producer: nn.Module, s: Tensor) -> None:
+    """In place: the producer half of :func:`fold_scales` alone (its consumers already hold scaled weights),
+    rounded as stored (:func:`round_as_stored`)."""
+    s = s.to(torch.float32)
+    with torch.no_grad():
+        w = producer.weight
+        w.copy_((w.float() / (s[:, None] if isinstance(producer, nn.Linear) else s)).to(w.dtype))
+        bias = getattr(producer, "bias", None)
+        if bias is not None:
+            bias.copy_((bias.float() / s).to(bias.dtype))
+    round_as_stored(producer)
+
+
+def round_as_stored(module: nn.Module, dtype: torch.dtype = torch.float16) -> None:
+    """In place: ``module``'s weight and bias rounded to ``dtype`` (what checkpoints store), so the model in
+    memory computes what a loader rebuilds from the export (a folded norm is no longer an fp16 number)."""
+    with torch.no_grad():
+        for p in (module.weight, getattr(module, "bias", None)):
+            if p is not None and p.is_floating_point():
+                p.copy_(p.to(dtype).to(p.dtype))
+
+
+def block_pairs(pairs: Sequence[tuple[str, Sequence[str]]], block: nn.Module, prefix: str,
+                planned: Mapping[str, QuantScheme | None]) -> list[tuple[str, list[str]]]:
+    """The scale pairs of one block where AWQ applies: ``(producer, consumers)`` as full module names, for the
+    pairs whose consumers' schemes ask for it and whose shapes fold (v -> o only without grouped heads)."""
+    out = []
+    for producer, consumers in pairs:
+        names = [prefix + c for c in consumers]
+        if not any(wants_awq(planned.get(n)) for n in names):
+            continue
+        try:
+            prod = block.get_submodule(producer)
+            lins = [block.get_submodule(c) for c in consumers]
+        except AttributeError:
+            continue
+        width = prod.out_features if isinstance(prod, nn.Linear) else prod.weight.shape[0]
+        if all(isinstance(m, nn.Linear) and m.in_features == width for m in lins):
+            out.append((prefix + producer, names))
+    return out
+
+
+def proxy_quantize(weight: Tensor, scheme: QuantScheme) -> Tensor:
+    """What AWQ's search quantizes with: RTN at ``scheme``'s bits, group and symmetry (for either backend)."""
+    rtn = QuantScheme(backend="rtn", bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym)
+    return quantize_weight(weight, rtn).dequantized
+
+
+def weighted_error(out: Sequence[Tensor], ref: Sequence[Tensor], token_weights: Sequence[Tensor]) -> float:
+    """``Σ_t w_t ||out_t − ref_t||² / Σ_t w_t`` over every sample's tokens (w: 0 on padding)."""
+    num, den = 0.0, 0.0
+    for o, r, w in zip(out, ref, token_weights, strict=True):
+        d = (o.float() - r.float()).reshape(-1, o.shape[-1]).pow(2).sum(-1)
+        w = w.reshape(-1).to(d.device, torch.float32)
+        num += float((d * w).sum())
+        den += float(w.sum())
+    return num / max(den, 1e-12)
+
+
+def _input_absmean(linear: nn.Linear, run: Callable[..., list[Tensor]], valid: Sequence[Tensor]) -> Tensor:
+    """Mean ``|x|`` per input channel of ``linear`` over every sample's non-padding tokens."""
+    total = torch.zeros(linear.in_features, dtype=torch.float64)
+    count = [0]
+    calls = [0]
+
+    def hook(_m: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1])
+        keep = valid[calls[0]].reshape(-1).to(x.device)
+        calls[0] += 1
+        total.add_(x[keep].abs().sum(0).double().cpu())
+        count[0] += int(keep.sum())
+
+    handle = linear.register_forward_pre_hook(hook)
+    try:
+        run(until=[linear])
+    finally:
+        handle.remove()
+    return (total / max(count[0], 1)).float()
+
+
+def search_block_scales(block: nn.Module, prefix: str, pairs: Sequence[tuple[str, Sequence[str]]],
+                        planned: Mapping[str, QuantScheme | None], run: Callable[..., list[Tensor]],
+                        valid: Sequence[Tensor], token_weights: Sequence[Tensor], grid: int = GRID
+                        ) -> dict[str, tuple[float, Tensor]]:
+    """AWQ on one decoder block, in place: for each pair (in order), the scales that minimise the block's
+    weighted output error with the pair's consumers quantized (:func:`proxy_quantize`), folded into the
+    producer and the consumers before the next pair is searched (as llm-awq's ``auto_scale_block``).
+
+    ``pairs`` from :func:`block_pairs`; ``run``: the executor's block runner; ``valid`` / ``token_weights``:
+    per sample, non-padding tokens and each token's weight in the loss. Returns consumer -> (α, scales).
+    """
+    def sub(name: str) -> nn.Module:
+        return block.get_submodule(name.removeprefix(prefix))
+
+    reference = run()
+    found: dict[str, tuple[float, Tensor]] = {}
+    for producer, consumers in pairs:
+        lins = [sub(c) for c in consumers]
+        originals = [lin.weight.data.clone() for lin in lins]
+        absmean = _input_absmean(lins[0], run, valid)
+
+        def loss(s: Tensor, lins=lins, originals=originals, consumers=consumers) -> float:
+            try:
+                for name, lin, w in zip(consumers, lins, originals, strict=True):
+                    scheme = planned.get(name)
+                    sd = s.to(w.device)
+                    scaled = w.float() * sd
+                    q = proxy_quantize(scaled.to(w.dtype), scheme).float() if scheme is not None else scaled
+                    lin.weight.data.copy_((q / sd).to(w.dtype))
+                return weighted_error(run(), reference, token_weights)
+            finally:
+                for lin, w in zip(lins, originals, strict=True):
+                    lin.weight.data.copy_(w)
+
+        alpha, s, _ = search_alpha(absmean, loss, grid)
+        fold_scales(sub(producer), lins, s.to(originals[0].device))
+        round_as_stored(sub(producer))
+        for name, lin in zip(consumers, lins, strict=True):
+            if planned.get(name) is None:  # kept in full precision: exported as it is now
+                round_as_stored(lin)
+        for c in consumers:
+            found[c] = (alpha, s.cpu())
+    return found

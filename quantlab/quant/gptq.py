@@ -45,7 +45,7 @@ from quantlab.quant.scheme import QuantScheme
 
 GPTQ_UNIFORM_BITS = (2, 3, 4, 8)  # the GPTQ checkpoint widths
 GPTQ_BITS = (2, 3, 4, 5, 6, 8)  # 5 and 6 only with a K grid (q5_k, q6_k)
-GPTQ_OPTIONS = ("damp", "block_size", "act_order", "static_groups", "mse", "grid")
+GPTQ_OPTIONS = ("damp", "block_size", "act_order", "static_groups", "mse", "grid", "awq")
 MSE_CHOICES = (False, True, "hessian")  # min-max; the reference's norm-2.4 search; the diag(H)-weighted search
 SUB_BLOCK = 16  # rank-1 updates stay inside 16 columns; a small matmul carries them to the rest of the block
 ROWS = 512  # rows per slice where a whole-matrix temporary would be needed (energy, ranges, error)

@@ -86,6 +86,11 @@ class Backend(Member):
         if w != MEASURED and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf")):
             return (f"image_weight must be a non-negative number (1.0: image tokens count as much as text) or "
                     f"{MEASURED!r}, got {w!r}")
+        awq = scheme.args.get("awq", False)
+        if not isinstance(awq, bool):
+            return f"awq must be true or false, got {awq!r}"
+        if awq and scheme.args.get("grid"):
+            return "awq searches its scales with a uniform grid; it does not combine with a GGUF K grid ('grid')"
         return None if self.check is None else self.check(scheme, in_features)
 
     def nominal(self, scheme: QuantScheme) -> float:

@@ -52,6 +52,9 @@ class QuantResult:
         extra: backend-specific stored tensors; 0-d tensors are diagnostics and are not stored.
         error: relative output error ``||WX - ŴX||² / ||WX||²`` = ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)``, None
             when no Hessian was given.
+        input_scales: ``[in]`` AWQ's scales (:mod:`quantlab.quant.awq`): the codes quantize ``W diag(s)`` and
+            the Linear that produces this one's input (a norm, or a Linear's rows) was divided by ``s``; not
+            stored in the checkpoint's entry for this Linear (the producer holds the fold). None: no AWQ.
     """
 
     backend: str
@@ -67,6 +70,7 @@ class QuantResult:
     bits_per_weight: float
     extra: dict[str, Tensor] = field(default_factory=dict, repr=False)
     error: float | None = None
+    input_scales: Tensor | None = field(default=None, repr=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -80,7 +84,7 @@ class QuantResult:
 
         return dataclasses.replace(self, codes=mv(self.codes), scales=mv(self.scales), zeros=mv(self.zeros),
                                    g_idx=mv(self.g_idx), dequantized=mv(self.dequantized),
-                                   extra={k: mv(v) for k, v in self.extra.items()})
+                                   extra={k: mv(v) for k, v in self.extra.items()}, input_scales=mv(self.input_scales))
 
     def dequantize(self) -> Tensor:
         """Recompute the weight from the stored tensors (bit-exact with ``dequantized`` for rtn/gptq/billm)."""

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from quantlab.core.files import write_file_atomic
 from quantlab.quant.result import QuantResult
 
-_TENSOR_FIELDS = ("codes", "scales", "zeros", "g_idx", "dequantized")
+_TENSOR_FIELDS = ("codes", "scales", "zeros", "g_idx", "dequantized", "input_scales")
 
 
 def results_to_tensors(results: Mapping[str, QuantResult], *, with_dequantized: bool = True

@@ -63,7 +63,7 @@ def rtn_quantize(weight: Tensor, bits: int, group_size: int = 128, sym: bool = T
     )
 
 
-@register_backend("rtn", bits=RTN_BITS, options=("mse", "grid"),
+@register_backend("rtn", bits=RTN_BITS, options=("mse", "grid", "awq"),
                   check=partial(kquant.scheme_grid_problem, plain_bits=RTN_BITS))
 def rtn_backend(weight: Tensor, scheme: QuantScheme, hessian: Tensor | None) -> QuantResult:
     """Registry adapter for :func:`rtn_quantize`."""
