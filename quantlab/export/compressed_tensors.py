@@ -122,7 +122,7 @@ def write_compressed_tensors(loaded: LoadedModel, results: Mapping[str, object],
     linears = [n for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)]
     qcfg = quantization_config(loaded.adapter, results, linears)  # validates before anything is written
     def tensors():
-        yield from dense_tensors(loaded, set(results), dtype, weights=weights, lazy=True)
+        yield from dense_tensors(loaded, set(results), dtype, weights=weights, lazy=True, results=results)
         for name, r in results.items():
             yield from packed_tensors(r, loaded.adapter.legacy_name(name), dtype).items()
 

@@ -256,7 +256,7 @@ def write_gguf(loaded: LoadedModel, results: Mapping[str, object], out: Path, *,
 
     tied = ties_embeddings(loaded.model.config)
     skip = {f"{n}.weight" for n in results} | ({f"{adapter.lm_head}.weight"} if tied else set())
-    for name, t in model_tensors(loaded, lambda n: n in skip, weights):
+    for name, t in model_tensors(loaded, lambda n: n in skip, weights, results):
         legacy, data = adapter.legacy_name(name), t.detach().float().cpu().numpy()
         if legacy == fam.temporal_patch:  # Conv3d [out, in, 2, p, p] -> two Conv2d, one per frame
             for suffix, frame in ((".weight", 0), (".weight.1", 1)):

@@ -125,7 +125,8 @@ def write_gptq(loaded: LoadedModel, results: Mapping[str, object], out: Path,
     # transformers 5's module names, as GPTQModel itself writes them: its loader checks ``qweight`` names
     # literally and rejects the hub-legacy layout; transformers 5 and vLLM accept both (docs/formats.md#loader-quirks).
     def tensors():
-        yield from dense_tensors(loaded, set(results), dtype, legacy_names=False, weights=weights, lazy=True)
+        yield from dense_tensors(loaded, set(results), dtype, legacy_names=False, weights=weights, lazy=True,
+                                 results=results)
         for name, r in results.items():
             yield from gptq_tensors(r, loaded.adapter.checkpoint_name(name)).items()
 

@@ -10,6 +10,8 @@ from typing import Any
 from quantlab.core.files import write_dir_atomic  # noqa: F401 - the export stage's writers use it from here
 from quantlab.export.safetensors_stream import SafetensorsWriter, tensor_bytes
 from quantlab.models.adapter import ties_embeddings
+from quantlab.quant import awq
+from quantlab.quant.results_io import input_scales_of
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -17,12 +19,18 @@ def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def model_tensors(loaded, skip: Callable[[str], bool], weights=None) -> Iterator[tuple[str, Any]]:
+def model_tensors(loaded, skip: Callable[[str], bool], weights=None, results=None) -> Iterator[tuple[str, Any]]:
     """``(name, tensor)`` of the model's state dict, but for names ``skip`` rejects.
 
     A streamed model (``quantlab.load_streaming``) keeps its blocks on the meta device: their tensors are
     read from ``weights`` (its second value), one at a time, so an export needs no more memory than that.
+    Read so, the tensors of a producer of AWQ's scales (a norm the quantize stage folded them into in memory,
+    recorded by ``results``' ``input_scales``) are divided by them as the stage did (``quantlab.quant.awq``).
     """
+    folds = {}
+    if weights is not None and results is not None:
+        adapter = loaded.adapter
+        folds = awq.producer_folds(adapter.scale_pairs, adapter.decoder_blocks, input_scales_of(results))
     for name, t in loaded.model.state_dict().items():
         if skip(name):
             continue
@@ -30,9 +38,13 @@ def model_tensors(loaded, skip: Callable[[str], bool], weights=None) -> Iterator
             if weights is None:
                 raise ValueError(f"{name} is on the meta device (a streamed model): pass weights=, the second "
                                  "value of quantlab.load_streaming, so the export can read it from the checkpoint")
-            # a view of the mapped file, not a copy: the writers read it a slice at a time, and its pages go
-            # with the tensor (a copy would hold the largest tensor twice while it is read: 1.2 GB at 3B)
-            t = weights.tensor(name, mapped=True)
+            module, _, leaf = name.rpartition(".")
+            if module in folds:
+                t = awq.fold_tensor(leaf, weights.tensor(name), folds[module])  # a small vector or one Linear
+            else:
+                # a view of the mapped file, not a copy: the writers read it a slice at a time, and its pages go
+                # with the tensor (a copy would hold the largest tensor twice while it is read: 1.2 GB at 3B)
+                t = weights.tensor(name, mapped=True)
             weights.close()  # the handle only: the view keeps what it maps
         yield name, t
         del t
@@ -49,7 +61,7 @@ SHARD_BYTES = 512 << 20
 
 
 def dense_tensors(loaded, quantized: set[str], dtype, *, legacy_names: bool = True, weights=None,
-                  lazy: bool = False) -> Iterator[tuple]:
+                  lazy: bool = False, results=None) -> Iterator[tuple]:
     """Every checkpoint tensor except the weights of ``quantized`` Linears, under hub-legacy names
     (or, with ``legacy_names=False``, transformers 5's layout as ``Adapter.checkpoint_name`` spells it).
 
@@ -57,7 +69,8 @@ def dense_tensors(loaded, quantized: set[str], dtype, *, legacy_names: bool = Tr
     ``(name, tensor, dtype)`` instead, for :func:`write_shards` to cast a slice at a time (a whole cast copy of
     a 0.6 GB embedding would be the export's peak). A head tied to the embeddings is written once (as the
     embedding).
-    ``weights``: where a streamed model's meta tensors are read from (see :func:`model_tensors`).
+    ``weights``: where a streamed model's meta tensors are read from; ``results``: the quantization results,
+    whose AWQ scales fold into what is read so (see :func:`model_tensors`).
     """
     model, adapter = loaded.model, loaded.adapter
     tied = ties_embeddings(model.config)
@@ -67,7 +80,7 @@ def dense_tensors(loaded, quantized: set[str], dtype, *, legacy_names: bool = Tr
         return (module_name in quantized and leaf == "weight") or (tied and name == f"{adapter.lm_head}.weight")
 
     rename = adapter.legacy_name if legacy_names else adapter.checkpoint_name
-    for name, t in model_tensors(loaded, skip, weights):
+    for name, t in model_tensors(loaded, skip, weights, results):
         if t.is_floating_point() and t.dtype != dtype:
             yield (rename(name), t.contiguous(), dtype) if lazy else (rename(name), t.to(dtype).contiguous())
         else:

@@ -93,7 +93,7 @@ def write_native(loaded: LoadedModel, results: Mapping[str, object], out: Path,
     # both files are written a tensor at a time (a streamed model's export holds one tensor, one result)
     with SafetensorsWriter(out / "model.safetensors", {"format": "pt"}) as w:
         for n, t in model_tensors(loaded, lambda n: n.rpartition(".")[0] in results and n.endswith(".weight"),
-                                  weights):
+                                  weights, results):
             w.add(n, t, dtype if t.is_floating_point() else None)
     scalars = {}
     with SafetensorsWriter(out / "quantized.safetensors") as w:

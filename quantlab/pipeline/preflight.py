@@ -102,10 +102,6 @@ def recipe_problems(recipe: Recipe, *, stream: bool = False) -> list[str]:
     if stream and asks_measured_weights(recipe):
         problems.append(f"image_weight: {MEASURED!r} is measured with a backward pass through the whole model, "
                         "which --stream does not hold; run without --stream or give image_weight as a number")
-    if stream and any(s.args.get("awq", False) for _, s in recipe_schemes(recipe)):
-        # the folded norms live in the in-memory model; a streamed export reads them from the checkpoint
-        problems.append("awq: AWQ's scales are folded into the decoder's norms in memory, and a --stream run "
-                        "exports those from the checkpoint (not built yet); run without --stream")
     if stream and planner.measures(spec):
         problems.append(f"plan.planner: the {spec.planner} planner measures the model's output with every block "
                         "in memory, which --stream does not hold; run without --stream, or plan with luq (k / target_avg_bits / budget_gb) or uniform")

@@ -38,7 +38,7 @@ from quantlab.plan.make import PLANNERS, make_plan
 from quantlab.plan.plan import Plan
 from quantlab.plan.summary import block_rows, totals
 from quantlab.quant.apply import quantize, saved_results
-from quantlab.quant.results_io import load_results, save_results
+from quantlab.quant.results_io import load_results, read_input_scales, save_results
 from quantlab.recipe import Recipe
 
 
@@ -186,14 +186,15 @@ def stage_quantize(ctx: StageContext, plan):
     # Block files keep codes and scales only (the dense weights are recomputed bit for bit on resume);
     # a streamed run reads them back for the export instead of holding every block's codes.
     reread = lambda i: load_results(run.block_file(i), dequantized=False)  # noqa: E731
+    rescales = lambda i: read_input_scales(run.block_file(i))  # noqa: E731  (AWQ's, for the export's folds)
     n_blocks = len(ctx.loaded.adapter.blocks(ctx.loaded.model))
     if finished and ctx.stream and all(run.block_file(i).is_file() for i in range(n_blocks)):
         ctx.say("quantize: up to date, reading quant/ block by block")
-        return saved_results(ctx.loaded, plan.layers, reread)  # no pass: a streamed model holds no weights
+        return saved_results(ctx.loaded, plan.layers, reread, rescales)  # no pass: a streamed model holds no weights
     results = quantize(ctx.loaded, plan.layers, ctx.samples.samples, progress=ctx.progress,
                        load_block=load_block,
                        save_block=lambda i, r: save_results(run.block_file(i), r, with_dequantized=False),
-                       reread_block=reread,
+                       reread_block=reread, reread_scales=rescales,
                        device=ctx.device, weights=ctx.weights)
     run.done("quantize", modules=len(results))
     shutil.rmtree(run.quant_previous, ignore_errors=True)

@@ -127,13 +127,13 @@ def image_weight(scheme: QuantScheme) -> float:
 
 def _refold(block: nn.Module, prefix: str, pairs, saved: Mapping[str, object],
             planned: Mapping[str, QuantScheme]) -> None:
-    """A resumed block: divide each AWQ producer that is not itself quantized by the scales its consumers'
-    saved results record (a quantized producer's saved weight holds its fold already)."""
+    """A resumed block: divide each AWQ producer by the scales its consumers' saved results record (of a
+    quantized producer the bias only: its saved weight holds the fold already)."""
     for producer, consumers in pairs:
         s = next((saved[prefix + c].input_scales for c in consumers
                   if prefix + c in saved and saved[prefix + c].input_scales is not None), None)
-        if s is not None and prefix + producer not in planned:
-            awq.divide_producer(block.get_submodule(producer), s)
+        if s is not None:
+            awq.divide_producer(block.get_submodule(producer), s, weight=prefix + producer not in planned)
 
 
 def _light(result):
@@ -178,14 +178,15 @@ def _outside_decoder(loaded: LoadedModel, modules: Mapping[str, nn.Module], plan
 
 @torch.no_grad()
 def saved_results(loaded: LoadedModel, plan: Mapping[str, QuantScheme | None],
-                  reread_block: Callable[[int], Mapping[str, object]]) -> BlockResults:
+                  reread_block: Callable[[int], Mapping[str, object]],
+                  reread_scales: Callable[[int], Mapping[str, torch.Tensor]] | None = None) -> BlockResults:
     """A streamed model's results when every decoder block's are saved: read from disk when asked
     (``reread_block``), with no pass through the decoder (which :func:`quantize` would make to carry the
     activations from block to block). For an export that resumes after quantization finished."""
     modules, planned = _planned_linears(loaded.model, plan)
     resident = _outside_decoder(loaded, modules, planned)
     on_disk = {n: loaded.adapter.block_index(n) for n in planned if n not in resident}
-    return BlockResults(resident, on_disk, reread_block)
+    return BlockResults(resident, on_disk, reread_block, reread_scales)
 
 
 @torch.no_grad()
@@ -199,6 +200,7 @@ def quantize(
     load_block: Callable[[int], Mapping[str, object] | None] | None = None,
     save_block: Callable[[int, Mapping[str, object]], None] | None = None,
     reread_block: Callable[[int], Mapping[str, object]] | None = None,
+    reread_scales: Callable[[int], Mapping[str, torch.Tensor]] | None = None,
     device: str | torch.device | None = None,
 ) -> Mapping[str, object]:
     """Quantize ``loaded.model`` in place by ``plan`` (module name -> scheme, None = keep).
@@ -214,7 +216,8 @@ def quantize(
     copy once the block holds it (left as an empty tensor of its dtype; ``dequantize()`` rebuilds it): the results then hold codes
     and scales, not a second full-precision decoder. With ``reread_block`` as well (it reads block ``i``'s
     saved results back, without dense weights), a saved block keeps nothing in memory: the returned
-    mapping is a :class:`~quantlab.quant.results_io.BlockResults` that reads each block when asked.
+    mapping is a :class:`~quantlab.quant.results_io.BlockResults` that reads each block when asked
+    (``reread_scales(i)``, optional: block ``i``'s AWQ scales alone, for the export's folds).
 
     Returns:
         module name -> QuantResult (codes, scales, zeros, g_idx, bits per weight, relative output error).
@@ -222,9 +225,6 @@ def quantize(
     adapter, model = loaded.adapter, loaded.model
     streamed = weights is not None
     modules, planned = _planned_linears(model, plan)
-    if streamed and any(awq.wants_awq(s) for s in planned.values()):
-        raise ValueError("awq: AWQ folds its scales into the decoder's norms in memory, and a streamed model's "
-                         "export reads those from the checkpoint (not built yet); quantize it in memory")
     on_disk: dict[str, int] = {}  # module -> block, for blocks whose results were saved and dropped
     drop_saved = streamed and save_block is not None and reread_block is not None
     results: dict[str, object] = _outside_decoder(loaded, modules, planned)
@@ -267,7 +267,7 @@ def quantize(
                 result = _quantize_module(n, modules[n], planned[n], hessian)
                 if n in scaled:
                     alpha, s = scaled[n]
-                    result = dataclasses.replace(result, input_scales=s,
+                    result = dataclasses.replace(result, input_scales=s.clone(),  # own copy: files refuse shared ones
                                                  args={**result.args, "awq": True, "awq_alpha": alpha})
                 results[n] = _light(result) if streamed else result  # the block holds the dense weight
             del hooks, hessian, result
@@ -284,4 +284,4 @@ def quantize(
     n_blocks = len(adapter.blocks(model))
     with block_progress("quantize: decoder blocks", n_blocks, progress) as advance:
         stream_decoder(loaded, samples, stage, weights=weights, on_block_done=advance, device=device)
-    return BlockResults(results, on_disk, reread_block) if drop_saved else results
+    return BlockResults(results, on_disk, reread_block, reread_scales) if drop_saved else results

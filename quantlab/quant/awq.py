@@ -88,17 +88,15 @@ def search_alpha(act_absmean: Tensor, loss: Callable[[Tensor], float], grid: int
     return best[1], best[2], losses
 
 
-def divide_producer(producer: nn.Module, s: Tensor) -> None:
+def divide_producer(producer: nn.Module, s: Tensor, *, weight: bool = True) -> None:
     """In place: the producer half of :func:`fold_scales` alone (its consumers already hold scaled weights),
-    rounded as stored (:func:`round_as_stored`)."""
-    s = s.to(torch.float32)
-    with torch.no_grad():
-        w = producer.weight
-        w.copy_((w.float() / (s[:, None] if isinstance(producer, nn.Linear) else s)).to(w.dtype))
-        bias = getattr(producer, "bias", None)
-        if bias is not None:
-            bias.copy_((bias.float() / s).to(bias.dtype))
-    round_as_stored(producer)
+    rounded as stored (:func:`round_as_stored`); ``weight=False``: the bias only (a quantized producer's
+    weight comes from its codes, which hold the fold)."""
+    for leaf in ("weight", "bias") if weight else ("bias",):
+        t = getattr(producer, leaf, None)
+        if t is not None:
+            with torch.no_grad():
+                t.copy_(fold_tensor(leaf, t, s))
 
 
 def round_as_stored(module: nn.Module, dtype: torch.dtype = torch.float16) -> None:
@@ -211,3 +209,26 @@ def search_block_scales(block: nn.Module, prefix: str, pairs: Sequence[tuple[str
         for c in consumers:
             found[c] = (alpha, s.cpu())
     return found
+
+
+def producer_folds(pairs: Sequence[tuple[str, Sequence[str]]], blocks_prefix: str,
+                   input_scales: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Module -> the scales its checkpoint tensors must be divided by: every AWQ producer, from its consumers'
+    recorded ``input_scales`` (module -> scales, of the results that have them). Of a quantized producer only
+    the bias is read from the checkpoint (its codes hold the fold)."""
+    consumer_of = {c: producer for producer, consumers in pairs for c in consumers}
+    out: dict[str, Tensor] = {}
+    for name, s in input_scales.items():
+        head, _, leaf = name.removeprefix(blocks_prefix + ".").partition(".")
+        producer = consumer_of.get(leaf)
+        if producer is not None:
+            out.setdefault(f"{blocks_prefix}.{head}.{producer}", s)
+    return out
+
+
+def fold_tensor(leaf: str, t: Tensor, s: Tensor) -> Tensor:
+    """A checkpoint tensor of a producer divided by its scales (``leaf``: ``weight`` or ``bias``; a Linear's
+    weight by rows), in float32 and back to its dtype, as :func:`divide_producer` computes it in memory."""
+    s = s.to(torch.float32)
+    div = s[:, None] if leaf == "weight" and t.dim() == 2 else s
+    return (t.float() / div).to(torch.float16).to(t.dtype)

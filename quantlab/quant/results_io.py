@@ -95,6 +95,19 @@ def results_from_tensors(tensors: Mapping[str, torch.Tensor], scalars: Mapping[s
     return out
 
 
+def read_input_scales(path: str | Path) -> dict[str, torch.Tensor]:
+    """Module -> AWQ scales (``QuantResult.input_scales``) of a results file, reading only those tensors."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k.rpartition("|")[0]: f.get_tensor(k) for k in f.keys() if k.endswith("|input_scales")}
+
+
+def input_scales_of(results: Mapping[str, QuantResult]) -> dict[str, torch.Tensor]:
+    """Module -> AWQ scales of every result that has them (a :class:`BlockResults` reads only those)."""
+    if isinstance(results, BlockResults):
+        return results.input_scales()
+    return {n: r.input_scales for n, r in results.items() if r.input_scales is not None}
+
+
 class BlockResults(Mapping[str, QuantResult]):
     """Results held in memory for some modules and on disk, one results file per block, for the rest.
 
@@ -105,11 +118,23 @@ class BlockResults(Mapping[str, QuantResult]):
     """
 
     def __init__(self, resident: Mapping[str, QuantResult], block_of: Mapping[str, int],
-                 read_block: Callable[[int], Mapping[str, QuantResult]]):
+                 read_block: Callable[[int], Mapping[str, QuantResult]],
+                 read_scales: Callable[[int], Mapping[str, torch.Tensor]] | None = None):
         self._resident = dict(resident)
         self._block_of = dict(block_of)
         self._read = read_block
+        self._read_scales = read_scales  # block -> its AWQ scales alone (else whole blocks are read)
         self._cached: tuple[int, Mapping[str, QuantResult]] | None = None
+
+    def input_scales(self) -> dict[str, torch.Tensor]:
+        """Module -> AWQ scales of every result that has them, one read per block."""
+        out = {n: r.input_scales for n, r in self._resident.items() if r.input_scales is not None}
+        for block in sorted(set(self._block_of.values())):
+            if self._read_scales is not None:
+                out.update(self._read_scales(block))
+            else:
+                out.update({n: r.input_scales for n, r in self._read(block).items() if r.input_scales is not None})
+        return out
 
     def __getitem__(self, name: str) -> QuantResult:
         if name in self._resident:

@@ -12,12 +12,20 @@ from quantlab.export.compressed_tensors import write_compressed_tensors
 from quantlab.export.native import write_native
 from quantlab.models import Component
 from quantlab.quant.apply import quantize, saved_results
-from quantlab.quant.results_io import BlockResults, load_results, save_results
+from quantlab.quant.results_io import (
+    BlockResults,
+    load_results,
+    read_input_scales,
+    save_results,
+)
 from quantlab.quant.scheme import QuantScheme
 from tests.test_apply import _setup
 
 PLAN = {"gptq": QuantScheme(backend="gptq", bits=4, group_size=32),
-        "billm": QuantScheme(backend="billm", bits=1, group_size=32)}
+        "billm": QuantScheme(backend="billm", bits=1, group_size=32),
+        # AWQ folds its scales into the norms: the streamed export reads those from the checkpoint and folds them
+        "gptq-awq": QuantScheme(backend="gptq", bits=4, group_size=32, args={"awq": True}),
+        "rtn-awq": QuantScheme(backend="rtn", bits=3, group_size=32, args={"awq": True})}
 
 
 def _sha(path) -> str:
@@ -27,6 +35,8 @@ def _sha(path) -> str:
 @pytest.mark.parametrize("family, backend, writer, files", [
     ("llava", "gptq", write_compressed_tensors, ["model.safetensors.index.json", "model-00002-of-00006.safetensors"]),
     ("qwen2_5_vl", "billm", write_native, ["model.safetensors", "quantized.safetensors"]),
+    ("llava", "gptq-awq", write_compressed_tensors, ["model.safetensors.index.json"]),
+    ("qwen2_5_vl", "rtn-awq", write_compressed_tensors, ["model.safetensors.index.json"]),
 ])
 def test_streamed_export_is_byte_identical(tmp_path, family, backend, writer, files, monkeypatch):
     """Streamed, each block's results saved and dropped, then read back by the export one block at a time;
@@ -42,7 +52,8 @@ def test_streamed_export_is_byte_identical(tmp_path, family, backend, writer, fi
     blocks.mkdir()
     streamed = quantize(lazy, plan, samples, weights=weights, progress=False,
                         save_block=lambda i, r: save_results(blocks / f"{i}.safetensors", r, with_dequantized=False),
-                        reread_block=lambda i: load_results(blocks / f"{i}.safetensors", dequantized=False))
+                        reread_block=lambda i: load_results(blocks / f"{i}.safetensors", dequantized=False),
+                        reread_scales=lambda i: read_input_scales(blocks / f"{i}.safetensors"))
     assert isinstance(streamed, BlockResults) and len(streamed) == len(plan)
     # every block saved: the results again, from disk, with no pass through the decoder
     again = saved_results(lazy, plan, lambda i: load_results(blocks / f"{i}.safetensors", dequantized=False))
@@ -51,9 +62,10 @@ def test_streamed_export_is_byte_identical(tmp_path, family, backend, writer, fi
                for n in plan)
     with pytest.raises(ValueError, match="meta device .* pass weights="):
         writer(lazy, streamed, tmp_path)
-    for d in ("memory", "stream"):
+    for d in ("memory", "stream", "again"):
         (tmp_path / d).mkdir()
     writer(lazy, streamed, tmp_path / "stream", weights=weights)
+    writer(lazy, again, tmp_path / "again", weights=weights)  # AWQ's scales read from whole blocks
     in_memory = quantize(loaded, plan, samples, progress=False)
     writer(loaded, in_memory, tmp_path / "memory")
     for name, r in streamed.items():  # no dense copy kept, but it is rebuilt bit for bit
@@ -65,3 +77,4 @@ def test_streamed_export_is_byte_identical(tmp_path, family, backend, writer, fi
     assert set(files) <= set(written)
     for f in written:
         assert _sha(tmp_path / "stream" / f) == _sha(tmp_path / "memory" / f), f
+        assert _sha(tmp_path / "again" / f) == _sha(tmp_path / "memory" / f), f
