@@ -111,11 +111,13 @@ def round_as_stored(module: nn.Module, dtype: torch.dtype = torch.float16) -> No
 def block_pairs(pairs: Sequence[tuple[str, Sequence[str]]], block: nn.Module, prefix: str,
                 planned: Mapping[str, QuantScheme | None]) -> list[tuple[str, list[str]]]:
     """The scale pairs of one block where AWQ applies: ``(producer, consumers)`` as full module names, for the
-    pairs whose consumers' schemes ask for it and whose shapes fold (v -> o only without grouped heads)."""
+    pairs whose consumers' schemes ask for it and whose shapes fold (v -> o only without grouped heads).
+    A pair with a consumer kept in full precision is skipped: a kept Linear is exported from the checkpoint
+    as it is, so its columns cannot carry the scales."""
     out = []
     for producer, consumers in pairs:
         names = [prefix + c for c in consumers]
-        if not any(wants_awq(planned.get(n)) for n in names):
+        if not any(wants_awq(planned.get(n)) for n in names) or any(planned.get(n) is None for n in names):
             continue
         try:
             prod = block.get_submodule(producer)
@@ -190,10 +192,8 @@ def search_block_scales(block: nn.Module, prefix: str, pairs: Sequence[tuple[str
         def loss(s: Tensor, lins=lins, originals=originals, consumers=consumers) -> float:
             try:
                 for name, lin, w in zip(consumers, lins, originals, strict=True):
-                    scheme = planned.get(name)
                     sd = s.to(w.device)
-                    scaled = w.float() * sd
-                    q = proxy_quantize(scaled.to(w.dtype), scheme).float() if scheme is not None else scaled
+                    q = proxy_quantize((w.float() * sd).to(w.dtype), planned[name]).float()
                     lin.weight.data.copy_((q / sd).to(w.dtype))
                 return weighted_error(run(), reference, token_weights)
             finally:
@@ -203,9 +203,6 @@ def search_block_scales(block: nn.Module, prefix: str, pairs: Sequence[tuple[str
         alpha, s, _ = search_alpha(absmean, loss, grid)
         fold_scales(sub(producer), lins, s.to(originals[0].device))
         round_as_stored(sub(producer))
-        for name, lin in zip(consumers, lins, strict=True):
-            if planned.get(name) is None:  # kept in full precision: exported as it is now
-                round_as_stored(lin)
         for c in consumers:
             found[c] = (alpha, s.cpu())
     return found

@@ -90,3 +90,24 @@ def test_every_adapter_scale_pair_resolves_in_a_decoder_block(family):
             lin = block.get_submodule(c)
             assert isinstance(lin, torch.nn.Linear)
             assert lin.in_features == width or producer.endswith("v_proj"), (producer, c)
+
+
+def test_block_pairs_are_the_foldable_pairs_whose_consumers_are_all_quantized():
+    """A pair applies when a consumer asks for awq, every consumer is quantized (a kept one is exported as the
+    checkpoint has it) and the shapes fold (v -> o not under the tiny LLaVA's grouped heads)."""
+    from quantlab.quant.awq import block_pairs
+    from quantlab.quant.scheme import QuantScheme
+
+    model = TINY_BUILDERS["llava"]()
+    adapter = get_adapter(model)
+    block = adapter.blocks(model, Component.DECODER)[0]
+    prefix = f"{adapter.decoder_blocks}.0."
+    awq_scheme = QuantScheme(backend="rtn", bits=4, group_size=32, args={"awq": True})
+    planned = {prefix + n: awq_scheme for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    every = block_pairs(adapter.scale_pairs, block, prefix, planned)
+    assert [p for p, _ in every] == [prefix + "input_layernorm", prefix + "post_attention_layernorm",
+                                     prefix + "mlp.up_proj"]  # v_proj: 2 kv heads, o_proj: 4 heads
+    planned[prefix + "self_attn.v_proj"] = None
+    planned[prefix + "mlp.down_proj"] = QuantScheme(backend="rtn", bits=4, group_size=32)  # no awq asked
+    assert [p for p, _ in block_pairs(adapter.scale_pairs, block, prefix, planned)] == [
+        prefix + "post_attention_layernorm"]
