@@ -92,7 +92,8 @@ def _backends() -> list[str]:
              "The registered post-training backends, the bit widths each accepts, and the keys its `args` take.",
              "Every backend that needs Hessians also takes `image_weight` (default 1.0): the weight of image "
              "tokens against text tokens in the Hessian `XᵀDX / ΣD` it is solved against (docs/method.md, "
-             "token-weighted Hessians). `awq: true` (rtn, gptq) searches AWQ's per-channel scales for each decoder "
+             "token-weighted Hessians), and `token_weight: gradient` (each token also weighted by its measured "
+             "gradient saliency). `awq: true` (rtn, gptq) searches AWQ's per-channel scales for each decoder "
              "block first and folds them into the norms and Linears before the block is quantized (docs/method.md, "
              "AWQ).", "", "| backend | bits | needs calibration Hessians | `args` keys |", "|---|---|---|---|"]
     for name, b in sorted(BACKENDS.items()):

@@ -118,3 +118,38 @@ def test_image_weight_solves_against_the_token_weighted_hessian(monkeypatch):
     torch.testing.assert_close(given[0.25], weighted_hessian_from_inputs(x, d), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(given[1.0], hessian_from_inputs(x), rtol=1e-4, atol=1e-6)
     assert not torch.allclose(given[0.25], given[1.0], rtol=1e-2)
+
+
+def test_token_weight_gradient_solves_against_the_saliency_weighted_hessian(monkeypatch):
+    """``token_weight: gradient`` (with ``image_weight`` 0.5 on top) gets ``Σ XᵀDX / ΣD`` with D = each token's
+    given saliency times its modality weight, computed here from the fp block's inputs; without the
+    saliencies the stage refuses."""
+    from quantlab.quant import apply
+    from quantlab.quant.hessian import weighted_hessian_from_inputs
+
+    loaded, samples = _setup()
+    q = "model.language_model.layers.0.self_attn.q_proj"
+    module = dict(loaded.model.named_modules())[q]
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    for s in samples:
+        loaded.model(**s.inputs)
+    handle.remove()
+    g = torch.Generator().manual_seed(0)
+    importance = {0: {s.id: torch.rand(s.image_mask.numel(), generator=g) * 2 for s in samples}}
+    given = []
+    real = apply.quantize_weight
+
+    def spy(weight, scheme, *, hessian, **kw):
+        given.append(hessian.clone())
+        return real(weight, scheme, hessian=hessian, **kw)
+
+    monkeypatch.setattr(apply, "quantize_weight", spy)
+    scheme = QuantScheme(backend="gptq", bits=4, group_size=32, args={"image_weight": 0.5, "token_weight": "gradient"})
+    with pytest.raises(ValueError, match="pass token_importance"):
+        quantize(loaded, {q: scheme}, samples, progress=False)
+    results = quantize(loaded, {q: scheme}, samples, progress=False, token_importance=importance)
+    assert results[q].args["token_weight"] == "gradient"
+    d = torch.cat([torch.where(s.image_mask.reshape(-1), 0.5, 1.0) * s.valid_mask.float() * importance[0][s.id]
+                   for s in samples])
+    torch.testing.assert_close(given[0], weighted_hessian_from_inputs(torch.cat(seen), d), rtol=1e-4, atol=1e-6)

@@ -302,6 +302,14 @@ def test_measured_candidates_with_awq_are_refused_before_calibration(tmp_path):
     assert not out.exists()
 
 
+def test_stream_with_gradient_token_weights_is_refused_before_calibration(tmp_path, toy_copy):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["quantize", str(toy_copy), "--recipe", "w4a16", "--out", str(out), "--stream",
+                              "--set", "plan.scheme.args={token_weight: gradient}"])
+    refused(res, "token_weight", "--stream")
+    assert not out.exists()
+
+
 def test_stream_with_measured_image_weights_is_refused_before_calibration(tmp_path, toy_copy):
     out = tmp_path / "run"
     res = runner.invoke(app, ["quantize", str(toy_copy), "--recipe", "w4a16", "--out", str(out), "--stream",

@@ -11,6 +11,8 @@ On disk (a directory, written atomically: into a temporary sibling, then renamed
 |                     | options), ``blocks`` / ``linears`` scalars (``tokens``, entropies, variance, kurtosis,   |
 |                     | absmax, outlier share; NaN written as null), ``hessian_weight`` (``Σ w_t`` per Linear);  |
 |                     | ``meta.modality_gradient_ratio`` (per block, MBQ's image / text ratio) when measured     |
+| (stats.safetensors) | ``importance/{i}/{sample id}``: each token's gradient saliency at block ``i``'s input     |
+|                     | (float32 ``(seq,)``, ``token_weight: gradient``) when measured                           |
 
 ``block/{i}`` is the LUQ tensor of decoder block ``i`` (``meta.luq_tensor`` says which one). Loading reads
 only these two files (no pickle).
@@ -59,6 +61,8 @@ class CalibrationStats:
         hessians: ``{Linear full name: Σ w_t x_t x_tᵀ}`` (float32) when collected.
         hessian_weight: ``{Linear full name: Σ w_t}``.
         meta: source, sample/token counts, options (see :func:`quantlab.calib.collect.calibrate`).
+        token_importance: ``{block: {sample id: (seq,)}}`` gradient saliency of each token at the block's
+            input (:func:`quantlab.calib.modality_grad.token_importance`) when measured.
     """
 
     blocks: dict[int, dict[str, TensorStats]]
@@ -66,6 +70,7 @@ class CalibrationStats:
     hessians: dict[str, torch.Tensor] = field(default_factory=dict)
     hessian_weight: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    token_importance: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def from_blocks(cls, blocks: dict, meta: dict[str, Any]) -> CalibrationStats:
@@ -138,6 +143,8 @@ class CalibrationStats:
                 out.update({f"linear/{name}/{m}/{k}": t.contiguous() for k, t in st.tensors().items()})
         for name, h in self.hessians.items():
             out[f"hessian/{name}"] = h.contiguous()
+        for i, per in self.token_importance.items():
+            out.update({f"importance/{i}/{sid}": t.contiguous() for sid, t in per.items()})
         return out
 
     def _summary(self) -> dict[str, Any]:
@@ -187,7 +194,25 @@ class CalibrationStats:
                    for n, per in summary["linears"].items()}
         hweight = dict(summary.get("hessian_weight", {}))
         hessians = {n: tensors[f"hessian/{n}"] for n in hweight}  # in the order they were collected
-        return cls(blocks, linears, hessians, hweight, summary["meta"])
+        importance: dict[int, dict[str, torch.Tensor]] = {}
+        for k, t in tensors.items():
+            if k.startswith("importance/"):
+                _, i, sid = k.split("/", 2)
+                importance.setdefault(int(i), {})[sid] = t
+        return cls(blocks, linears, hessians, hweight, summary["meta"], importance)
+
+
+def load_token_importance(directory: str | Path) -> dict[int, dict[str, torch.Tensor]]:
+    """``CalibrationStats.token_importance`` of an artifact, reading only those tensors (not its Hessians)."""
+    from safetensors import safe_open
+
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    with safe_open(str(Path(directory) / STATS_FILE), framework="pt") as f:
+        for k in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+            if k.startswith("importance/"):
+                _, i, sid = k.split("/", 2)
+                out.setdefault(int(i), {})[sid] = f.get_tensor(k)
+    return out
 
 
 STATS_DIR_FILES = (STATS_FILE, SUMMARY_FILE, "entropy.png")

@@ -47,7 +47,7 @@ from torch import nn
 from quantlab.calib.artifact import CalibrationStats
 from quantlab.calib.executor import CalibSample, stream_decoder
 from quantlab.calib.kmeans import kmeans_entropy
-from quantlab.calib.modality_grad import block_gradient_ratios
+from quantlab.calib.modality_grad import block_gradient_ratios, token_importance
 from quantlab.calib.options import ENTROPY_ON, CollectOptions, EntropyOn  # noqa: F401 (re-exported)
 from quantlab.calib.stats import MODALITIES, Moments, TensorStats, TokenReservoir, hessian_update, summarize
 from quantlab.calib.weights import WeightSource
@@ -324,9 +324,9 @@ def calibrate(loaded: LoadedModel, samples: Sequence[CalibSample] | Any, *, opti
             raise ValueError(f"calibrate: unknown options {sorted(unknown)}; valid: {sorted(known)}")
         opts = dataclasses.replace(opts, **overrides)
     adapter = loaded.adapter
-    if opts.modality_gradients and weights is not None:
-        raise ValueError("modality_gradients needs a backward pass through the whole model, which a streamed "
-                         "model does not hold; calibrate in memory or give image_weight as a number")
+    if (opts.modality_gradients or opts.token_importance) and weights is not None:
+        raise ValueError("modality_gradients / token_importance need a backward pass through the whole model, which "
+                         "a streamed model does not hold; calibrate in memory (or give image_weight as a number)")
     collector = StatsCollector(samples, opts, prefix=adapter.decoder_blocks)
     n_blocks = len(adapter.blocks(loaded.model))
     trim = heap_trimmer()
@@ -353,4 +353,7 @@ def calibrate(loaded: LoadedModel, samples: Sequence[CalibSample] | Any, *, opti
         meta["modality_gradient_ratio"] = block_gradient_ratios(loaded, samples)
     log.info("calibrated %d decoder blocks on %d samples (tokens %s)", n_blocks, len(samples),
              collector.token_counts)
-    return CalibrationStats.from_blocks(collector.blocks, meta)
+    stats = CalibrationStats.from_blocks(collector.blocks, meta)
+    if opts.token_importance:
+        stats.token_importance = token_importance(loaded, samples)
+    return stats

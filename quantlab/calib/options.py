@@ -34,6 +34,8 @@ class CollectOptions:
         modality_weights: ``(image, text)`` token weights ``w_t`` of the Hessians.
         modality_gradients: measure MBQ's per-block gradient ratio (image / text tokens) with one backward pass
             per sample (:mod:`quantlab.calib.modality_grad`; in-memory models only), for ``image_weight: measured``.
+        token_importance: measure each token's gradient saliency at every block's input (the same backward
+            pass), for ``token_weight: gradient``.
         seed: seeds the reservoirs and k-means.
     """
 
@@ -53,6 +55,7 @@ class CollectOptions:
     hessians: bool = False
     modality_weights: tuple[float, float] = (1.0, 1.0)
     modality_gradients: bool = False
+    token_importance: bool = False
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -84,8 +87,9 @@ class CollectOptions:
         d = dataclasses.asdict(self)
         d["modality_weights"] = {"image": self.modality_weights[0], "text": self.modality_weights[1]}
         d["entropy_modalities"] = list(self.entropy_modalities)
-        if not self.modality_gradients:  # absent when off: runs calibrated before it keep their fingerprints
-            del d["modality_gradients"]
+        for flag in ("modality_gradients", "token_importance"):
+            if not d[flag]:  # absent when off: runs calibrated before it keep their fingerprints
+                del d[flag]
         return d
 
     @classmethod

@@ -35,7 +35,7 @@ from quantlab.plan.cost import linear_bytes, model_size
 from quantlab.plan.fit import fit_scheme, group_by_block, scheme_problem
 from quantlab.plan.make import PLANNERS, plan_format
 from quantlab.plan.plan import apply_rules
-from quantlab.quant.registry import BACKENDS, MEASURED, outside_decoder_problem
+from quantlab.quant.registry import BACKENDS, GRADIENT, MEASURED, outside_decoder_problem
 from quantlab.quant.scheme import QuantScheme
 from quantlab.recipe import Recipe
 
@@ -56,6 +56,12 @@ def recipe_schemes(recipe: Recipe) -> Iterator[tuple[str, QuantScheme]]:
 def asks_measured_weights(recipe: Recipe) -> bool:
     """Some scheme of the recipe takes ``image_weight: measured`` (calibration then measures MBQ's ratios)."""
     return any(s.args.get("image_weight") == MEASURED for _, s in recipe_schemes(recipe))
+
+
+def asks_token_importance(recipe: Recipe) -> bool:
+    """Some scheme of the recipe takes ``token_weight: gradient`` (calibration then measures each token's
+    gradient saliency)."""
+    return any(s.args.get("token_weight") == GRADIENT for _, s in recipe_schemes(recipe))
 
 
 def planner_schemes(recipe: Recipe) -> list[QuantScheme]:
@@ -102,6 +108,9 @@ def recipe_problems(recipe: Recipe, *, stream: bool = False) -> list[str]:
     if stream and asks_measured_weights(recipe):
         problems.append(f"image_weight: {MEASURED!r} is measured with a backward pass through the whole model, "
                         "which --stream does not hold; run without --stream or give image_weight as a number")
+    if stream and asks_token_importance(recipe):
+        problems.append(f"token_weight: {GRADIENT!r} is measured with a backward pass through the whole model, "
+                        "which --stream does not hold; run without --stream or weigh tokens by image_weight")
     if stream and planner.measures(spec):
         problems.append(f"plan.planner: the {spec.planner} planner measures the model's output with every block "
                         "in memory, which --stream does not hold; run without --stream, or plan with luq (k / target_avg_bits / budget_gb) or uniform")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from quantlab.calib.artifact import CalibrationStats
+from quantlab.calib.artifact import CalibrationStats, load_token_importance
 from quantlab.calib.collect import CollectOptions, calibrate
 from quantlab.calib.data import build_calibration_set
 from quantlab.calib.plot import plot_entropy
@@ -31,7 +31,7 @@ from quantlab.export.open import open_model
 from quantlab.models.adapter import Component
 from quantlab.models.load import load_dtype, load_model, resolve
 from quantlab.pipeline.context import StageContext, file_hash, fingerprint
-from quantlab.pipeline.preflight import asks_measured_weights, preflight
+from quantlab.pipeline.preflight import asks_measured_weights, asks_token_importance, preflight
 from quantlab.plan.cost import model_size
 from quantlab.plan.fit import plan_problems
 from quantlab.plan.make import PLANNERS, make_plan
@@ -48,7 +48,8 @@ def stats_options(recipe):
     hessians = s.hessians or PLANNERS.get(recipe.plan.planner).measures(recipe.plan)
     return CollectOptions(entropy_k=s.entropy_k, max_tokens=s.entropy_max_tokens, entropy_on=s.hook,
                           linear_max_tokens=min(512, s.entropy_max_tokens), hessians=hessians,
-                          modality_gradients=asks_measured_weights(recipe))
+                          modality_gradients=asks_measured_weights(recipe),
+                          token_importance=asks_token_importance(recipe))
 
 
 def calibrate_fp(ctx: StageContext) -> str:
@@ -191,7 +192,9 @@ def stage_quantize(ctx: StageContext, plan):
     if finished and ctx.stream and all(run.block_file(i).is_file() for i in range(n_blocks)):
         ctx.say("quantize: up to date, reading quant/ block by block")
         return saved_results(ctx.loaded, plan.layers, reread, rescales)  # no pass: a streamed model holds no weights
+    by_grad = any(s is not None and s.args.get("token_weight") for s in plan.layers.values())
     results = quantize(ctx.loaded, plan.layers, ctx.samples.samples, progress=ctx.progress,
+                       token_importance=load_token_importance(run.stats) if by_grad else None,
                        load_block=load_block,
                        save_block=lambda i, r: save_results(run.block_file(i), r, with_dequantized=False),
                        reread_block=reread, reread_scales=rescales,

@@ -298,12 +298,13 @@ class Planner(Member):
         """What the recipe lacks for this planner (``requires``), and what it cannot measure faithfully."""
         out = list(self.requires(spec))
         if self.measures(spec):
-            weighted = sorted({s.label() for s in self.schemes(spec) if s.args.get("image_weight", 1.0) != 1.0})
+            weighted = sorted({s.label() for s in self.schemes(spec)
+                               if s.args.get("image_weight", 1.0) != 1.0 or s.args.get("token_weight")})
             if weighted:
                 # calibration keeps one Hessian per Linear, so a measurement would solve these schemes
                 # against the unweighted one while the quantize stage uses the weighted one
                 out.append(f"plan: the {spec.planner} planner measures candidates with calibration's Hessians, "
-                           f"which are not token-weighted; schemes with image_weight ({', '.join(weighted)}) "
+                           f"which are not token-weighted; schemes with image_weight or token_weight ({', '.join(weighted)}) "
                            "can be set by the uniform planner, luq with k / target_avg_bits / budget_gb, or plan.rules")
             scaled = sorted({s.label() for s in self.schemes(spec) if s.args.get("awq", False)})
             if scaled:

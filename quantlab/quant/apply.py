@@ -24,7 +24,7 @@ from quantlab.core.progress import block_progress
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
 from quantlab.quant import awq, quantize_weight
-from quantlab.quant.registry import HESSIAN_OPTIONS, MEASURED, outside_decoder_problem
+from quantlab.quant.registry import GRADIENT, HESSIAN_OPTIONS, MEASURED, outside_decoder_problem
 from quantlab.quant.results_io import BlockResults
 from quantlab.quant.scheme import QuantScheme
 
@@ -90,13 +90,23 @@ class _HessianHook:
         self.n += k
 
 
-def token_weights(samples: Sequence[CalibSample], image_weight: float) -> list[torch.Tensor] | None:
+def token_weights(samples: Sequence[CalibSample], image_weight: float,
+                  importance: Mapping[str, torch.Tensor] | None = None) -> list[torch.Tensor] | None:
     """Per sample, each token's weight in the Hessian: ``image_weight`` on image tokens, 1 on text tokens, 0 on
-    padding; None when ``image_weight`` is 1 (every token counts the same: the plain Hessian)."""
-    if image_weight == 1.0:
+    padding, times the token's gradient saliency when ``importance`` (sample id -> ``(seq,)``) is given; None
+    when every token counts the same (the plain Hessian)."""
+    if image_weight == 1.0 and importance is None:
         return None
-    return [torch.where(s.image_mask.reshape(-1).bool(), float(image_weight), 1.0) * s.valid_mask.float()
-            for s in samples]
+    out = []
+    for s in samples:
+        w = torch.where(s.image_mask.reshape(-1).bool(), float(image_weight), 1.0) * s.valid_mask.float()
+        if importance is not None:
+            if s.id not in importance:
+                raise ValueError(f"token_weight {GRADIENT!r}: no measured saliency for calibration sample {s.id!r}; "
+                                 "calibrate on the same samples with token_importance")
+            w = w * importance[s.id].reshape(-1).to(w.device, torch.float32)
+        out.append(w)
+    return out
 
 
 def as_stored(result, dtype: torch.dtype = torch.float16):
@@ -114,6 +124,11 @@ def as_stored(result, dtype: torch.dtype = torch.float16):
         changes["extra"] = {**result.extra, "means": means.to(dtype).to(means.dtype)}
     rounded = dataclasses.replace(result, **changes)
     return dataclasses.replace(rounded, dequantized=rounded.dequantize())
+
+
+def weighting(scheme: QuantScheme) -> tuple[float, bool]:
+    """How ``scheme``'s Hessian weighs tokens: ``(image_weight, by measured gradient saliency)``."""
+    return image_weight(scheme), scheme.args.get("token_weight") == GRADIENT
 
 
 def image_weight(scheme: QuantScheme) -> float:
@@ -202,6 +217,7 @@ def quantize(
     reread_block: Callable[[int], Mapping[str, object]] | None = None,
     reread_scales: Callable[[int], Mapping[str, torch.Tensor]] | None = None,
     device: str | torch.device | None = None,
+    token_importance: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
 ) -> Mapping[str, object]:
     """Quantize ``loaded.model`` in place by ``plan`` (module name -> scheme, None = keep).
 
@@ -211,6 +227,8 @@ def quantize(
     ``load_block(i)`` may return the saved results of block ``i`` (resume): they are written into the
     block instead of quantizing it again; ``save_block(i, results)`` is called after each block.
     ``device`` (e.g. ``"cuda"``): each decoder block, its Hessians and its solves are computed there.
+    ``token_importance`` (block -> sample id -> ``(seq,)``, calibration's ``token_importance``): the token
+    weights of schemes with ``token_weight: gradient``.
 
     With ``weights`` (a streamed model), each result drops its dense ``dequantized``
     copy once the block holds it (left as an empty tensor of its dtype; ``dequantize()`` rebuilds it): the results then hold codes
@@ -225,6 +243,9 @@ def quantize(
     adapter, model = loaded.adapter, loaded.model
     streamed = weights is not None
     modules, planned = _planned_linears(model, plan)
+    if token_importance is None and any(s.args.get("token_weight") == GRADIENT for s in planned.values()):
+        raise ValueError(f"token_weight {GRADIENT!r} weighs each token by its measured gradient saliency: pass "
+                         "token_importance (calibrate with token_importance=True)")
     on_disk: dict[str, int] = {}  # module -> block, for blocks whose results were saved and dropped
     drop_saved = streamed and save_block is not None and reread_block is not None
     results: dict[str, object] = _outside_decoder(loaded, modules, planned)
@@ -245,15 +266,17 @@ def quantize(
         pairs = awq.block_pairs(adapter.scale_pairs, block, prefix, planned)
         scaled = {}
         if pairs:  # AWQ first, on the block still in full precision: its scales are folded in before any solve
-            w = image_weight(planned[pairs[0][1][0]])
+            w, by_grad = weighting(planned[pairs[0][1][0]])
             valid = [smp.valid_mask for smp in samples]
+            loss_w = token_weights(samples, w, token_importance[index] if by_grad else None)
             scaled = awq.search_block_scales(block, prefix, pairs, planned, run, valid,
-                                             token_weights(samples, w) or [v.float() for v in valid])
+                                             loss_w or [v.float() for v in valid])
         for step in sequential_steps(names, adapter.fused_groups):
             linears = [modules[n] for n in step]
             # one Hessian per token weighting the step's schemes ask for (usually one: q/k/v share a scheme)
-            weight_of = {n: image_weight(planned[n]) for n in step}
-            hooks = {w: _HessianHook(linears, token_weights(samples, w)) for w in dict.fromkeys(weight_of.values())}
+            weight_of = {n: weighting(planned[n]) for n in step}
+            hooks = {w: _HessianHook(linears, token_weights(samples, w[0], token_importance[index] if w[1] else None))
+                     for w in dict.fromkeys(weight_of.values())}
             try:
                 run(until=linears)
             finally:

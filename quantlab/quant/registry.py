@@ -86,6 +86,9 @@ class Backend(Member):
         if w != MEASURED and (isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf")):
             return (f"image_weight must be a non-negative number (1.0: image tokens count as much as text) or "
                     f"{MEASURED!r}, got {w!r}")
+        tw = scheme.args.get("token_weight")
+        if tw is not None and tw != GRADIENT:
+            return f"token_weight must be {GRADIENT!r} (each token's measured gradient saliency), got {tw!r}"
         awq = scheme.args.get("awq", False)
         if not isinstance(awq, bool):
             return f"awq must be true or false, got {awq!r}"
@@ -108,9 +111,11 @@ class Backend(Member):
 BACKENDS: Registry[Backend] = Registry("quantization backend")
 
 # Options every Hessian backend takes: they shape the Hessian the quantize stage gathers, not the solver.
-# ``image_weight``: weight of image tokens against text tokens (1.0) in ``H = XᵀDX / ΣD`` (docs/method.md).
-HESSIAN_OPTIONS = ("image_weight",)
+# ``image_weight``: weight of image tokens against text tokens (1.0) in ``H = XᵀDX / ΣD``; ``token_weight:
+# gradient``: each token's D multiplied by its measured gradient saliency (VLMQ-style; docs/method.md).
+HESSIAN_OPTIONS = ("image_weight", "token_weight")
 MEASURED = "measured"  # image_weight from MBQ's measured gradient ratio, resolved per block by the plan stage
+GRADIENT = "gradient"  # token_weight: calibration's per-token gradient saliency at each block's input
 
 
 def register_backend(name: str, *, bits: tuple[int, ...] = tuple(range(1, 9)), needs_hessian: bool = False,

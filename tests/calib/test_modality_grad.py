@@ -1,4 +1,4 @@
-"""MBQ's modality sensitivity: per-block gradient ratios against an independent autograd computation."""
+"""MBQ's modality sensitivity and the tokens' gradient saliency, against an independent autograd computation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quantlab.calib.executor import CalibSample
-from quantlab.calib.modality_grad import block_gradient_ratios, median_floor, text_loss
+from quantlab.calib.modality_grad import block_gradient_ratios, median_floor, text_loss, token_importance
 from quantlab.models import Component, get_adapter
 from quantlab.models.load import LoadedModel
 from tests.conftest import IMG, TINY_BUILDERS, tiny_inputs
@@ -73,3 +73,43 @@ def test_text_only_samples_are_refused():
 
 def test_median_floor_follows_mbq():
     assert median_floor([0.1, 0.4, 0.2, 0.9]) == [0.30000000000000004, 0.4, 0.30000000000000004, 0.9]
+
+
+def _input_grads(model, adapter, sample) -> list[torch.Tensor]:
+    """``∂L/∂x`` at each block's input, (seq, hidden): weights require grad, inputs retain theirs."""
+    blocks = adapter.blocks(model, Component.DECODER)
+    ins = []
+
+    def keep(module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        h.retain_grad()
+        ins.append(h)
+
+    handles = [b.register_forward_pre_hook(keep, with_kwargs=True) for b in blocks]
+    if hasattr(getattr(model, "model", None), "rope_deltas"):
+        model.model.rope_deltas = None
+    text_loss(model(**sample.inputs, use_cache=False).logits, sample).backward()
+    for h in handles:
+        h.remove()
+    model.zero_grad(set_to_none=True)
+    return [h.grad[0] for h in ins]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_token_importance_is_the_normalised_gradient_saliency_at_each_block_input(family):
+    """Per block and sample: mean over channels of |∂L/∂x| at the block's input, averaging 1 over the valid
+    tokens, 0 on padding; compared with plain autograd (weights requiring grad, inputs retaining theirs)."""
+    model = TINY_BUILDERS[family]().eval()
+    adapter = get_adapter(model)
+    samples = _samples(family, n=2)
+    samples[1].inputs["attention_mask"][0, :2] = 0  # two padding tokens
+    got = token_importance(LoadedModel(model, None, adapter, family), samples)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+    assert sorted(got) == list(range(len(adapter.blocks(model, Component.DECODER))))
+    for s in samples:
+        valid = s.valid_mask.float()
+        for i, g in enumerate(_input_grads(model, adapter, s)):
+            sal = g.abs().mean(-1) * valid
+            torch.testing.assert_close(got[i][s.id], sal / (sal.sum() / valid.sum()), rtol=1e-4, atol=1e-7)
+            assert float(got[i][s.id][valid.bool()].mean()) == pytest.approx(1.0, rel=1e-5)
+            assert not bool(got[i][s.id][~valid.bool()].any())

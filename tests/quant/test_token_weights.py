@@ -45,3 +45,10 @@ def test_image_weight_is_an_option_of_hessian_backends_only():
     quantize_weight(w, "gptq", bits=4, group_size=32, hessian=torch.eye(32), image_weight=0.25)
     with pytest.raises(ValueError, match="unknown option.*image_weight.*'rtn'"):
         quantize_weight(w, "rtn", bits=4, group_size=32, image_weight=0.25)
+
+
+def test_token_weight_option_is_validated():
+    w = torch.randn(8, 32)
+    with pytest.raises(ValueError, match="token_weight must be 'gradient'"):
+        quantize_weight(w, "gptq", bits=4, group_size=32, hessian=torch.eye(32), token_weight="attention")
+    quantize_weight(w, "gptq", bits=4, group_size=32, hessian=torch.eye(32), token_weight="gradient")
