@@ -125,3 +125,32 @@ def test_late_targets_sit_at_the_question_mark_and_name_the_answer(name):
             t = H.relation_target(s)
             answer_class = cids[s.answer] if s.answer in cids else len(cids) + sids[s.answer]
             assert (other, row, col, count) == (answer_class, t.row + 1, t.col + 1, 0)
+
+
+def test_late_loss_trains_only_the_heads_it_is_given():
+    """``--no-late-count``: the late loss over the relation heads alone is the cross-entropy of the relation
+    targets (answer class, row, column) computed here by hand; the count head gets no gradient."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from quantlab.data.synthetic import SETS
+    from quantlab.toys.aux_losses import LATE_TERMS, late_loss
+    from quantlab.toys.batches import prepare
+    from quantlab.toys.build import TOYS, build_toy
+
+    _model, processor = build_toy("toy-llava-hard", seed=0)
+    data = prepare(processor, SETS.get(TOYS["toy-llava-hard"].size.dataset), "train", 24, bins=6)
+    idx = torch.arange(24)
+    seq = max(len(i) for i in data.ids)
+    torch.manual_seed(0)
+    hidden = torch.randn(24, seq, 16)
+    heads = nn.ModuleDict({n: nn.Linear(16, 20) for n in LATE_TERMS})
+    loss = late_loss(hidden, data, idx, heads, terms=LATE_TERMS[:3])
+    rows = [(r, t) for r, i in enumerate(idx.tolist()) for t in data.late_targets[i].tolist() if t[1] > 0]
+    assert rows  # relation questions in the batch
+    h = torch.stack([hidden[r, t[0]] for r, t in rows])
+    tgt = torch.tensor([t[1:4] for _r, t in rows])
+    expected = sum(F.cross_entropy(heads[n](h), tgt[:, k]) for k, n in enumerate(LATE_TERMS[:3]))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert heads["late_count"].weight.grad is None and heads["late_row"].weight.grad is not None
