@@ -282,13 +282,13 @@ def test_stream_with_the_budget_planner_is_refused_before_calibration(tmp_path, 
     assert not out.exists()
 
 
-def test_measured_candidates_with_token_weights_are_refused_before_calibration(tmp_path):
-    """The budget planner measures with calibration's (unweighted) Hessians: an image_weight candidate would be
-    measured against another objective than the one it is quantized with."""
+def test_measured_candidates_with_a_measured_image_weight_are_refused_before_calibration(tmp_path):
+    """The budget planner measures each candidate with the Hessian it is quantized with; ``measured`` is
+    resolved per block only after planning, so a candidate cannot take it."""
     out = tmp_path / "run"
     res = runner.invoke(app, ["quantize", "toy-llava", "--recipe", "luq-budget", "--out", str(out), "--set",
-                              "plan.candidates=[{backend: gptq, bits: 4, group_size: 32, args: {image_weight: 0.5}}]"])
-    refused(res, "not token-weighted", "gptq-w4-g32")
+                              "plan.candidates=[{backend: gptq, bits: 4, group_size: 32, args: {image_weight: measured}}]"])
+    refused(res, "resolved per block only after planning", "gptq-w4-g32")
     assert not out.exists()
 
 

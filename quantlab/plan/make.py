@@ -28,6 +28,7 @@ from quantlab.models.load import LoadedModel
 from quantlab.plan import planners
 from quantlab.plan.cost import linear_bytes, model_size, nominal_bits
 from quantlab.plan.fit import Fitted, ShapeFallback, fit_scheme, group_by_block
+from quantlab.plan.hessians import hessian_source
 from quantlab.plan.plan import Plan, apply_rules
 from quantlab.plan.sensitivity import measure_damage, quantized_kl, units_of
 from quantlab.plan.spec import PlanSpec
@@ -155,7 +156,10 @@ def _luq_search(loaded, stats, spec: PlanSpec, order, blocks, samples, linears, 
         lows = set(order[:k])
         mapping = {n: spec.low if b in lows else spec.high for b, ns in blocks.items() for n in ns}
         fitted, _ = fit_shapes(mapping, linears, fmt, spec.shape_fallback)
-        return -quantized_kl(loaded, samples, {n: s for n, s in fitted.items() if s is not None}, stats.hessians)
+        return -quantized_kl(loaded, samples, {n: s for n, s in fitted.items() if s is not None}, source)
+
+    names = [n for ns in blocks.values() for n in ns]
+    source = hessian_source(loaded, samples, [spec.low, spec.high], names, stats.hessians, stats.token_importance)
 
     k, probes = planners.luq_search(order, score, -spec.search_max_kl)
     return (k or 0), [{"k": kk, "kl": -s} for kk, s in probes]
@@ -219,7 +223,8 @@ def _budget(x: PlanInputs):
         x.device
     if not samples:
         raise ValueError("plan.planner 'budget' measures sensitivity on calibration samples; none given")
-    needs_h = [c.label() for c in spec.candidates if get_backend(c.backend).needs_hessian]
+    needs_h = [c.label() for c in spec.candidates if get_backend(c.backend).needs_hessian
+               and c.args.get("image_weight", 1.0) == 1.0 and not c.args.get("token_weight")]
     if needs_h and not stats.hessians:
         raise ValueError(f"candidates {needs_h} need Hessians: calibrate with stats.hessians: true")
     fmt = plan_format(spec.candidates, export_format)
@@ -241,7 +246,8 @@ def _budget(x: PlanInputs):
     # and text samples alike) bounds the cost.
     stride = max(1, len(samples) // spec.sensitivity_samples)
     subset = list(samples)[::stride][: spec.sensitivity_samples]
-    damage = measure_damage(loaded, subset, units, spec.candidates, stats.hessians, progress=progress,
+    source = hessian_source(loaded, subset, spec.candidates, names, stats.hessians, stats.token_importance)
+    damage = measure_damage(loaded, subset, units, spec.candidates, source, progress=progress,
                             device=device, fit=lambda n, c: fit_scheme(linears[n].out_features, linears[n].in_features,
                                                                        c, fmt, spec.shape_fallback).scheme)
     by_label = {c.label(): c for c in spec.candidates}
@@ -298,14 +304,13 @@ class Planner(Member):
         """What the recipe lacks for this planner (``requires``), and what it cannot measure faithfully."""
         out = list(self.requires(spec))
         if self.measures(spec):
-            weighted = sorted({s.label() for s in self.schemes(spec)
-                               if s.args.get("image_weight", 1.0) != 1.0 or s.args.get("token_weight")})
-            if weighted:
-                # calibration keeps one Hessian per Linear, so a measurement would solve these schemes
-                # against the unweighted one while the quantize stage uses the weighted one
-                out.append(f"plan: the {spec.planner} planner measures candidates with calibration's Hessians, "
-                           f"which are not token-weighted; schemes with image_weight or token_weight ({', '.join(weighted)}) "
-                           "can be set by the uniform planner, luq with k / target_avg_bits / budget_gb, or plan.rules")
+            measured = sorted({s.label() for s in self.schemes(spec) if s.args.get("image_weight") == MEASURED})
+            if measured:
+                # the measured weight is resolved per block after planning; a candidate needs its number now
+                out.append(f"plan: the {spec.planner} planner measures each candidate with the Hessian it is "
+                           f"quantized with; image_weight {MEASURED!r} is resolved per block only after planning "
+                           f"({', '.join(measured)}): give the candidates a number, or set measured weights by the "
+                           "uniform planner, luq with k / target_avg_bits / budget_gb, or plan.rules")
             scaled = sorted({s.label() for s in self.schemes(spec) if s.args.get("awq", False)})
             if scaled:
                 # AWQ's scales are searched per block in the quantize stage; a measurement would score the

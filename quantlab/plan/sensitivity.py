@@ -19,11 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlab.calib.executor import CalibSample, capture_decoder_inputs, decoder_logits, run_block
+from quantlab.calib.executor import (
+    CalibSample,
+    capture_decoder_inputs,
+    decoder_logits,
+    run_block,
+)
 from quantlab.core.device import placed, resolve_device
 from quantlab.core.progress import block_progress
 from quantlab.models import Component
 from quantlab.models.load import LoadedModel
+from quantlab.plan.hessians import HessianSource, plain_source
 from quantlab.quant import quantize_weight
 from quantlab.quant.scheme import QuantScheme
 
@@ -74,19 +80,25 @@ def _fake_quantize(linear: nn.Linear, weight: torch.Tensor, scheme: QuantScheme,
     linear.weight.data.copy_(quantize_weight(weight, scheme, hessian=h).dequantized)
 
 
+def _source(hessians: Mapping[str, torch.Tensor] | HessianSource) -> HessianSource:
+    return hessians if callable(hessians) else plain_source(hessians)
+
+
 @torch.no_grad()
 def quantized_kl(loaded: LoadedModel, samples: Sequence[CalibSample], mapping: Mapping[str, QuantScheme],
-                 hessians: Mapping[str, torch.Tensor]) -> float:
-    """KL of the model with every Linear of ``mapping`` quantized (full-precision Hessians) to the fp model.
+                 hessians: Mapping[str, torch.Tensor] | HessianSource) -> float:
+    """KL of the model with every Linear of ``mapping`` quantized (full-precision Hessians: calibration's, or
+    a :func:`quantlab.plan.hessians.hessian_source` answering per scheme) to the fp model.
 
     A fast proxy (no sequential re-calibration); the weights are restored afterwards.
     """
+    hessian_of = _source(hessians)
     modules = dict(loaded.model.named_modules())
     ref = _log_probs(loaded, samples)
     originals = {n: modules[n].weight.data.clone() for n in mapping}
     try:
         for n, scheme in mapping.items():
-            _fake_quantize(modules[n], originals[n], scheme, hessians.get(n))
+            _fake_quantize(modules[n], originals[n], scheme, hessian_of(n, scheme))
         return kl_damage(ref, _log_probs(loaded, samples))
     finally:
         for n, w in originals.items():
@@ -119,7 +131,7 @@ def measure_damage(
     samples: Sequence[CalibSample],
     units: Sequence[Unit],
     candidates: Sequence[QuantScheme],
-    hessians: Mapping[str, torch.Tensor],
+    hessians: Mapping[str, torch.Tensor] | HessianSource,
     *,
     progress: bool = True,
     device: str | torch.device | None = None,
@@ -134,7 +146,10 @@ def measure_damage(
     ``device`` (e.g. ``"cuda"``): the decoder, final norm and head are moved there for the measurement
     (the whole decoder must fit on it), hidden states and log-probabilities stay on the CPU.
     ``fit(name, scheme)``: the scheme a module really gets (the plan's shape fallback; None keeps it).
+    ``hessians``: calibration's per Linear, or a :func:`quantlab.plan.hessians.hessian_source` (token-weighted
+    candidates get the Hessian they are quantized with).
     """
+    hessian_of = _source(hessians)
     device = resolve_device(device)
     modules = dict(loaded.model.named_modules())
     adapter = loaded.adapter
@@ -159,7 +174,7 @@ def measure_damage(
                     for n in unit:
                         used = scheme if fit is None else fit(n, scheme)
                         if used is not None:
-                            _fake_quantize(modules[n], originals[n], used, hessians.get(n))
+                            _fake_quantize(modules[n], originals[n], used, hessian_of(n, used))
                     damage[unit, scheme.label()] = kl_damage(ref, _suffix_log_probs(loaded, calls, hidden, b, device))
                     for n in unit:
                         modules[n].weight.data.copy_(originals[n])

@@ -55,7 +55,7 @@ def sequential_steps(names: Sequence[str], fused_groups: Sequence[Sequence[str]]
     return steps
 
 
-class _HessianHook:
+class HessianHook:
     """Accumulates ``mean(xᵀx)`` over all tokens of all samples of the one input ``modules`` read (a step:
     q/k/v read the same tensor); a pass is expected to stop at the first of them (``run(until=...)``).
 
@@ -124,6 +124,17 @@ def as_stored(result, dtype: torch.dtype = torch.float16):
         changes["extra"] = {**result.extra, "means": means.to(dtype).to(means.dtype)}
     rounded = dataclasses.replace(result, **changes)
     return dataclasses.replace(rounded, dequantized=rounded.dequantize())
+
+
+def block_importance(token_importance: Mapping[int, Mapping[str, torch.Tensor]] | None, index: int,
+                     by_gradient: bool) -> Mapping[str, torch.Tensor] | None:
+    """Block ``index``'s token saliencies when a weighting asks for them (None otherwise)."""
+    if not by_gradient:
+        return None
+    if not token_importance or index not in token_importance:
+        raise ValueError(f"token_weight {GRADIENT!r}: no measured token saliency for decoder block {index}; "
+                         "calibrate with token_importance on the same model and samples")
+    return token_importance[index]
 
 
 def weighting(scheme: QuantScheme) -> tuple[float, bool]:
@@ -268,15 +279,15 @@ def quantize(
         if pairs:  # AWQ first, on the block still in full precision: its scales are folded in before any solve
             w, by_grad = weighting(planned[pairs[0][1][0]])
             valid = [smp.valid_mask for smp in samples]
-            loss_w = token_weights(samples, w, token_importance[index] if by_grad else None)
+            loss_w = token_weights(samples, w, block_importance(token_importance, index, by_grad))
             scaled = awq.search_block_scales(block, prefix, pairs, planned, run, valid,
                                              loss_w or [v.float() for v in valid])
         for step in sequential_steps(names, adapter.fused_groups):
             linears = [modules[n] for n in step]
             # one Hessian per token weighting the step's schemes ask for (usually one: q/k/v share a scheme)
             weight_of = {n: weighting(planned[n]) for n in step}
-            hooks = {w: _HessianHook(linears, token_weights(samples, w[0], token_importance[index] if w[1] else None))
-                     for w in dict.fromkeys(weight_of.values())}
+            hooks = {(w, g): HessianHook(linears, token_weights(samples, w, block_importance(token_importance, index, g)))
+                     for w, g in dict.fromkeys(weight_of.values())}
             try:
                 run(until=linears)
             finally:

@@ -30,11 +30,20 @@ class QuantScheme(BaseModel):
         return v
 
     def label(self) -> str:
-        """Short human label, e.g. ``gptq-w4-g128``, ``rtn-w8-ch-asym`` or ``gptq-q4_k`` (a GGUF K-quant grid)."""
+        """Short human label, e.g. ``gptq-w4-g128``, ``rtn-w8-ch-asym`` or ``gptq-q4_k`` (a GGUF K-quant grid),
+        with the options that change what is solved for: ``-img0.25`` (``image_weight``), ``-tokgrad``
+        (``token_weight: gradient``), ``-awq`` (so a planner's candidates that differ only there stay apart)."""
         if self.args.get("grid"):
-            return f"{self.backend}-{self.args['grid']}"
-        g = "ch" if self.group_size == -1 else f"g{self.group_size}"
-        return f"{self.backend}-w{self.bits}-{g}" + ("" if self.sym else "-asym")
+            base = f"{self.backend}-{self.args['grid']}"
+        else:
+            g = "ch" if self.group_size == -1 else f"g{self.group_size}"
+            base = f"{self.backend}-w{self.bits}-{g}" + ("" if self.sym else "-asym")
+        w = self.args.get("image_weight", 1.0)
+        if w != 1.0:
+            base += f"-img{w:g}" if isinstance(w, (int, float)) else f"-img{w}"
+        if self.args.get("token_weight"):
+            base += "-tok" + ("grad" if self.args["token_weight"] == "gradient" else str(self.args["token_weight"]))
+        return base + ("-awq" if self.args.get("awq") else "")
 
     def __hash__(self) -> int:  # args may hold unhashable values; the label plus args repr is enough
         return hash((self.label(), repr(sorted(self.args.items()))))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from quantlab.calib.collect import calibrate
 from quantlab.plan.make import make_plan
@@ -82,3 +83,41 @@ def test_budget_below_reachable_fails_before_measuring(setup, monkeypatch):
     spec = PlanSpec(planner="budget", candidates=cands, budget_gb=1e-6, rules=KEEP)
     with pytest.raises(ValueError, match=r"below the smallest reachable size .* the largest is .*gptq-w2-g32"):
         make_plan(loaded, stats, spec, samples=samples, progress=False)
+
+
+def test_weighted_candidates_are_measured_with_the_hessian_they_are_quantized_with(setup, monkeypatch):
+    """A budget planner's candidates that differ only in ``image_weight`` stay apart (their labels differ) and
+    each is measured with its own Hessian: the weighted one equals ``Σ XᵀDX / ΣD`` of the fp inputs computed
+    here (image tokens at 0.25), the plain one is calibration's."""
+    from quantlab.plan import sensitivity
+    from quantlab.quant.hessian import weighted_hessian_from_inputs
+
+    loaded, samples, stats = setup
+    q = "model.language_model.layers.1.self_attn.q_proj"
+    module = dict(loaded.model.named_modules())[q]
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    for s in samples:
+        loaded.model(**s.inputs)
+    handle.remove()
+    d = torch.cat([torch.where(s.image_mask.reshape(-1), 0.25, 1.0) * s.valid_mask.float() for s in samples])
+    expected = weighted_hessian_from_inputs(torch.cat(seen), d)
+
+    given = {}
+    real = sensitivity._fake_quantize
+
+    def spy(linear, weight, scheme, h):
+        if linear is module:
+            given[scheme.label()] = h
+        return real(linear, weight, scheme, h)
+
+    monkeypatch.setattr(sensitivity, "_fake_quantize", spy)
+    plain = QuantScheme(backend="gptq", bits=2, group_size=32)
+    weighted = QuantScheme(backend="gptq", bits=2, group_size=32, args={"image_weight": 0.25})
+    spec = PlanSpec(planner="budget", candidates=[plain, weighted, HIGH], target_avg_bits=3.0, rules=KEEP,
+                    sensitivity_samples=len(samples))
+    plan = make_plan(loaded, stats, spec, samples=samples, progress=False)
+    assert weighted.label() == "gptq-w2-g32-img0.25" and set(plan.info[q]["damage"]) == {
+        "gptq-w2-g32", "gptq-w2-g32-img0.25", "gptq-w4-g32"}
+    torch.testing.assert_close(given["gptq-w2-g32-img0.25"], expected, rtol=1e-4, atol=1e-6)
+    assert given["gptq-w2-g32"] is stats.hessians[q]
