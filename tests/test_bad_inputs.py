@@ -292,13 +292,14 @@ def test_measured_candidates_with_a_measured_image_weight_are_refused_before_cal
     assert not out.exists()
 
 
-def test_measured_candidates_with_awq_are_refused_before_calibration(tmp_path):
-    """AWQ's scales are searched block by block in the quantize stage: the budget planner's per-layer
-    measurement would score an awq candidate without them."""
+def test_a_kl_search_with_awq_is_refused_before_calibration(tmp_path):
+    """luq's KL search measures whole mappings without AWQ's block-wise scale search (the budget planner's
+    per-unit measurement runs it): an awq scheme there is refused."""
     out = tmp_path / "run"
-    res = runner.invoke(app, ["quantize", "toy-llava", "--recipe", "luq-budget", "--out", str(out), "--set",
-                              "plan.candidates=[{backend: rtn, bits: 4, group_size: 32, args: {awq: true}}]"])
-    refused(res, "without AWQ's block-wise scale search", "rtn-w4-g32")
+    res = runner.invoke(app, ["quantize", "toy-llava", "--recipe", "luq", "--out", str(out), "--set",
+                              "plan.search_max_kl=0.1", "--set",
+                              "plan.low={backend: rtn, bits: 2, group_size: 64, args: {awq: true}}"])
+    refused(res, "without AWQ's block-wise scale search", "rtn-w2-g64-awq")
     assert not out.exists()
 
 

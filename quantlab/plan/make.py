@@ -292,6 +292,8 @@ class Planner(Member):
         measures: ``spec -> bool``: it runs the model on calibration samples with every block in memory and
             needs Hessians (not under ``--stream``).
         needs_stats: it reads calibration statistics (entropies, Hessians); False: config-only planning.
+        measures_awq: its measurement runs AWQ's scale search for ``awq`` candidates (the budget planner's
+            per-unit damage); a measuring planner without it refuses them.
     """
 
     plan: Callable[[PlanInputs], tuple[dict, dict]]
@@ -299,6 +301,7 @@ class Planner(Member):
     requires: Callable[[PlanSpec], list[str]]
     measures: Callable[[PlanSpec], bool]
     needs_stats: bool = True
+    measures_awq: bool = False
 
     def problems(self, spec: PlanSpec) -> list[str]:
         """What the recipe lacks for this planner (``requires``), and what it cannot measure faithfully."""
@@ -312,7 +315,7 @@ class Planner(Member):
                            f"({', '.join(measured)}): give the candidates a number, or set measured weights by the "
                            "uniform planner, luq with k / target_avg_bits / budget_gb, or plan.rules")
             scaled = sorted({s.label() for s in self.schemes(spec) if s.args.get("awq", False)})
-            if scaled:
+            if scaled and not self.measures_awq:
                 # AWQ's scales are searched per block in the quantize stage; a measurement would score the
                 # candidate without them
                 out.append(f"plan: the {spec.planner} planner measures candidates layer by layer without AWQ's "
@@ -353,4 +356,4 @@ PLANNERS.register(Planner(
     requires=_luq_requires, measures=lambda spec: spec.search_max_kl is not None))
 PLANNERS.register(Planner(
     name="budget", plan=_budget, schemes=lambda spec: list(spec.candidates), requires=_budget_requires,
-    measures=lambda spec: True))
+    measures=lambda spec: True, measures_awq=True))

@@ -13,7 +13,8 @@ each measurement, so the model is left as it was.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,8 @@ from quantlab.core.progress import block_progress
 from quantlab.models import Component
 from quantlab.models.load import LoadedModel
 from quantlab.plan.hessians import HessianSource, plain_source
-from quantlab.quant import quantize_weight
+from quantlab.quant import awq, quantize_weight
+from quantlab.quant.apply import token_weights, weighting
 from quantlab.quant.scheme import QuantScheme
 
 Unit = tuple[str, ...]
@@ -125,6 +127,34 @@ def _decoder_and_head(loaded: LoadedModel) -> list[nn.Module]:
             a.get(loaded.model, a.lm_head)]
 
 
+@contextlib.contextmanager
+def _awq_scaled(block: nn.Module, prefix: str, pairs, used: Mapping[str, QuantScheme | None],
+                samples: Sequence[CalibSample], run) -> Iterator[dict[str, torch.Tensor]]:
+    """With AWQ candidates: the unit's pairs searched and folded into ``block`` (the quantize stage's search,
+    :func:`quantlab.quant.awq.search_block_scales`, on the fp block), yielding consumer -> scales; the producers
+    and consumers are restored on exit. Without: nothing changes and the mapping is empty."""
+    found = awq.block_pairs(pairs, block, prefix, used)
+    if not found:
+        yield {}
+        return
+    touched = {name for producer, consumers in found for name in (producer, *consumers)}
+    saved = {n: {k: t.detach().clone() for k, t in block.get_submodule(n.removeprefix(prefix)).named_parameters()}
+             for n in touched}
+    try:
+        w, by_grad = weighting(used[found[0][1][0]])
+        if by_grad:
+            raise ValueError("awq with token_weight 'gradient' is not measured by the budget planner yet")
+        valid = [s.valid_mask for s in samples]
+        scaled = awq.search_block_scales(block, prefix, found, used, run, valid,
+                                         token_weights(samples, w) or [v.float() for v in valid])
+        yield {n: s for n, (_alpha, s) in scaled.items()}
+    finally:
+        for n, params in saved.items():
+            module = block.get_submodule(n.removeprefix(prefix))
+            for k, t in params.items():
+                module.get_parameter(k).data.copy_(t)
+
+
 @torch.no_grad()
 def measure_damage(
     loaded: LoadedModel,
@@ -171,11 +201,19 @@ def measure_damage(
             for unit in by_block.get(b, []):
                 originals = {n: modules[n].weight.data.clone() for n in unit}
                 for scheme in candidates:
-                    for n in unit:
-                        used = scheme if fit is None else fit(n, scheme)
-                        if used is not None:
-                            _fake_quantize(modules[n], originals[n], used, hessian_of(n, used))
-                    damage[unit, scheme.label()] = kl_damage(ref, _suffix_log_probs(loaded, calls, hidden, b, device))
+                    used = {n: scheme if fit is None else fit(n, scheme) for n in unit}
+                    with _awq_scaled(block, f"{adapter.decoder_blocks}.{b}.", adapter.scale_pairs, used, samples,
+                                     lambda until=(), b=b, block=block: run_block(block, calls, b, hidden, device,
+                                                                                  until)) as scales:
+                        for n in unit:
+                            if used[n] is not None:
+                                h = hessian_of(n, used[n])
+                                if n in scales and h is not None:  # the solve sees x / s: H' = diag(1/s) H diag(1/s)
+                                    inv = 1.0 / scales[n].to(h.device, h.dtype)
+                                    h = h * inv[:, None] * inv[None, :]
+                                _fake_quantize(modules[n], modules[n].weight.data.clone(), used[n], h)
+                        damage[unit, scheme.label()] = kl_damage(ref, _suffix_log_probs(loaded, calls, hidden, b,
+                                                                                         device))
                     for n in unit:
                         modules[n].weight.data.copy_(originals[n])
                     advance(0)

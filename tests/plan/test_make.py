@@ -121,3 +121,21 @@ def test_weighted_candidates_are_measured_with_the_hessian_they_are_quantized_wi
         "gptq-w2-g32", "gptq-w2-g32-img0.25", "gptq-w4-g32"}
     torch.testing.assert_close(given["gptq-w2-g32-img0.25"], expected, rtol=1e-4, atol=1e-6)
     assert given["gptq-w2-g32"] is stats.hessians[q]
+
+
+def test_budget_planner_measures_awq_candidates_with_their_scales_and_restores_the_model(setup):
+    """An ``awq`` candidate is measured with AWQ's scales searched and folded for its unit (the quantize
+    stage's search): its total damage is below plain RTN's at the same bits, and planning leaves every
+    tensor of the model as it was."""
+    loaded, samples, stats = setup
+    before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    plain = QuantScheme(backend="rtn", bits=2, group_size=32)
+    scaled = QuantScheme(backend="rtn", bits=2, group_size=32, args={"awq": True})
+    spec = PlanSpec(planner="budget", candidates=[plain, scaled, HIGH], target_avg_bits=3.0, rules=KEEP,
+                    sensitivity_samples=len(samples))
+    plan = make_plan(loaded, stats, spec, samples=samples, progress=False)
+    units = {k: v for k, v in plan.info.items() if isinstance(v, dict) and "damage" in v}
+    total = {lab: sum(u["damage"][lab] for u in units.values()) for lab in (plain.label(), scaled.label())}
+    assert total["rtn-w2-g32-awq"] < total["rtn-w2-g32"], total
+    after = loaded.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
