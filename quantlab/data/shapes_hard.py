@@ -16,9 +16,7 @@ repeat, a rendered 2-4 character label on half the boards, and six question type
 
 Within a board every object has its own colour, so "the red object" is unique; a shape named in a
 question ("the triangle") is unique on its board by construction. A relation's answer is the nearest
-object on the anchor's row (left/right) or column (above/below) in that direction, and relations are asked
-only where that object is in the next cell (docs/hard-testbed.md: a search along the whole line did not
-train within the toys' budget).
+object on the anchor's row (left/right) or column (above/below) in that direction.
 
 Labels use a fixed 3x5 pixel font drawn at 2x (defined here, so rendering does not depend on the Pillow
 version's fonts), two characters per cell, left-aligned to a cell edge; objects never share a label's cells.
@@ -241,21 +239,9 @@ def relation_target(sample) -> ShapeObject | None:
     return _neighbour(sample.objects, anchors[0], DIRECTIONS[direction])
 
 
-def _adjacent_pairs(objects: tuple[ShapeObject, ...]) -> list[tuple[ShapeObject, str, ShapeObject]]:
-    """``(anchor, direction, target)`` for every object whose nearest neighbour in a direction is in the next
-    cell (the pairs relation questions are asked about)."""
-    out = []
-    for a in objects:
-        for d, step in DIRECTIONS.items():
-            t = _neighbour(objects, a, step)
-            if t is not None and abs(t.row - a.row) + abs(t.col - a.col) == 1:
-                out.append((a, d, t))
-    return out
-
-
 def _relation(rng: np.random.Generator, objects: tuple[ShapeObject, ...]):
-    """A (question, answer, objects) relation triple, or None when no two objects are in adjacent cells."""
-    pairs = _adjacent_pairs(objects)
+    """A (question, answer, objects) relation triple, or None when no object has a neighbour in line."""
+    pairs = [(a, d, t) for a in objects for d, step in DIRECTIONS.items() if (t := _neighbour(objects, a, step))]
     if not pairs:
         return None
     anchor, direction, target = pairs[int(rng.integers(len(pairs)))]
@@ -290,7 +276,7 @@ def make_sample(split: str, index: int) -> HardSample:
     seed = (SPLIT_SEEDS[split], index)
     rng = np.random.default_rng(list(seed))
     qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
-    while True:  # a relation needs two objects in adjacent cells; redraw the board until it has them (seeded)
+    while True:  # a relation needs two objects in line; redraw the board until it has them (seeded)
         n = int(rng.integers(1, MAX_COUNT + 1)) if qtype == "count" else int(rng.integers(
             2 if qtype == "relation" else 1, MAX_OBJECTS + 1))
         objects, label = _board(rng, n, with_label=qtype == "text" or rng.random() < 0.5)
@@ -319,14 +305,14 @@ def more_questions(sample: HardSample, k: int) -> list[tuple[str, str, str]]:
     """Up to ``k`` more ``(question, answer, type)`` about ``sample``'s board as it is, of other types than its
     own (seeded by the sample). The training script packs them into one conversation after the sample's own
     question, so one image supervises several answers; the board is never redrawn, so a type the board cannot
-    ask (no label, no unique shape, no two objects in adjacent cells) is skipped."""
+    ask (no label, no unique shape, no two objects in line) is skipped."""
     rng = np.random.default_rng([*sample.seed, 8])
     objects, label = sample.objects, sample.label
     counts = Counter(o.shape for o in objects)
     unique = [o for o in objects if counts[o.shape] == 1]
 
     def relation():
-        pairs = _adjacent_pairs(objects)
+        pairs = [(a, d, t) for a in objects for d, step in DIRECTIONS.items() if (t := _neighbour(objects, a, step))]
         if not pairs:
             return None
         anchor, direction, target = pairs[int(rng.integers(len(pairs)))]
