@@ -203,8 +203,8 @@ def measure_damage(
                 for scheme in candidates:
                     used = {n: scheme if fit is None else fit(n, scheme) for n in unit}
                     with _awq_scaled(block, f"{adapter.decoder_blocks}.{b}.", adapter.scale_pairs, used, samples,
-                                     lambda until=(), b=b, block=block: run_block(block, calls, b, hidden, device,
-                                                                                  until)) as scales:
+                                     lambda until=(), b=b, block=block, hidden=hidden: run_block(
+                                         block, calls, b, hidden, device, until)) as scales:
                         for n in unit:
                             if used[n] is not None:
                                 h = hessian_of(n, used[n])
