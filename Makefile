@@ -3,6 +3,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
+# the suite on every core (one compute thread per worker, tests/conftest.py); the vLLM cases share one worker
+PYTEST := $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
+
 .PHONY: install test test-fast demo toys clean
 
 $(BIN)/quantlab: pyproject.toml
@@ -16,10 +19,10 @@ $(BIN)/quantlab: pyproject.toml
 install: $(BIN)/quantlab
 
 test: install
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup -m "not slow"
+	$(PYTEST) -m "not slow"
 
 demo: install
 	$(BIN)/quantlab quantize toy-llava --recipe recipes/luq.yaml --out runs/demo

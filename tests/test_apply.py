@@ -25,6 +25,20 @@ def _setup(family="llava"):
     return loaded, samples
 
 
+def linear_inputs(loaded, samples, name: str) -> torch.Tensor:
+    """Every token's input to Linear ``name`` over ``samples``, ``(tokens, in)``, from a plain forward of the
+    full-precision model (the reference the token-weighted Hessians are checked against)."""
+    module = dict(loaded.model.named_modules())[name]
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    try:
+        for s in samples:
+            loaded.model(**s.inputs)
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
 def _plan(loaded, scheme):
     return {n: scheme for n, _ in loaded.adapter.iter_linears(loaded.model, Component.DECODER)}
 
@@ -91,13 +105,7 @@ def test_image_weight_solves_against_the_token_weighted_hessian(monkeypatch):
 
     loaded, samples = _setup()
     q = "model.language_model.layers.0.self_attn.q_proj"
-    module = dict(loaded.model.named_modules())[q]
-    seen = []
-    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
-    for s in samples:
-        loaded.model(**s.inputs)
-    handle.remove()
-    x = torch.cat(seen)
+    x = linear_inputs(loaded, samples, q)
     image = torch.cat([s.image_mask.reshape(-1) for s in samples])
     assert 0 < int(image.sum()) < len(image)
 
@@ -129,12 +137,7 @@ def test_token_weight_gradient_solves_against_the_saliency_weighted_hessian(monk
 
     loaded, samples = _setup()
     q = "model.language_model.layers.0.self_attn.q_proj"
-    module = dict(loaded.model.named_modules())[q]
-    seen = []
-    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
-    for s in samples:
-        loaded.model(**s.inputs)
-    handle.remove()
+    x = linear_inputs(loaded, samples, q)
     g = torch.Generator().manual_seed(0)
     importance = {0: {s.id: torch.rand(s.image_mask.numel(), generator=g) * 2 for s in samples}}
     given = []
@@ -152,4 +155,4 @@ def test_token_weight_gradient_solves_against_the_saliency_weighted_hessian(monk
     assert results[q].args["token_weight"] == "gradient"
     d = torch.cat([torch.where(s.image_mask.reshape(-1), 0.5, 1.0) * s.valid_mask.float() * importance[0][s.id]
                    for s in samples])
-    torch.testing.assert_close(given[0], weighted_hessian_from_inputs(torch.cat(seen), d), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(given[0], weighted_hessian_from_inputs(x, d), rtol=1e-4, atol=1e-6)

@@ -303,19 +303,15 @@ def test_a_kl_search_with_awq_is_refused_before_calibration(tmp_path):
     assert not out.exists()
 
 
-def test_stream_with_gradient_token_weights_is_refused_before_calibration(tmp_path, toy_copy):
+@pytest.mark.parametrize(("args", "key"), [("{image_weight: measured}", "image_weight"),
+                                           ("{token_weight: gradient}", "token_weight")])
+def test_stream_with_a_measured_token_weighting_is_refused_before_calibration(tmp_path, toy_copy, args, key):
+    """MBQ's ratio and the tokens' gradient saliency are measured with a backward pass through the whole
+    model, which a streamed run does not hold."""
     out = tmp_path / "run"
     res = runner.invoke(app, ["quantize", str(toy_copy), "--recipe", "w4a16", "--out", str(out), "--stream",
-                              "--set", "plan.scheme.args={token_weight: gradient}"])
-    refused(res, "token_weight", "--stream")
-    assert not out.exists()
-
-
-def test_stream_with_measured_image_weights_is_refused_before_calibration(tmp_path, toy_copy):
-    out = tmp_path / "run"
-    res = runner.invoke(app, ["quantize", str(toy_copy), "--recipe", "w4a16", "--out", str(out), "--stream",
-                              "--set", "plan.scheme.args={image_weight: measured}"])
-    refused(res, "image_weight", "--stream")
+                              "--set", f"plan.scheme.args={args}"])
+    refused(res, key, "--stream")
     assert not out.exists()
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from quantlab.core.files import write_dir_atomic
 STATS_FILE = "stats.safetensors"
 SUMMARY_FILE = "summary.json"
 ENTROPY_KINDS = ("kmeans", "hist")
+IMPORTANCE = "importance/"  # key prefix of the token saliencies: importance/{block}/{sample id}
 
 
 def _json_float(v: Any) -> Any:
@@ -144,7 +146,7 @@ class CalibrationStats:
         for name, h in self.hessians.items():
             out[f"hessian/{name}"] = h.contiguous()
         for i, per in self.token_importance.items():
-            out.update({f"importance/{i}/{sid}": t.contiguous() for sid, t in per.items()})
+            out.update({f"{IMPORTANCE}{i}/{sid}": t.contiguous() for sid, t in per.items()})
         return out
 
     def _summary(self) -> dict[str, Any]:
@@ -194,25 +196,26 @@ class CalibrationStats:
                    for n, per in summary["linears"].items()}
         hweight = dict(summary.get("hessian_weight", {}))
         hessians = {n: tensors[f"hessian/{n}"] for n in hweight}  # in the order they were collected
-        importance: dict[int, dict[str, torch.Tensor]] = {}
-        for k, t in tensors.items():
-            if k.startswith("importance/"):
-                _, i, sid = k.split("/", 2)
-                importance.setdefault(int(i), {})[sid] = t
-        return cls(blocks, linears, hessians, hweight, summary["meta"], importance)
+        return cls(blocks, linears, hessians, hweight, summary["meta"],
+                   _importance(tensors, tensors.__getitem__))
+
+
+def _importance(keys: Iterable[str], get: Callable[[str], torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    """``{block: {sample id: tensor}}`` from the ``importance/{block}/{sample id}`` keys among ``keys``."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for k in keys:
+        if k.startswith(IMPORTANCE):
+            i, sid = k.removeprefix(IMPORTANCE).split("/", 1)
+            out.setdefault(int(i), {})[sid] = get(k)
+    return out
 
 
 def load_token_importance(directory: str | Path) -> dict[int, dict[str, torch.Tensor]]:
     """``CalibrationStats.token_importance`` of an artifact, reading only those tensors (not its Hessians)."""
     from safetensors import safe_open
 
-    out: dict[int, dict[str, torch.Tensor]] = {}
     with safe_open(str(Path(directory) / STATS_FILE), framework="pt") as f:
-        for k in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-            if k.startswith("importance/"):
-                _, i, sid = k.split("/", 2)
-                out.setdefault(int(i), {})[sid] = f.get_tensor(k)
-    return out
+        return _importance(f.keys(), f.get_tensor)
 
 
 STATS_DIR_FILES = (STATS_FILE, SUMMARY_FILE, "entropy.png")

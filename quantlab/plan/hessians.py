@@ -32,6 +32,11 @@ def _key(scheme: QuantScheme) -> tuple[float, bool]:
     return weighting(scheme)
 
 
+def weighted(scheme: QuantScheme) -> bool:
+    """``scheme``'s Hessian weighs tokens unevenly (so calibration's plain one is not the one it is solved with)."""
+    return _key(scheme) != PLAIN
+
+
 def plain_source(hessians: Mapping[str, torch.Tensor]) -> HessianSource:
     """Every scheme gets calibration's (unweighted) Hessian."""
     return lambda name, _scheme: hessians.get(name)
@@ -44,7 +49,7 @@ def hessian_source(loaded: LoadedModel, samples: Sequence[CalibSample], candidat
     """``(module, scheme) -> Hessian``: calibration's for unweighted schemes, and for each weighting the
     ``candidates`` ask for, ``Σ w_t x_t x_tᵀ / Σ w_t`` of every Linear in ``names`` over ``samples`` (one pass
     through the full-precision decoder; ``token_importance`` from calibration for ``token_weight``)."""
-    keys = sorted({_key(c) for c in candidates if get_backend(c.backend).needs_hessian} - {PLAIN})
+    keys = sorted({_key(c) for c in candidates if get_backend(c.backend).needs_hessian and weighted(c)})
     if not keys:
         return plain_source(hessians)
     if any(by_grad for _w, by_grad in keys) and not token_importance:
@@ -52,7 +57,7 @@ def hessian_source(loaded: LoadedModel, samples: Sequence[CalibSample], candidat
                          "token_importance (the quantize command does when a recipe scheme asks for it)")
     adapter = loaded.adapter
     wanted = set(names)
-    weighted: dict[tuple[str, tuple[float, bool]], torch.Tensor] = {}
+    gathered: dict[tuple[str, tuple[float, bool]], torch.Tensor] = {}
 
     def stage(index: int, block: nn.Module, run) -> list[torch.Tensor]:
         prefix = f"{adapter.decoder_blocks}.{index}."
@@ -64,13 +69,13 @@ def hessian_source(loaded: LoadedModel, samples: Sequence[CalibSample], candidat
         finally:
             for hook in hooks.values():
                 hook.remove()
-        weighted.update({nk: hook.h.cpu() for nk, hook in hooks.items()})
+        gathered.update({nk: hook.h.cpu() for nk, hook in hooks.items()})
         return outs
 
     stream_decoder(loaded, samples, stage)
 
     def source(name: str, scheme: QuantScheme) -> torch.Tensor | None:
         key = _key(scheme)
-        return hessians.get(name) if key == PLAIN else weighted.get((name, key))
+        return hessians.get(name) if key == PLAIN else gathered.get((name, key))
 
     return source

@@ -28,7 +28,7 @@ from quantlab.models.load import LoadedModel
 from quantlab.plan import planners
 from quantlab.plan.cost import linear_bytes, model_size, nominal_bits
 from quantlab.plan.fit import Fitted, ShapeFallback, fit_scheme, group_by_block
-from quantlab.plan.hessians import hessian_source
+from quantlab.plan.hessians import hessian_source, weighted
 from quantlab.plan.plan import Plan, apply_rules
 from quantlab.plan.sensitivity import measure_damage, quantized_kl, units_of
 from quantlab.plan.spec import PlanSpec
@@ -223,8 +223,8 @@ def _budget(x: PlanInputs):
         x.device
     if not samples:
         raise ValueError("plan.planner 'budget' measures sensitivity on calibration samples; none given")
-    needs_h = [c.label() for c in spec.candidates if get_backend(c.backend).needs_hessian
-               and c.args.get("image_weight", 1.0) == 1.0 and not c.args.get("token_weight")]
+    # weighted candidates get Hessians gathered for them (plan/hessians.py); plain ones need calibration's
+    needs_h = [c.label() for c in spec.candidates if get_backend(c.backend).needs_hessian and not weighted(c)]
     if needs_h and not stats.hessians:
         raise ValueError(f"candidates {needs_h} need Hessians: calibrate with stats.hessians: true")
     fmt = plan_format(spec.candidates, export_format)

@@ -145,8 +145,7 @@ def _awq_scaled(block: nn.Module, prefix: str, pairs, used: Mapping[str, QuantSc
         if by_grad:
             raise ValueError("awq with token_weight 'gradient' is not measured by the budget planner yet")
         valid = [s.valid_mask for s in samples]
-        scaled = awq.search_block_scales(block, prefix, found, used, run, valid,
-                                         token_weights(samples, w) or [v.float() for v in valid])
+        scaled = awq.search_block_scales(block, prefix, found, used, run, valid, token_weights(samples, w))
         yield {n: s for n, (_alpha, s) in scaled.items()}
     finally:
         for n, params in saved.items():

@@ -279,9 +279,9 @@ def quantize(
         if pairs:  # AWQ first, on the block still in full precision: its scales are folded in before any solve
             w, by_grad = weighting(planned[pairs[0][1][0]])
             valid = [smp.valid_mask for smp in samples]
-            loss_w = token_weights(samples, w, block_importance(token_importance, index, by_grad))
             scaled = awq.search_block_scales(block, prefix, pairs, planned, run, valid,
-                                             loss_w or [v.float() for v in valid])
+                                             token_weights(samples, w, block_importance(token_importance, index,
+                                                                                        by_grad)))
         for step in sequential_steps(names, adapter.fused_groups):
             linears = [modules[n] for n in step]
             # one Hessian per token weighting the step's schemes ask for (usually one: q/k/v share a scheme)

@@ -64,6 +64,13 @@ def fold_scales(producer: nn.Module, consumers: Sequence[nn.Linear], s: Tensor) 
         bias = getattr(producer, "bias", None)
         if bias is not None:
             bias.copy_((bias.float() / s).to(bias.dtype))
+    scale_consumers(consumers, s)
+
+
+def scale_consumers(consumers: Sequence[nn.Linear], s: Tensor) -> None:
+    """In place: the consumer half of :func:`fold_scales`, every consumer's input columns multiplied by ``s``."""
+    s = s.to(torch.float32)
+    with torch.no_grad():
         for lin in consumers:
             if lin.in_features != s.shape[0]:
                 raise ValueError(f"fold: consumer has {lin.in_features} inputs, scales {s.shape[0]}")
@@ -89,23 +96,16 @@ def search_alpha(act_absmean: Tensor, loss: Callable[[Tensor], float], grid: int
 
 
 def divide_producer(producer: nn.Module, s: Tensor, *, weight: bool = True) -> None:
-    """In place: the producer half of :func:`fold_scales` alone (its consumers already hold scaled weights),
-    rounded as stored (:func:`round_as_stored`); ``weight=False``: the bias only (a quantized producer's
-    weight comes from its codes, which hold the fold)."""
+    """In place: the producer half of :func:`fold_scales`, rounded to fp16 as checkpoints store it
+    (:func:`fold_tensor`), so the model in memory computes what a loader rebuilds from the export (a folded
+    norm is no longer an fp16 number). The quantize stage's fold, a resume's and a streamed export's are this
+    one computation. ``weight=False``: the bias only (a quantized producer's weight comes from its codes,
+    which hold the fold)."""
     for leaf in ("weight", "bias") if weight else ("bias",):
         t = getattr(producer, leaf, None)
         if t is not None:
             with torch.no_grad():
                 t.copy_(fold_tensor(leaf, t, s))
-
-
-def round_as_stored(module: nn.Module, dtype: torch.dtype = torch.float16) -> None:
-    """In place: ``module``'s weight and bias rounded to ``dtype`` (what checkpoints store), so the model in
-    memory computes what a loader rebuilds from the export (a folded norm is no longer an fp16 number)."""
-    with torch.no_grad():
-        for p in (module.weight, getattr(module, "bias", None)):
-            if p is not None and p.is_floating_point():
-                p.copy_(p.to(dtype).to(p.dtype))
 
 
 def block_pairs(pairs: Sequence[tuple[str, Sequence[str]]], block: nn.Module, prefix: str,
@@ -170,18 +170,21 @@ def _input_absmean(linear: nn.Linear, run: Callable[..., list[Tensor]], valid: S
 
 def search_block_scales(block: nn.Module, prefix: str, pairs: Sequence[tuple[str, Sequence[str]]],
                         planned: Mapping[str, QuantScheme | None], run: Callable[..., list[Tensor]],
-                        valid: Sequence[Tensor], token_weights: Sequence[Tensor], grid: int = GRID
+                        valid: Sequence[Tensor], token_weights: Sequence[Tensor] | None = None, grid: int = GRID
                         ) -> dict[str, tuple[float, Tensor]]:
     """AWQ on one decoder block, in place: for each pair (in order), the scales that minimise the block's
     weighted output error with the pair's consumers quantized (:func:`proxy_quantize`), folded into the
     producer and the consumers before the next pair is searched (as llm-awq's ``auto_scale_block``).
 
     ``pairs`` from :func:`block_pairs`; ``run``: the executor's block runner; ``valid`` / ``token_weights``:
-    per sample, non-padding tokens and each token's weight in the loss. Returns consumer -> (α, scales).
+    per sample, non-padding tokens and each token's weight in the loss (None: every valid token once).
+    Returns consumer -> (α, scales).
     """
     def sub(name: str) -> nn.Module:
         return block.get_submodule(name.removeprefix(prefix))
 
+    if token_weights is None:
+        token_weights = [v.float() for v in valid]
     reference = run()
     found: dict[str, tuple[float, Tensor]] = {}
     for producer, consumers in pairs:
@@ -201,8 +204,8 @@ def search_block_scales(block: nn.Module, prefix: str, pairs: Sequence[tuple[str
                     lin.weight.data.copy_(w)
 
         alpha, s, _ = search_alpha(absmean, loss, grid)
-        fold_scales(sub(producer), lins, s.to(originals[0].device))
-        round_as_stored(sub(producer))
+        scale_consumers(lins, s.to(originals[0].device))
+        divide_producer(sub(producer), s)
         for c in consumers:
             found[c] = (alpha, s.cpu())
     return found
@@ -224,8 +227,9 @@ def producer_folds(pairs: Sequence[tuple[str, Sequence[str]]], blocks_prefix: st
 
 
 def fold_tensor(leaf: str, t: Tensor, s: Tensor) -> Tensor:
-    """A checkpoint tensor of a producer divided by its scales (``leaf``: ``weight`` or ``bias``; a Linear's
-    weight by rows), in float32 and back to its dtype, as :func:`divide_producer` computes it in memory."""
-    s = s.to(torch.float32)
+    """A producer's tensor divided by its scales (``leaf``: ``weight`` or ``bias``; a Linear's weight by rows),
+    in float32, rounded to fp16 as checkpoints store it, back in its dtype: :func:`divide_producer` in memory
+    and the streamed export on what it reads from the checkpoint."""
+    s = s.to(t.device, torch.float32)
     div = s[:, None] if leaf == "weight" and t.dim() == 2 else s
     return (t.float() / div).to(torch.float16).to(t.dtype)

@@ -34,6 +34,18 @@ LOADER = textwrap.dedent("""
 """)
 
 
+def transformers_logits(checkpoint, inputs: dict[str, torch.Tensor], tmp_path) -> torch.Tensor:
+    """The logits transformers computes for ``inputs`` from ``checkpoint``, in another process that never
+    imports quantlab (:data:`LOADER`)."""
+    from safetensors.torch import load_file, save_file
+
+    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    (tmp_path / "load.py").write_text(LOADER)
+    subprocess.run([sys.executable, str(tmp_path / "load.py"), str(checkpoint), str(tmp_path / "inputs.safetensors"),
+                    str(tmp_path / "logits.safetensors")], check=True, capture_output=True, cwd=tmp_path)
+    return load_file(str(tmp_path / "logits.safetensors"))["logits"]
+
+
 def rtn_result(w: torch.Tensor, bits: int, group: int, sym: bool):
     """Plain round-to-nearest with fp16-representable scales (a reference independent of quantlab.quant)."""
     out, cols = w.shape
@@ -105,16 +117,7 @@ def _export_and_load(family, tmp_path):
     assert cfg["format"] == "pack-quantized" and len(cfg["config_groups"]) == len(schemes)
     torch.manual_seed(0)
     inputs = tiny_inputs(family, batch=1)
-    from safetensors.torch import save_file
-
-    save_file(inputs, str(tmp_path / "inputs.safetensors"))
-    script = tmp_path / "load.py"
-    script.write_text(LOADER)
-    subprocess.run([sys.executable, str(script), str(out), str(tmp_path / "inputs.safetensors"),
-                    str(tmp_path / "logits.safetensors")], check=True, capture_output=True, cwd=tmp_path)
-    from safetensors.torch import load_file
-
-    theirs = load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    theirs = transformers_logits(out, inputs, tmp_path)
     with torch.no_grad():
         ours = model(**inputs).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
@@ -156,8 +159,6 @@ def test_asymmetric_is_refused_with_module_names(tmp_path):
 @pytest.mark.parametrize("name", ["toy-llava", "toy-qwen2.5-vl"])
 def test_trained_toy_mixed_plan_round_trip(name, tmp_path):
     """quantlab's GPTQ with 2/3/4/8 bits across the decoder of a shipped toy; transformers reproduces it."""
-    from safetensors.torch import load_file, save_file
-
     from quantlab.calib.data import CalibDataOptions, build_calibration_set
     from quantlab.models import load_model
     from quantlab.models.load import ASSETS
@@ -177,11 +178,7 @@ def test_trained_toy_mixed_plan_round_trip(name, tmp_path):
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert sorted(g["weights"]["num_bits"] for g in cfg["config_groups"].values()) == [2, 3, 4, 8]
     inputs = next(s for s in calib.samples if s.has_image).inputs
-    save_file(inputs, str(tmp_path / "inputs.safetensors"))
-    (tmp_path / "load.py").write_text(LOADER)
-    subprocess.run([sys.executable, str(tmp_path / "load.py"), str(out), str(tmp_path / "inputs.safetensors"),
-                    str(tmp_path / "logits.safetensors")], check=True, capture_output=True, cwd=tmp_path)
-    theirs = load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    theirs = transformers_logits(out, inputs, tmp_path)
     with torch.no_grad():
         ours = loaded.model(**inputs).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)

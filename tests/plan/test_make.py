@@ -9,7 +9,7 @@ from quantlab.calib.collect import calibrate
 from quantlab.plan.make import make_plan
 from quantlab.quant.scheme import QuantScheme
 from quantlab.recipe import PlanSpec, RuleSpec
-from tests.test_apply import _setup
+from tests.test_apply import _setup, linear_inputs
 
 LOW = QuantScheme(backend="billm", bits=1, group_size=32)
 HIGH = QuantScheme(backend="gptq", bits=4, group_size=32)
@@ -95,13 +95,8 @@ def test_weighted_candidates_are_measured_with_the_hessian_they_are_quantized_wi
     loaded, samples, stats = setup
     q = "model.language_model.layers.1.self_attn.q_proj"
     module = dict(loaded.model.named_modules())[q]
-    seen = []
-    handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
-    for s in samples:
-        loaded.model(**s.inputs)
-    handle.remove()
     d = torch.cat([torch.where(s.image_mask.reshape(-1), 0.25, 1.0) * s.valid_mask.float() for s in samples])
-    expected = weighted_hessian_from_inputs(torch.cat(seen), d)
+    expected = weighted_hessian_from_inputs(linear_inputs(loaded, samples, q), d)
 
     given = {}
     real = sensitivity._fake_quantize

@@ -3,9 +3,6 @@ it cannot run faithfully (docs/method.md#awq)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -14,7 +11,7 @@ from quantlab.calib.executor import stream_decoder
 from quantlab.models import Component, load_model
 from quantlab.quant.apply import quantize
 from quantlab.quant.scheme import QuantScheme
-from tests.export.test_compressed_tensors import LOADER
+from tests.export.test_compressed_tensors import transformers_logits
 
 TOY = "toy-llava"
 
@@ -63,8 +60,6 @@ def test_awq_lowers_the_decoder_output_error_of_rtn(calib):
 def test_awq_export_is_what_the_quantized_model_computes(calib, tmp_path):
     """AWQ then GPTQ W4 g32, exported as compressed-tensors: transformers (another process, no quantlab)
     loads the folded norms and the codes and reproduces the in-memory model's logits."""
-    from safetensors.torch import load_file, save_file
-
     from quantlab.export.compressed_tensors import write_compressed_tensors
     from quantlab.export.io import write_dir_atomic
 
@@ -74,11 +69,7 @@ def test_awq_export_is_what_the_quantized_model_computes(calib, tmp_path):
     assert not torch.equal(norm, load_model(TOY).model.model.language_model.layers[0].input_layernorm.weight)
     out = write_dir_atomic(tmp_path / "ckpt", lambda d: write_compressed_tensors(loaded, results, d))
     inputs = next(s for s in calib if s.has_image).inputs
-    save_file(inputs, str(tmp_path / "inputs.safetensors"))
-    (tmp_path / "load.py").write_text(LOADER)
-    subprocess.run([sys.executable, str(tmp_path / "load.py"), str(out), str(tmp_path / "inputs.safetensors"),
-                    str(tmp_path / "logits.safetensors")], check=True, capture_output=True, cwd=tmp_path)
-    theirs = load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    theirs = transformers_logits(out, inputs, tmp_path)
     with torch.no_grad():
         ours = loaded.model.float()(**inputs).logits
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
