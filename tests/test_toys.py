@@ -154,3 +154,76 @@ def test_late_loss_trains_only_the_heads_it_is_given():
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert heads["late_count"].weight.grad is None and heads["late_row"].weight.grad is not None
+
+
+def test_batched_vision_attention_matches_transformers_loop():
+    """Training's Qwen2.5-VL vision attention (one batched call over equal windows) gives transformers' own
+    per-window result, for the windowed and the full-attention block, forward and gradient."""
+    from quantlab.data.synthetic import SETS
+    from quantlab.toys.build import build_toy
+    from quantlab.toys.fast_attention import batch_equal_chunks
+
+    model, processor = build_toy("toy-qwen2.5-vl-hard", seed=0)
+    model.float()
+    samples = list(SETS.get("shapes-vqa-hard").samples("train", 3))
+    enc = processor.image_processor(images=[s.render() for s in samples], return_tensors="pt")
+
+    def run():
+        pixels = enc["pixel_values"].clone().requires_grad_(True)
+        out = model.model.visual(pixels, grid_thw=enc["image_grid_thw"]).pooler_output
+        out.square().sum().backward()
+        return out.detach(), pixels.grad
+
+    ref, ref_grad = run()
+    assert batch_equal_chunks(model) == len(model.model.visual.blocks)
+    fast, fast_grad = run()
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["toy-llava-hard", "toy-qwen2.5-vl-hard"])
+def test_recorded_attention_is_the_layers_own_and_the_relation_loss_reads_the_asked_object(name):
+    """``--relation-attn-weight``: recording one layer's attention changes no logit, its probabilities are that
+    layer's eager attention, and the loss reads head 0 at each relation question's ``?`` on the image token of
+    the object the question asks about (``shapes_hard.relation_target``)."""
+    from quantlab.data import shapes_hard as H
+    from quantlab.data.synthetic import SETS
+    from quantlab.models.adapter import ADAPTERS
+    from quantlab.toys.aux_losses import record_attention, relation_attention_loss
+    from quantlab.toys.batches import collate, prepare
+    from quantlab.toys.build import TOYS, build_toy
+
+    torch.manual_seed(0)
+    model, processor = build_toy(name, seed=0)
+    model.float().eval()
+    member = SETS.get(TOYS[name].size.dataset)
+    data = prepare(processor, member, "train", 12, bins=6)
+    adapter = ADAPTERS[TOYS[name].model_type]
+    image_id = adapter.image_token_id(model.config)
+    batch = collate(data, torch.arange(12), processor.tokenizer.pad_token_id, image_id)
+    with torch.no_grad():
+        plain = model(**batch).logits
+        model.set_attn_implementation({"text_config": "eager"})
+        eager = model(**batch, output_attentions=True).attentions[5]
+        model.set_attn_implementation({"text_config": "sdpa"})
+        store: dict[str, torch.Tensor] = {}
+        record_attention(adapter.blocks(model)[5].self_attn, store)
+        recorded = model(**batch).logits
+    torch.testing.assert_close(recorded, plain, rtol=1e-4, atol=1e-4)
+    real = batch["attention_mask"].bool()  # padded queries' rows differ between mask conventions: not used
+    torch.testing.assert_close(store["attn"].permute(0, 2, 1, 3)[real], eager.permute(0, 2, 1, 3)[real],
+                               rtol=1e-4, atol=1e-5)
+
+    samples = list(member.samples("train", 12))
+    attn = torch.zeros_like(store["attn"])
+    expected = []
+    for r, s in enumerate(samples):
+        if s.question_type == "relation":
+            t = H.relation_target(s)
+            pos = int(data.late_targets[r][0, 0])
+            start = int((batch["input_ids"][r] == image_id).nonzero()[0])
+            attn[r, 0, pos, start + t.row * 6 + t.col] = 0.5
+            expected.append(0.5)
+    assert expected
+    loss = relation_attention_loss(attn, data, torch.arange(12), image_id, batch["input_ids"], 6)
+    torch.testing.assert_close(loss, -torch.log(torch.tensor(0.5 + 1e-6)))

@@ -6,10 +6,14 @@ training, so the saved model is a plain transformers checkpoint.
   own word embeddings, :class:`WordAlignedHead`);
 - the binding loss: the decoder's middle layer, at each colour/shape word of the question, classifies the
   named object's other attribute and position;
-- the lookup-attention loss: one head's attention from such a word to its object's image token.
+- the lookup-attention loss: one head's attention from such a word to its object's image token;
+- the relation-attention loss: one head's attention from a relation question's ``?`` to the image token of
+  the object it asks about (the second hop), read through :func:`record_attention` on one layer only.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +54,62 @@ def object_tokens(input_ids: torch.Tensor, targets: torch.Tensor, image_token_id
     column bins, 1-based, must be the board's rows and columns): one image token per cell, in raster order."""
     start = int((input_ids == image_token_id).nonzero()[0])
     return start + (targets[:, 2] - 1) * grid + (targets[:, 3] - 1)
+
+
+def relation_attention_loss(attn: torch.Tensor, data: Batchable, idx: torch.Tensor, image_token_id: int,
+                            input_ids: torch.Tensor, grid: int) -> torch.Tensor:
+    """-log of head 0's attention from each relation question's ``?`` to the image token of the object the
+    question asks about (the late targets' row and column, which must be the board's: ``bins == grid``).
+
+    ``attn``: one layer's attention probabilities ``(batch, heads, seq, seq)``. The answer-token loss alone
+    never taught the decoder this second hop (docs/hard-testbed.md, runs 9-12); this asks for it directly.
+    """
+    rows, pos, key = [], [], []
+    for r, i in enumerate(idx.tolist()):
+        t = data.late_targets[i]
+        t = t[t[:, 2] > 0]  # relation questions (a count question's row is 0)
+        if not len(t):
+            continue
+        rows += [r] * len(t)
+        pos.append(t[:, 0])
+        key.append(object_tokens(input_ids[r], t, image_token_id, grid))
+    if not rows:
+        return attn.sum() * 0
+    p = attn[torch.tensor(rows), 0, torch.cat(pos), torch.cat(key)]
+    return -torch.log(p.float() + 1e-6).mean()
+
+
+def _probe_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention that takes the mask the model built for sdpa (boolean, ``True`` = attend, or None for
+    plain causal) and returns the probabilities too; registered for the recorded layer only."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is None:
+        q, k = scores.shape[-2:]
+        attention_mask = torch.ones(q, k, dtype=torch.bool, device=scores.device).tril(k - q)
+    if attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+PROBE = "quantlab_probe"
+
+
+def record_attention(layer_attention: nn.Module, store: dict[str, torch.Tensor]) -> None:
+    """Make one decoder layer's attention module compute eagerly and put its probabilities in
+    ``store["attn"]`` on every forward; the other layers keep their sdpa kernels."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PROBE, _probe_attention)
+    layer_attention.config = copy.copy(layer_attention.config)  # this layer only
+    layer_attention.config._attn_implementation = PROBE
+    layer_attention.register_forward_hook(lambda m, i, o: store.__setitem__("attn", o[1]))
 
 
 def _at_positions(hidden: torch.Tensor, per_sample: list[torch.Tensor], idx: torch.Tensor

@@ -33,10 +33,13 @@ from quantlab.toys.aux_losses import (
     encode_images,
     late_loss,
     lookup_attention_loss,
+    record_attention,
+    relation_attention_loss,
     vision_params,
 )
 from quantlab.toys.batches import collate, first_token_accuracy, prepare
 from quantlab.toys.build import TOYS, build_toy
+from quantlab.toys.fast_attention import batch_equal_chunks
 from quantlab.toys.probes import cell_accuracy, lookup_probes
 
 
@@ -45,12 +48,13 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
           bind_weight: float = 0.5, bind_bins: int = 2, test_n: int = 500, vision_warmup: int = 0,
           attn_weight: float = 0.0, turns: int = 1, probe: bool = False, bf16: bool = False,
           balanced_cells: bool = False, late_weight: float = 0.0, late_from: int = 0,
-          late_count: bool = True) -> dict:
+          late_count: bool = True, relation_attn_weight: float = 0.0) -> dict:
     """Train toy ``name`` and save it (fp16 safetensors + processor) to ``out``; returns the training log."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t0 = time.time()
     model, processor = build_toy(name, seed=seed)
+    batch_equal_chunks(model)  # Qwen2.5-VL: one attention call per vision layer instead of one per window
     member = SETS.get(TOYS[name].size.dataset)
     adapter = ADAPTERS[TOYS[name].model_type]
     image_token_id = adapter.image_token_id(model.config)
@@ -77,6 +81,12 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
         heads.update({"late_other": nn.Linear(width, 1 + len(member.colors) + len(member.shapes)),
                       "late_row": nn.Linear(width, 1 + bind_bins), "late_col": nn.Linear(width, 1 + bind_bins),
                       "late_count": nn.Linear(width, counts)})
+    relation_attn: dict[str, torch.Tensor] = {}
+    if relation_attn_weight > 0:
+        if bind_bins != grid:
+            raise ValueError(f"--relation-attn-weight needs --bind-bins {grid} (the board's rows and columns)")
+        # the layer whose output the late heads read: its attention is where the second hop can happen
+        record_attention(adapter.blocks(model)[late_layer - 1].self_attn, relation_attn)
     word_aux = WordAlignedHead(model, processor.tokenizer, width, member)
     captured: dict[str, torch.Tensor] = {}
     projector = adapter.get(model, adapter.projector)
@@ -121,7 +131,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
         idx = pool[torch.randint(0, len(pool), (batch_size,), generator=gen)]
         batch = collate(data, idx, pad_id, image_token_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            late_on = late_weight > 0 and step >= late_from
+            late_on = (late_weight > 0 or relation_attn_weight > 0) and step >= late_from
             out_ = model(**batch, output_hidden_states=bind_weight > 0 or late_on,
                          output_attentions=attn_weight > 0)
         aux = cell_loss(cell_terms(captured["features"].reshape(batch_size, -1, width), data, idx, word_aux, heads),
@@ -129,9 +139,13 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
         loss = out_.loss + aux_weight * aux
         if bind_weight > 0:
             loss = loss + bind_weight * binding_loss(out_.hidden_states[bind_layer], data, idx, heads)
-        if late_on:
+        if late_on and late_weight > 0:
             loss = loss + late_weight * late_loss(out_.hidden_states[late_layer].float(), data, idx, heads,
                                                   terms=LATE_TERMS if late_count else LATE_TERMS[:3])
+        rel_attn = None
+        if relation_attn_weight > 0 and late_on:
+            rel_attn = relation_attention_loss(relation_attn["attn"], data, idx, image_token_id, batch["input_ids"], grid)
+            loss = loss + relation_attn_weight * rel_attn
         if attn_weight > 0:
             loss = loss + attn_weight * lookup_attention_loss(out_.attentions[ATTN_LAYER], data, idx, image_token_id,
                                                               batch["input_ids"], grid)
@@ -144,6 +158,8 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
             acc = first_token_accuracy(model, held, pad_id, image_token_id)
             entry = {"step": step + 1, "lm_loss": round(out_.loss.item(), 4), "aux_loss": round(aux.item(), 4),
                      "seconds": round(time.time() - t0, 1), **acc}
+            if rel_attn is not None:
+                entry["relation_attn_loss"] = round(rel_attn.item(), 4)
             if probe:
                 entry.update(lookup_probes(model, held, heads, bind_layer, pad_id, image_token_id, grid))
                 entry["cell_acc"] = cell_accuracy(model, held, word_aux, heads, captured, pad_id, image_token_id)
@@ -161,7 +177,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
             "dataset": member.name, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
             "n_train": n_train, "aux_weight": aux_weight, "curriculum": curriculum, "bind_weight": bind_weight,
             "bind_bins": bind_bins, "vision_warmup": vision_warmup, "attn_weight": attn_weight, "turns": turns, "bf16": bf16, "balanced_cells": balanced_cells, "late_weight": late_weight,
-            "late_from": late_from, "late_count": late_count, "threads": threads, "train_seconds": round(time.time() - t0, 1),
+            "late_from": late_from, "late_count": late_count, "relation_attn_weight": relation_attn_weight, "threads": threads, "train_seconds": round(time.time() - t0, 1),
             "torch": torch.__version__, "log": log}
     info["test"] = test_accuracy(out, member.name, test_n)
     info["total_seconds"] = round(time.time() - t0, 1)
@@ -232,13 +248,17 @@ def main(argv: list[str] | None = None) -> None:
                     help="first decoder step with the late targets' loss (after the lookups by name are learnt)")
     ap.add_argument("--no-late-count", dest="late_count", action="store_false",
                     help="late targets on relation questions only (no count target)")
+    ap.add_argument("--relation-attn-weight", type=float, default=0.0,
+                    help="weight of the relation-attention loss (from --late-from; needs --bind-bins equal to the "
+                         "board's grid): head 0 of the layer below the late targets attends from a relation "
+                         "question's ? to the object it asks about")
     a = ap.parse_args(argv)
     train(a.toy, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_train=a.n_train, seed=a.seed,
           aux_weight=a.aux_weight, threads=a.threads, eval_every=a.eval_every,
           curriculum=a.curriculum, bind_weight=a.bind_weight, bind_bins=a.bind_bins, test_n=a.test_n,
           vision_warmup=a.vision_warmup, attn_weight=a.attn_weight, turns=a.turns, probe=a.probe, bf16=a.bf16,
           balanced_cells=a.balanced_cells, late_weight=a.late_weight,
-          late_from=a.late_from, late_count=a.late_count)
+          late_from=a.late_from, late_count=a.late_count, relation_attn_weight=a.relation_attn_weight)
 
 
 if __name__ == "__main__":
