@@ -133,6 +133,9 @@ FORMAT = ExportFormat(
     name="compressed-tensors", write=write_compressed_tensors, layout=layout, uniform_only=True,
     load_snippet=("```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
         "model = AutoModelForImageTextToText.from_pretrained(\"{repo}\")   # default settings; do not pass "
-        "dequantize=True for mixed precision\nprocessor = AutoProcessor.from_pretrained(\"{repo}\")\n```\n\n"
+        "dequantize=True for mixed precision\n"
+        "# unpack now: generate() encodes images before the first forward, which would unpack them\n"
+        "model.hf_quantizer.compressor.decompress_model(model)\n"
+        "processor = AutoProcessor.from_pretrained(\"{repo}\")\n```\n\n"
         "vLLM: `vllm serve {repo}` (2/3-bit groups need vLLM's Humming kernels, CUDA)."),
 )

@@ -168,7 +168,20 @@ def load_checkpoint(src: str, *, dtype) -> nn.Module:
     if problems:
         raise problems_error(f"{src}: the checkpoint's tensors do not match its config.json", problems,
                              "restore the checkpoint from its source, or export it again (quantlab export RUN)")
+    decompress_now(model)
     return model
+
+
+def decompress_now(model: nn.Module) -> None:
+    """Unpack a compressed-tensors checkpoint's Linears at load rather than on the first top-level forward.
+
+    compressed-tensors decompresses in a pre-hook on the model's own ``forward``; transformers 5's ``generate``
+    encodes the images first (``get_image_features``, straight into the vision tower), so with a quantized vision
+    tower the packed Linears run before the hook and fail (``'Linear' object has no attribute 'weight'``).
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if getattr(model, "ct_decompress_hook", None) is not None and hasattr(quantizer, "compressor"):
+        quantizer.compressor.decompress_model(model)
 
 
 def load_model(

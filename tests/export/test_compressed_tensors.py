@@ -198,3 +198,59 @@ def test_a_tied_head_is_written_once(where):
     names = [n for n, *_ in dense_tensors(LoadedModel(model, None, get_adapter(model), "t"), set(), torch.float16)]
     assert ties_embeddings(model.config) == (where != "none")
     assert ("lm_head.weight" in names) == (where == "none") and "model.embed_tokens.weight" in names
+
+
+GENERATE = textwrap.dedent("""
+    import sys, torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageTextToText
+    model = AutoModelForImageTextToText.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+    model.hf_quantizer.compressor.decompress_model(model)   # the model card's line
+    inputs = load_file(sys.argv[2])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    save_file({"logits": torch.stack(out.logits).contiguous()}, sys.argv[3])
+""")
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_quantized_vision_tower_generates_in_transformers_and_quantlab(family, tmp_path):
+    """Vision Linears at W8 and decoder Linears at W4: transformers' generate (which encodes the images before
+    the forward that would unpack the weights) runs with the model card's snippet in another process, and
+    quantlab's loader, and both reproduce the in-memory fake-quant model's logits (docs/formats.md)."""
+    from quantlab.models import load_model
+    from tests.conftest import TINY_BUILDERS
+
+    model = TINY_BUILDERS[family]()
+    adapter = get_adapter(model)
+    results = {}
+    for component, bits in ((Component.VISION, 8), (Component.DECODER, 4)):
+        for name, mod in adapter.iter_linears(model, component):
+            r = rtn_result(mod.weight.data, bits, -1, True)
+            mod.weight.data.copy_(r.dequantized)
+            results[name] = r
+    assert any(adapter.component_of(n) is Component.VISION for n in results)
+    quantized = {f"{n}.weight" for n in results}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n not in quantized:
+                p.copy_(p.half().float())
+    loaded = LoadedModel(model, None, adapter, family)
+    out = write_dir_atomic(tmp_path / "ckpt", lambda d: write_compressed_tensors(loaded, results, d))
+    torch.manual_seed(0)
+    inputs = tiny_inputs(family, batch=1)
+    kwargs = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        ours = torch.stack(model.eval().generate(**inputs, **kwargs).logits)
+        reopened = load_model(out, dtype=torch.float32, with_processor=False).model
+        theirs_here = torch.stack(reopened.generate(**inputs, **kwargs).logits)
+    torch.testing.assert_close(theirs_here, ours, rtol=0, atol=1e-4)
+
+    from safetensors.torch import load_file, save_file
+
+    save_file(inputs, str(tmp_path / "inputs.safetensors"))
+    (tmp_path / "generate.py").write_text(GENERATE)
+    subprocess.run([sys.executable, str(tmp_path / "generate.py"), str(out), str(tmp_path / "inputs.safetensors"),
+                    str(tmp_path / "logits.safetensors")], check=True, capture_output=True, cwd=tmp_path)
+    torch.testing.assert_close(load_file(str(tmp_path / "logits.safetensors"))["logits"], ours, rtol=0, atol=1e-4)
