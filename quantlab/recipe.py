@@ -80,6 +80,15 @@ class ExportSpec(_Strict):
         "llama.cpp's model.gguf + mmproj.gguf (docs/formats.md#gguf)")
 
 
+class VisionCheckSpec(_Strict):
+    """The image-embedding check run when a plan quantizes vision or projector Linears (docs/recipes.md)."""
+
+    images: int = Field(default=16, ge=1, description="held-out images from the calibration image sources")
+    min_cosine: float | None = Field(default=None, ge=-1.0, le=1.0, description="refuse the run when the "
+                                     "quantized image embeddings' mean cosine to full precision is below this "
+                                     "(null: report only)")
+
+
 class EvalSpec(_Strict):
     """What the eval stage measures, on the base and the quantized model alike."""
 
@@ -92,6 +101,8 @@ class EvalSpec(_Strict):
                         "vllm (its own environment: quantlab engines --install vllm); see docs/engines.md")
     engine_options: dict[str, Any] = Field(default_factory=dict, description="passed to the engine, e.g. "
                                            "{tensor_parallel_size: 2, dtype: bfloat16} for vllm.LLM")
+    vision_check: VisionCheckSpec = Field(default_factory=VisionCheckSpec, description="image embeddings of a "
+                                          "quantized vision tower vs full precision (run when the plan quantizes one)")
 
 
 class Recipe(_Strict):

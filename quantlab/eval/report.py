@@ -140,6 +140,8 @@ class Comparison:
     blocks: list[dict[str, Any]] = field(default_factory=list)  # per decoder block: bits, bytes, entropies
     # per pipeline stage: {"forecast_bytes", "peak_bytes"} of this process's host memory (the run's own)
     stage_memory: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # quantlab.eval.embeddings.EmbeddingCheck.to_dict() when the plan quantized vision or projector Linears
+    vision_check: dict[str, Any] | None = None
 
     @property
     def points(self) -> list[dict[str, Any]]:
@@ -359,6 +361,7 @@ def markdown(c: Comparison) -> str:
                 out.append(f"\n{lb}: fits in {f['budget_bytes'] / 2**30:g} GiB with {f['images']} image(s) and "
                            f"{f['text_tokens']} text tokens: **{'yes' if f['fits'] else 'no'}** "
                            f"(need {cell_mib(f['total_bytes'])} MiB; at most {f['max_images']} images)")
+    out += _vision_check_md(c)
     out += _stage_memory_md(c)
     out += _blocks_md(c)
     out += _points_md(c)
@@ -368,6 +371,19 @@ def markdown(c: Comparison) -> str:
     if c.notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in c.notes]
     return "\n".join(out) + "\n"
+
+
+def _vision_check_md(c: Comparison) -> list[str]:
+    v = c.vision_check
+    if not v:
+        return []
+    threshold = "none (reported only)" if v.get("min_cosine") is None else f"{v['min_cosine']:g}"
+    return ["", "## Vision tower: image embeddings vs full precision", "",
+            f"{v['n_images']} held-out images, {v['n_tokens']} image tokens (projector outputs).", "",
+            "| cosine, mean | cosine, min | relative error | threshold on the mean | passed |",
+            "|---:|---:|---:|---:|---|",
+            (f"| {v['cosine_mean']:.4f} | {v['cosine_min']:.4f} | {v['rel_error']:.4f} | {threshold} | "
+             f"{'yes' if v['passed'] else 'no'} |")]
 
 
 def _stage_memory_md(c: Comparison) -> list[str]:

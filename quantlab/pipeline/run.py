@@ -105,6 +105,9 @@ def _stages(ctx: StageContext, stop_after: str | None) -> dict[str, Any]:
         return summary
     say("[5/6] eval: baseline and quantized")
     with _peak_of(ctx, "eval", summary):
+        check = stages.stage_vision_check(ctx, plan)
+        if check is not None:
+            summary["vision_check"] = check.to_dict()
         summary["eval"] = stages.stage_eval(ctx, ctx.loaded)
     say("[6/6] report")
     summary["report"] = str(stages.stage_report(ctx, plan, results, summary["eval"]))

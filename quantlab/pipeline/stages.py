@@ -20,6 +20,12 @@ from quantlab.calib.collect import CollectOptions, calibrate
 from quantlab.calib.data import build_calibration_set
 from quantlab.calib.plot import plot_entropy
 from quantlab.core.errors import UserError, problems_error
+from quantlab.eval.embeddings import (
+    EmbeddingCheck,
+    compare_embeddings,
+    held_out_images,
+    image_embeddings,
+)
 from quantlab.eval.engines import EngineSession, get_engine, open_engine
 from quantlab.eval.memory import memory_report
 from quantlab.eval.report import ModelSize, StatsEntropy, compare, write_report
@@ -31,7 +37,11 @@ from quantlab.export.open import open_model
 from quantlab.models.adapter import Component
 from quantlab.models.load import load_dtype, load_model, resolve
 from quantlab.pipeline.context import StageContext, file_hash, fingerprint
-from quantlab.pipeline.preflight import asks_measured_weights, asks_token_importance, preflight
+from quantlab.pipeline.preflight import (
+    asks_measured_weights,
+    asks_token_importance,
+    preflight,
+)
 from quantlab.plan.cost import model_size
 from quantlab.plan.fit import plan_problems
 from quantlab.plan.make import PLANNERS, make_plan
@@ -247,6 +257,53 @@ def _exported_or(ctx: StageContext, fake_quant):
     return open_model(ctx.run.model, dtype=load_dtype(ctx.model_name))  # as the base model is evaluated
 
 
+VISION_PARTS = (Component.VISION, Component.PROJECTOR)
+
+
+def stage_vision_check(ctx: StageContext, plan) -> EmbeddingCheck | None:
+    """Compare the quantized model's image embeddings with full precision on held-out images when the plan
+    quantizes vision or projector Linears (``RUN/eval/vision_check.json``; quantlab.eval.embeddings).
+
+    Raises:
+        UserError: the mean cosine is below ``eval.vision_check.min_cosine`` (after the export is written).
+    """
+    adapter = ctx.loaded.adapter
+    touched = [n for n, s in plan.layers.items() if s is not None and adapter.component_of(n) in VISION_PARTS]
+    if not touched:
+        return None
+    spec = ctx.recipe.eval.vision_check
+    if ctx.stream:
+        ctx.say("vision check: not measured in a streamed run (it would load the base model whole)")
+        return None
+    run = ctx.run
+    fp = fingerprint(run.state["export"]["fingerprint"], spec.model_dump(mode="json"),
+                     ctx.recipe.calibration.model_dump(mode="json"))
+    file = run.eval / "vision_check.json"
+    recorded = json.loads(file.read_text()) if file.is_file() else {}
+    if recorded.get("fingerprint") == fp:
+        check = EmbeddingCheck(**{k: recorded[k] for k in EmbeddingCheck.__dataclass_fields__})
+    else:
+        records = held_out_images(ctx.recipe.calibration, spec.images)
+        if not records:
+            ctx.say("vision check: the calibration image sources hold no image past calibration's; not measured")
+            return None
+        fp_embeddings = image_embeddings(load_model(ctx.model_name), records)
+        quantized = image_embeddings(_exported_or(ctx, ctx.loaded), records)
+        check = compare_embeddings(fp_embeddings, quantized, spec.min_cosine, n_images=len(records))
+        run.eval.mkdir(exist_ok=True)
+        file.write_text(json.dumps({"fingerprint": fp, **check.to_dict()}, indent=2) + "\n")
+    ctx.say(f"vision check: {len(touched)} vision/projector Linears quantized; image embeddings vs fp on "
+            f"{check.n_images} held-out images: cosine mean {check.cosine_mean:.4f}, min {check.cosine_min:.4f}, "
+            f"relative error {check.rel_error:.4f}")
+    if not check.passed:
+        raise UserError(f"eval.vision_check.min_cosine: the quantized image embeddings' mean cosine to full "
+                        f"precision is {check.cosine_mean:.4f} on {check.n_images} held-out images, below "
+                        f"{spec.min_cosine} (the export is in {run.model}; {file} has the measurement)",
+                        "keep the vision tower at more bits (plan.rules: component:vision), or lower "
+                        "eval.vision_check.min_cosine")
+    return check
+
+
 def stage_eval(ctx: StageContext, quantized_loaded) -> dict:
     """Evaluate the base model and the exported quantized checkpoint (loaded back) on the recipe's tasks."""
     run = ctx.run
@@ -314,6 +371,10 @@ def stage_report(ctx: StageContext, plan, results, evals: dict) -> Path:
         stage: {"forecast_bytes": entry.get("forecast_host_bytes"), "peak_bytes": entry["peak_rss_bytes"]}
         for stage in ("calibrate", "plan", "quantize", "export", "eval")
         if "peak_rss_bytes" in (entry := run.state.get(stage, {}))})
+    check_file = run.eval / "vision_check.json"
+    if check_file.is_file():
+        check = json.loads(check_file.read_text())
+        comparison = dataclasses.replace(comparison, vision_check={k: v for k, v in check.items() if k != "fingerprint"})
     paths = write_report(run.root, comparison)
     scores = {k: {"task": t, "accuracy": r.score} for k, e in evals.items() for t, r in e.tasks.items()}
     write_model_card(run.model, ctx.model_name, ctx.recipe, plan, run.state["export"]["format"],
