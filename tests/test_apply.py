@@ -90,17 +90,16 @@ def test_refuses_group_size_that_does_not_divide():
                  samples, progress=False)
 
 
-def test_gptq_outside_decoder_is_refused():
+def test_gptq_where_no_calibration_reaches_is_refused():
     loaded, samples = _setup()
-    with pytest.raises(ValueError, match="multi_modal_projector.linear_1.*needs calibration data"):
-        quantize(loaded, {"model.multi_modal_projector.linear_1": QuantScheme(backend="gptq", bits=4, group_size=32)},
-                 samples, progress=False)
+    with pytest.raises(ValueError, match="lm_head.*needs calibration data"):
+        quantize(loaded, {"lm_head": QuantScheme(backend="gptq", bits=4, group_size=32)}, samples, progress=False)
 
 
 def test_image_weight_solves_against_the_token_weighted_hessian(monkeypatch):
     """GPTQ with ``image_weight`` gets ``Σ XᵀDX / ΣD`` of its inputs (image tokens weighted), computed here
     independently from the fp block's inputs; the plain scheme gets the unweighted Hessian."""
-    from quantlab.quant import apply
+    from quantlab.quant import steps
     from quantlab.quant.hessian import hessian_from_inputs, weighted_hessian_from_inputs
 
     loaded, samples = _setup()
@@ -110,13 +109,13 @@ def test_image_weight_solves_against_the_token_weighted_hessian(monkeypatch):
     assert 0 < int(image.sum()) < len(image)
 
     given = {}
-    real = apply.quantize_weight
+    real = steps.quantize_weight
 
     def spy(weight, scheme, *, hessian, **kw):
         given[scheme.args.get("image_weight", 1.0)] = hessian.clone()
         return real(weight, scheme, hessian=hessian, **kw)
 
-    monkeypatch.setattr(apply, "quantize_weight", spy)
+    monkeypatch.setattr(steps, "quantize_weight", spy)
     for w in (0.25, 1.0):
         loaded, samples = _setup()
         scheme = QuantScheme(backend="gptq", bits=4, group_size=32, args={} if w == 1.0 else {"image_weight": w})
@@ -132,7 +131,7 @@ def test_token_weight_gradient_solves_against_the_saliency_weighted_hessian(monk
     """``token_weight: gradient`` (with ``image_weight`` 0.5 on top) gets ``Σ XᵀDX / ΣD`` with D = each token's
     given saliency times its modality weight, computed here from the fp block's inputs; without the
     saliencies the stage refuses."""
-    from quantlab.quant import apply
+    from quantlab.quant import steps
     from quantlab.quant.hessian import weighted_hessian_from_inputs
 
     loaded, samples = _setup()
@@ -141,13 +140,13 @@ def test_token_weight_gradient_solves_against_the_saliency_weighted_hessian(monk
     g = torch.Generator().manual_seed(0)
     importance = {0: {s.id: torch.rand(s.image_mask.numel(), generator=g) * 2 for s in samples}}
     given = []
-    real = apply.quantize_weight
+    real = steps.quantize_weight
 
     def spy(weight, scheme, *, hessian, **kw):
         given.append(hessian.clone())
         return real(weight, scheme, hessian=hessian, **kw)
 
-    monkeypatch.setattr(apply, "quantize_weight", spy)
+    monkeypatch.setattr(steps, "quantize_weight", spy)
     scheme = QuantScheme(backend="gptq", bits=4, group_size=32, args={"image_weight": 0.5, "token_weight": "gradient"})
     with pytest.raises(ValueError, match="pass token_importance"):
         quantize(loaded, {q: scheme}, samples, progress=False)

@@ -130,6 +130,7 @@ def write_compressed_tensors(loaded: LoadedModel, results: Mapping[str, object],
 
 
 FORMAT = ExportFormat(
+    vision=True,
     name="compressed-tensors", write=write_compressed_tensors, layout=layout, uniform_only=True,
     load_snippet=("```python\nfrom transformers import AutoModelForImageTextToText, AutoProcessor\n"
         "model = AutoModelForImageTextToText.from_pretrained(\"{repo}\")   # default settings; do not pass "

@@ -182,6 +182,7 @@ def load_native(directory: str | Path, *, dtype: torch.dtype = torch.float32) ->
 
 
 FORMAT = ExportFormat(
+    vision=True,
     name="native", write=write_native, layout=layout, uniform_only=False,
     load_snippet=("```python\nimport quantlab\nloaded = quantlab.load_native(\"{repo}\")   # BiLLM layers are dequantized "
         "on load\n```"),

@@ -29,6 +29,8 @@ class ExportFormat(Member):
         dense_element_bytes: ``(hub-legacy tensor name, ndim, model dtype bytes) -> bytes per element`` of an
             unquantized tensor, where the format does not store it at the model's dtype (0: not stored;
             None: every tensor at the model's dtype).
+        vision: stores quantized vision-tower and projector Linears (False: its loaders quantize the decoder
+            only, and a plan must keep those Linears).
     """
 
     write: Callable[..., None]
@@ -40,6 +42,7 @@ class ExportFormat(Member):
     k_grids: bool = False
     in_process: bool = True
     dense_element_bytes: Callable[[str, int, int], int] | None = None
+    vision: bool = False
 
     def problem(self, scheme: QuantScheme) -> str | None:
         """Why this format cannot store ``scheme`` on any Linear (None: it can)."""

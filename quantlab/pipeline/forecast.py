@@ -41,7 +41,7 @@ from quantlab.core.host_memory import current_rss, heap_trimmer
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel, checkpoint_dtype, load_dtype
 from quantlab.pipeline.stages import stats_options
-from quantlab.quant.apply import sequential_steps
+from quantlab.quant.steps import sequential_steps
 
 GiB = 1 << 30
 # gptq_solve's working set per weight of the Linear: the transposed float32 weight and solution (8), the

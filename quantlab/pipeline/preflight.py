@@ -32,10 +32,15 @@ from quantlab.eval.tasks import TASKS
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel, load_model, resolve
 from quantlab.plan.cost import linear_bytes, model_size
-from quantlab.plan.fit import fit_scheme, group_by_block, scheme_problem
+from quantlab.plan.fit import (
+    fit_scheme,
+    group_by_block,
+    placement_problem,
+    scheme_problem,
+)
 from quantlab.plan.make import PLANNERS, plan_format
 from quantlab.plan.plan import apply_rules
-from quantlab.quant.registry import BACKENDS, GRADIENT, MEASURED, outside_decoder_problem
+from quantlab.quant.registry import BACKENDS, GRADIENT, MEASURED
 from quantlab.quant.scheme import QuantScheme
 from quantlab.recipe import Recipe
 
@@ -151,7 +156,7 @@ def _cheapest(fmt: str, schemes: list[QuantScheme], out_f: int, in_f: int, polic
     return min(fitted, key=lambda s: linear_bytes(out_f, in_f, s, fmt, bias=False), default=None)
 
 
-def model_problems(skeleton: LoadedModel, recipe: Recipe) -> list[str]:
+def model_problems(skeleton: LoadedModel, recipe: Recipe, *, stream: bool = False) -> list[str]:
     """What is wrong with a recipe for this model (from its config alone)."""
     spec = recipe.plan
     adapter = skeleton.adapter
@@ -163,8 +168,15 @@ def model_problems(skeleton: LoadedModel, recipe: Recipe) -> list[str]:
     free = [n for n in linears if n not in pinned and adapter.component_of(n) == Component.DECODER]
     choices = planner_schemes(recipe)
     fmt = plan_format([*choices, *pinned.values()], recipe.export.format)
-    problems = [f"{n} ({s.label()}, pinned by plan.rules): {outside_decoder_problem(s)}" for n, s in pinned.items()
-                if s is not None and adapter.component_of(n) != Component.DECODER and outside_decoder_problem(s)]
+    problems = [f"{n} ({s.label()}, pinned by plan.rules): {why}" for n, s in pinned.items()
+                if s is not None and (why := placement_problem(s, adapter.component_of(n), fmt))]
+    if stream:
+        calibrated = [n for n, s in pinned.items() if s is not None and BACKENDS.get(s.backend).needs_hessian
+                      and adapter.component_of(n) in (Component.VISION, Component.PROJECTOR)]
+        if calibrated:
+            problems.append(f"plan.rules: {len(calibrated)} vision/projector Linears (e.g. {calibrated[0]}) use a "
+                            "backend that needs calibration data; a --stream run streams it through the decoder "
+                            "blocks only: run without --stream, or give them a data-free backend (rtn)")
     if spec.shape_fallback == "error":
         wanted = [(n, s) for n, s in pinned.items() if s is not None] + [(n, s) for n in free for s in choices]
         bad = [(n, f"({s.label()}): {note} (plan.shape_fallback is 'error')") for n, s in wanted
@@ -259,7 +271,7 @@ def preflight(model: str, recipe: Recipe, *, out: str | Path | None = None, stre
     skeleton = open_skeleton(model, stream=stream)
     problems = recipe_problems(recipe, stream=stream)
     if not problems:
-        problems = model_problems(skeleton, recipe)
+        problems = model_problems(skeleton, recipe, stream=stream)
     if problems:
         raise problems_error(f"{recipe.name}: the recipe cannot run on {model}", problems,
                              "fix these keys in the recipe (or with --set); docs/recipes.md lists every key")

@@ -114,8 +114,7 @@ def check_plan(plan, loaded, source: Path) -> None:
 
     adapter = loaded.adapter
     linears = {n: m for n, m in loaded.model.named_modules() if isinstance(m, nn.Linear)}
-    outside = {n for n in linears if adapter.component_of(n) != Component.DECODER}
-    problems = plan_problems(plan.layers, linears, plan.format, outside)
+    problems = plan_problems(plan.layers, linears, plan.format, {n: adapter.component_of(n) for n in linears})
     if problems:
         raise problems_error(f"{source}: the plan cannot be applied to {loaded.source}", problems,
                              f"edit {source} (docs/recipes.md lists each backend's bits and options), or delete it "

@@ -23,12 +23,14 @@ Every fallback is recorded per module in ``plan.yaml`` (``info.fallbacks``) and 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from quantlab.export.formats import get_format
+from quantlab.export.formats import FORMATS, get_format
+from quantlab.models.adapter import Component
 from quantlab.plan.cost import linear_layout
-from quantlab.quant.registry import BACKENDS, outside_decoder_problem
+from quantlab.quant.registry import BACKENDS, component_problem
 from quantlab.quant.scheme import QuantScheme
 
 ShapeFallback = Literal["smaller_group", "per_channel", "keep", "error"]
@@ -43,6 +45,17 @@ def scheme_problem(scheme: QuantScheme, fmt: str) -> str | None:
     if why is not None:
         return why
     return None if fmt == "auto" else get_format(fmt).problem(scheme)
+
+
+def placement_problem(scheme: QuantScheme, component: Component, fmt: str) -> str | None:
+    """Why ``scheme`` cannot run on a Linear of ``component`` and be exported to ``fmt`` (None: it can)."""
+    why = component_problem(scheme, component)
+    if why is None and component in (Component.VISION, Component.PROJECTOR) and fmt != "auto" \
+            and not get_format(fmt).vision:
+        able = sorted(f.name for f in FORMATS.values() if f.vision)
+        why = (f"the {fmt} format keeps vision-tower and projector Linears unquantized (its loaders quantize the "
+               f"decoder only); keep them (scheme: null) or export one of {able}")
+    return why
 
 
 def shape_problem(out_features: int, in_features: int, scheme: QuantScheme, fmt: str) -> str | None:
@@ -118,15 +131,15 @@ def group_by_block(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def plan_problems(layers: dict[str, QuantScheme | None], linears: dict, fmt: str,
-                  outside_decoder: set[str]) -> list[str]:
+                  components: Mapping[str, Component]) -> list[str]:
     """Everything wrong with a (possibly hand-edited) plan for this model, one line per module.
 
     Args:
         layers: module name -> scheme (None keeps it).
         linears: the model's ``{name: nn.Linear}`` (meta-device modules are fine).
         fmt: the export format the plan is written for.
-        outside_decoder: Linears outside the decoder blocks: calibration reaches only decoder blocks, so
-            backends that need a Hessian cannot run there.
+        components: each Linear's component (``Adapter.component_of``): what may run where
+            (:func:`quantlab.quant.registry.component_problem`).
     """
     problems = []
     for name, scheme in layers.items():
@@ -138,8 +151,8 @@ def plan_problems(layers: dict[str, QuantScheme | None], linears: dict, fmt: str
         why = scheme_problem(scheme, fmt)
         if why is None:
             why = shape_problem(linears[name].out_features, linears[name].in_features, scheme, fmt)
-        if why is None and name in outside_decoder:
-            why = outside_decoder_problem(scheme)
+        if why is None:
+            why = placement_problem(scheme, components[name], fmt)
         if why is not None:
             problems.append(f"{name} ({scheme.label()}): {why}")
     return problems

@@ -23,71 +23,18 @@ from quantlab.core.host_memory import heap_trimmer
 from quantlab.core.progress import block_progress
 from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
-from quantlab.quant import awq, quantize_weight
-from quantlab.quant.registry import GRADIENT, HESSIAN_OPTIONS, MEASURED, outside_decoder_problem
+from quantlab.quant import awq
+from quantlab.quant.registry import (
+    CALIBRATED,
+    GRADIENT,
+    MEASURED,
+    component_problem,
+    get_backend,
+)
 from quantlab.quant.results_io import BlockResults
 from quantlab.quant.scheme import QuantScheme
-
-
-def check_shape(name: str, module: nn.Linear, scheme: QuantScheme) -> None:
-    """Refuse shapes a scheme cannot take, naming the module and the reason."""
-    cols = module.in_features
-    if scheme.group_size != -1 and cols % scheme.group_size:
-        raise ValueError(f"{name}: in_features={cols} is not divisible by group_size={scheme.group_size} "
-                         f"({scheme.label()}); keep this module or choose a group size that divides it")
-
-
-def sequential_steps(names: Sequence[str], fused_groups: Sequence[Sequence[str]]) -> list[list[str]]:
-    """Group Linear names (in module order) into steps; names sharing an input go together."""
-    steps: list[list[str]] = []
-    placed: set[str] = set()
-    for name in names:
-        if name in placed:
-            continue
-        step = [name]
-        for group in fused_groups:
-            if any(name.endswith("." + g) for g in group):
-                prefix = name.rsplit(".", len(group[0].split(".")))[0]
-                step = [n for n in names if n.startswith(prefix + ".") and any(n.endswith("." + g) for g in group)]
-                break
-        steps.append(step)
-        placed.update(step)
-    return steps
-
-
-class HessianHook:
-    """Accumulates ``mean(xᵀx)`` over all tokens of all samples of the one input ``modules`` read (a step:
-    q/k/v read the same tensor); a pass is expected to stop at the first of them (``run(until=...)``).
-
-    With ``weights`` (one ``(seq,)`` tensor per sample, in the order the executor runs them), token ``t``
-    counts ``w_t`` times: ``ΣXᵀDX / ΣD`` (:func:`quantlab.quant.hessian.weighted_hessian_from_inputs`).
-    """
-
-    def __init__(self, modules: Sequence[nn.Linear], weights: Sequence[torch.Tensor] | None = None):
-        first = modules[0]
-        self.h = torch.zeros(first.in_features, first.in_features, dtype=torch.float32, device=first.weight.device)
-        self.n = 0.0
-        self.weights = weights
-        self.calls = 0
-        self.handles = [m.register_forward_pre_hook(self) for m in modules]
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        if self.weights is None:
-            k, xw = float(x.shape[0]), x
-        else:
-            w = self.weights[self.calls].reshape(-1).to(x.device, torch.float32)
-            k, xw = float(w.sum()), x * w[:, None]
-        self.calls += 1
-        if k == 0:
-            return
-        # in place: ``x.T @ x`` as a separate matrix would double the peak at 11008 inputs (0.5 GB each)
-        self.h.addmm_(xw.T, x, beta=self.n / (self.n + k), alpha=1.0 / (self.n + k))
-        self.n += k
+from quantlab.quant.steps import HessianHook, quantize_module, sequential_steps
+from quantlab.quant.vision import quantize_vision
 
 
 def token_weights(samples: Sequence[CalibSample], image_weight: float,
@@ -107,23 +54,6 @@ def token_weights(samples: Sequence[CalibSample], image_weight: float,
             w = w * importance[s.id].reshape(-1).to(w.device, torch.float32)
         out.append(w)
     return out
-
-
-def as_stored(result, dtype: torch.dtype = torch.float16):
-    """The result with its scales (and BiLLM means) rounded to the dtype checkpoints store them in.
-
-    The fake-quant weight is recomputed from the rounded values, so the in-memory model equals what a
-    loader rebuilds from the exported checkpoint. GGUF K-grid results (``args['grid']``) are returned as
-    they are: their d/dmin are fp16 and their sub-block scales integers already.
-    """
-    if result.args.get("grid") is not None:
-        return result
-    changes = {"scales": result.scales.to(dtype).to(result.scales.dtype)}
-    if "means" in result.extra:
-        means = result.extra["means"]
-        changes["extra"] = {**result.extra, "means": means.to(dtype).to(means.dtype)}
-    rounded = dataclasses.replace(result, **changes)
-    return dataclasses.replace(rounded, dequantized=rounded.dequantize())
 
 
 def block_importance(token_importance: Mapping[int, Mapping[str, torch.Tensor]] | None, index: int,
@@ -167,18 +97,6 @@ def _light(result):
     return dataclasses.replace(result, dequantized=result.dequantized.new_empty(0))
 
 
-def _quantize_module(name: str, module: nn.Linear, scheme: QuantScheme, hessian: torch.Tensor | None):
-
-    check_shape(name, module, scheme)
-    # The Hessian is this step's own accumulator: the solver may factor it in place instead of copying it
-    result = as_stored(quantize_weight(module.weight.data, scheme, hessian=hessian, consume_hessian=True))
-    shaped = {k: scheme.args[k] for k in HESSIAN_OPTIONS if k in scheme.args}
-    if shaped:  # the solver never saw them; the result records how its Hessian was weighted
-        result = dataclasses.replace(result, args={**result.args, **shaped})
-    module.weight.data.copy_(result.dequantized)
-    return result.to("cpu")  # results are exported from host memory, whatever device solved them
-
-
 def _planned_linears(model: nn.Module, plan: Mapping[str, QuantScheme | None]):
     modules = dict(model.named_modules())
     planned = {n: s for n, s in plan.items() if s is not None}
@@ -190,16 +108,31 @@ def _planned_linears(model: nn.Module, plan: Mapping[str, QuantScheme | None]):
 
 def _outside_decoder(loaded: LoadedModel, modules: Mapping[str, nn.Module], planned: Mapping[str, QuantScheme]
                      ) -> dict[str, object]:
-    """Results of the planned Linears outside the decoder (data-free backends only)."""
+    """Results of the planned data-free Linears outside the decoder (the calibrated vision/projector ones are
+    :func:`_calibrated_vision`'s)."""
     results = {}
     for name, scheme in planned.items():
-        if loaded.adapter.component_of(name) == Component.DECODER:
+        component = loaded.adapter.component_of(name)
+        if component == Component.DECODER or name in _calibrated_vision(loaded, planned):
             continue
-        problem = outside_decoder_problem(scheme)
+        problem = component_problem(scheme, component)
         if problem is not None:
             raise ValueError(f"{name}: {problem}")
-        results[name] = _quantize_module(name, modules[name], scheme, None)
+        results[name] = quantize_module(name, modules[name], scheme, None)
     return results
+
+
+def _calibrated_vision(loaded: LoadedModel, planned: Mapping[str, QuantScheme]) -> dict[str, QuantScheme]:
+    """The planned vision/projector Linears whose backend needs calibration data (quantlab.quant.vision)."""
+    out = {}
+    for name, scheme in planned.items():
+        component = loaded.adapter.component_of(name)
+        if component in CALIBRATED and component != Component.DECODER and get_backend(scheme.backend).needs_hessian:
+            problem = component_problem(scheme, component)
+            if problem is not None:
+                raise ValueError(f"{name}: {problem}")
+            out[name] = scheme
+    return out
 
 
 @torch.no_grad()
@@ -210,6 +143,9 @@ def saved_results(loaded: LoadedModel, plan: Mapping[str, QuantScheme | None],
     (``reread_block``), with no pass through the decoder (which :func:`quantize` would make to carry the
     activations from block to block). For an export that resumes after quantization finished."""
     modules, planned = _planned_linears(loaded.model, plan)
+    if _calibrated_vision(loaded, planned):
+        raise ValueError("saved_results: the plan quantizes vision/projector Linears with a calibrated backend, "
+                         "whose results are not saved; quantize again (quantize())")
     resident = _outside_decoder(loaded, modules, planned)
     on_disk = {n: loaded.adapter.block_index(n) for n in planned if n not in resident}
     return BlockResults(resident, on_disk, reread_block, reread_scales)
@@ -232,8 +168,9 @@ def quantize(
 ) -> Mapping[str, object]:
     """Quantize ``loaded.model`` in place by ``plan`` (module name -> scheme, None = keep).
 
-    Decoder Linears are calibrated block by block on the outputs of the already-quantized blocks.
-    Planned Linears outside the decoder (vision tower, projector, head) accept data-free backends only.
+    Decoder Linears are calibrated block by block on the outputs of the already-quantized blocks; before them,
+    calibrated vision-tower and projector Linears on the image samples (:mod:`quantlab.quant.vision`); the
+    head and embeddings accept data-free backends only.
 
     ``load_block(i)`` may return the saved results of block ``i`` (resume): they are written into the
     block instead of quantizing it again; ``save_block(i, results)`` is called after each block.
@@ -260,6 +197,8 @@ def quantize(
     on_disk: dict[str, int] = {}  # module -> block, for blocks whose results were saved and dropped
     drop_saved = streamed and save_block is not None and reread_block is not None
     results: dict[str, object] = _outside_decoder(loaded, modules, planned)
+    # the vision tower first: the decoder is then calibrated on the image embeddings it will see
+    results.update(quantize_vision(loaded, _calibrated_vision(loaded, planned), samples, device=device))
 
     def stage(index: int, block: nn.Module, run) -> list[torch.Tensor]:
         prefix = f"{adapter.decoder_blocks}.{index}."
@@ -298,7 +237,7 @@ def quantize(
                 w = weight_of[n]
                 # each solve factors its Hessian in place: all but the last user of each get a copy
                 hessian = hooks[w].h if last_user[w] == n else hooks[w].h.clone()
-                result = _quantize_module(n, modules[n], planned[n], hessian)
+                result = quantize_module(n, modules[n], planned[n], hessian)
                 if n in scaled:
                     alpha, s = scaled[n]
                     result = dataclasses.replace(result, input_scales=s.clone(),  # own copy: files refuse shared ones

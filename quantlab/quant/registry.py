@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from quantlab.core.registry import Member, Registry
+from quantlab.models.adapter import Component
 from quantlab.quant.layout import Layout
 from quantlab.quant.scheme import QuantScheme
 
@@ -139,14 +140,28 @@ def register_backend(name: str, *, bits: tuple[int, ...] = tuple(range(1, 9)), n
     return deco
 
 
-def outside_decoder_problem(scheme: QuantScheme) -> str | None:
-    """Why ``scheme`` cannot run on a Linear outside the decoder blocks (None: it can). Calibration data
-    reaches only decoder blocks, so a backend that needs a Hessian cannot run there."""
+CALIBRATED = (Component.DECODER, Component.VISION, Component.PROJECTOR)  # what calibration samples reach
+DECODER_ONLY_ARGS = (*HESSIAN_OPTIONS, "awq")  # token weightings and AWQ's scale pairs are decoder-block facts
+
+
+def component_problem(scheme: QuantScheme, component: Component) -> str | None:
+    """Why ``scheme`` cannot run on a Linear of ``component`` (None: it can).
+
+    Calibration samples stream through the vision blocks, the projector and the decoder blocks, so a backend
+    that needs a Hessian runs there and nowhere else (the head, embeddings); token weightings and AWQ exist for
+    decoder blocks only (image vs text tokens, the adapter's scale pairs).
+    """
+    if component is Component.DECODER:
+        return None
+    if component in CALIBRATED:
+        asked = [a for a in DECODER_ONLY_ARGS if a in scheme.args]
+        return (f"args {asked} apply to decoder blocks only; drop them for the {component.value} Linears"
+                if asked else None)
     if not get_backend(scheme.backend).needs_hessian:
         return None
     data_free = sorted(b.name for b in BACKENDS.values() if not b.needs_hessian)
-    return (f"backend {scheme.backend!r} needs calibration data, which quantlab streams only through decoder "
-            f"blocks; use one of {data_free} outside the decoder")
+    return (f"backend {scheme.backend!r} needs calibration data, which reaches the vision tower, projector and "
+            f"decoder only; use one of {data_free} for the {component.value}")
 
 
 def get_backend(name: str) -> Backend:

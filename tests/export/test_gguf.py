@@ -18,8 +18,9 @@ from quantlab.models import Component, get_adapter, load_model
 from quantlab.models.load import LoadedModel
 from quantlab.plan.cost import linear_bytes
 from quantlab.quant import quantize_weight
-from quantlab.quant.apply import as_stored, quantize
+from quantlab.quant.apply import quantize
 from quantlab.quant.scheme import QuantScheme
+from quantlab.quant.steps import as_stored
 from tests.conftest import TINY_BUILDERS
 
 # quantlab module suffix -> llama.cpp tensor (llama-arch.cpp / gguf-py TENSOR_NAMES), written out here

@@ -25,10 +25,10 @@ from quantlab.quant import (
     relative_output_error,
     rtn_quantize,
 )
-from quantlab.quant.apply import as_stored
 from quantlab.quant.kquant import K_GRIDS
 from quantlab.quant.kquant_ggml import BYTES_PER_BLOCK, encode_blocks, ggml_type
 from quantlab.quant.results_io import results_from_tensors, results_to_tensors
+from quantlab.quant.steps import as_stored
 from tests.quant.conftest import make_layer
 
 NAMES = sorted(K_GRIDS)
