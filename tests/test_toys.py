@@ -227,3 +227,12 @@ def test_recorded_attention_is_the_layers_own_and_the_relation_loss_reads_the_as
     assert expected
     loss = relation_attention_loss(attn, data, torch.arange(12), image_id, batch["input_ids"], 6)
     torch.testing.assert_close(loss, -torch.log(torch.tensor(0.5 + 1e-6)))
+    # at the last prompt token instead (it predicts the answer's first token)
+    moved = torch.zeros_like(attn)
+    for r, s in enumerate(samples):
+        if s.question_type == "relation":
+            t = H.relation_target(s)
+            start = int((batch["input_ids"][r] == image_id).nonzero()[0])
+            moved[r, 0, data.answer_start[r] - 1, start + t.row * 6 + t.col] = 0.25
+    loss = relation_attention_loss(moved, data, torch.arange(12), image_id, batch["input_ids"], 6, at="answer")
+    torch.testing.assert_close(loss, -torch.log(torch.tensor(0.25 + 1e-6)))

@@ -41,7 +41,7 @@ def lookup_attention_loss(attn: torch.Tensor, data: Batchable, idx: torch.Tensor
         if not len(t):
             continue
         rows += [r] * len(t)
-        pos.append(t[:, 0])
+        pos.append(t[:, 0] if at == "question" else torch.full_like(t[:, 0], data.answer_start[i] - 1))
         key.append(object_tokens(input_ids[r], t, image_token_id, grid))
     if not rows:
         return attn.sum() * 0
@@ -57,12 +57,14 @@ def object_tokens(input_ids: torch.Tensor, targets: torch.Tensor, image_token_id
 
 
 def relation_attention_loss(attn: torch.Tensor, data: Batchable, idx: torch.Tensor, image_token_id: int,
-                            input_ids: torch.Tensor, grid: int) -> torch.Tensor:
-    """-log of head 0's attention from each relation question's ``?`` to the image token of the object the
-    question asks about (the late targets' row and column, which must be the board's: ``bins == grid``).
+                            input_ids: torch.Tensor, grid: int, at: str = "question") -> torch.Tensor:
+    """-log of head 0's attention from each relation question's ``?`` (``at="question"``) or from the position
+    that predicts the answer's first token (``at="answer"``, the last prompt token) to the image token of the
+    object the question asks about (the late targets' row and column, which must be the board's:
+    ``bins == grid``).
 
     ``attn``: one layer's attention probabilities ``(batch, heads, seq, seq)``. The answer-token loss alone
-    never taught the decoder this second hop (docs/hard-testbed.md, runs 9-12); this asks for it directly.
+    never taught the decoder this second hop (docs/hard-testbed.md, runs 9-13); this asks for it directly.
     """
     rows, pos, key = [], [], []
     for r, i in enumerate(idx.tolist()):
@@ -71,7 +73,7 @@ def relation_attention_loss(attn: torch.Tensor, data: Batchable, idx: torch.Tens
         if not len(t):
             continue
         rows += [r] * len(t)
-        pos.append(t[:, 0])
+        pos.append(t[:, 0] if at == "question" else torch.full_like(t[:, 0], data.answer_start[i] - 1))
         key.append(object_tokens(input_ids[r], t, image_token_id, grid))
     if not rows:
         return attn.sum() * 0

@@ -48,7 +48,8 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
           bind_weight: float = 0.5, bind_bins: int = 2, test_n: int = 500, vision_warmup: int = 0,
           attn_weight: float = 0.0, turns: int = 1, probe: bool = False, bf16: bool = False,
           balanced_cells: bool = False, late_weight: float = 0.0, late_from: int = 0,
-          late_count: bool = True, relation_attn_weight: float = 0.0) -> dict:
+          late_count: bool = True, relation_attn_weight: float = 0.0,
+          relation_attn_at: str = "question", relation_attn_layer: int | None = None) -> dict:
     """Train toy ``name`` and save it (fp16 safetensors + processor) to ``out``; returns the training log."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -86,7 +87,8 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
         if bind_bins != grid:
             raise ValueError(f"--relation-attn-weight needs --bind-bins {grid} (the board's rows and columns)")
         # the layer whose output the late heads read: its attention is where the second hop can happen
-        record_attention(adapter.blocks(model)[late_layer - 1].self_attn, relation_attn)
+        record_attention(adapter.blocks(model)[late_layer - 1 if relation_attn_layer is None else relation_attn_layer]
+                         .self_attn, relation_attn)
     word_aux = WordAlignedHead(model, processor.tokenizer, width, member)
     captured: dict[str, torch.Tensor] = {}
     projector = adapter.get(model, adapter.projector)
@@ -144,7 +146,8 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
                                                   terms=LATE_TERMS if late_count else LATE_TERMS[:3])
         rel_attn = None
         if relation_attn_weight > 0 and late_on:
-            rel_attn = relation_attention_loss(relation_attn["attn"], data, idx, image_token_id, batch["input_ids"], grid)
+            rel_attn = relation_attention_loss(relation_attn["attn"], data, idx, image_token_id, batch["input_ids"], grid,
+                                               at=relation_attn_at)
             loss = loss + relation_attn_weight * rel_attn
         if attn_weight > 0:
             loss = loss + attn_weight * lookup_attention_loss(out_.attentions[ATTN_LAYER], data, idx, image_token_id,
@@ -177,7 +180,8 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
             "dataset": member.name, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
             "n_train": n_train, "aux_weight": aux_weight, "curriculum": curriculum, "bind_weight": bind_weight,
             "bind_bins": bind_bins, "vision_warmup": vision_warmup, "attn_weight": attn_weight, "turns": turns, "bf16": bf16, "balanced_cells": balanced_cells, "late_weight": late_weight,
-            "late_from": late_from, "late_count": late_count, "relation_attn_weight": relation_attn_weight, "threads": threads, "train_seconds": round(time.time() - t0, 1),
+            "late_from": late_from, "late_count": late_count, "relation_attn_weight": relation_attn_weight,
+            "relation_attn_at": relation_attn_at, "relation_attn_layer": relation_attn_layer, "threads": threads, "train_seconds": round(time.time() - t0, 1),
             "torch": torch.__version__, "log": log}
     info["test"] = test_accuracy(out, member.name, test_n)
     info["total_seconds"] = round(time.time() - t0, 1)
@@ -252,13 +256,20 @@ def main(argv: list[str] | None = None) -> None:
                     help="weight of the relation-attention loss (from --late-from; needs --bind-bins equal to the "
                          "board's grid): head 0 of the layer below the late targets attends from a relation "
                          "question's ? to the object it asks about")
+    ap.add_argument("--relation-attn-at", choices=("question", "answer"), default="question",
+                    help="the relation-attention loss's query: the question's ? or the last prompt token (which "
+                         "predicts the answer)")
+    ap.add_argument("--relation-attn-layer", type=int, default=None,
+                    help="decoder layer (0-based) whose head 0 the relation-attention loss supervises "
+                         "(default: the one below the late targets)")
     a = ap.parse_args(argv)
     train(a.toy, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_train=a.n_train, seed=a.seed,
           aux_weight=a.aux_weight, threads=a.threads, eval_every=a.eval_every,
           curriculum=a.curriculum, bind_weight=a.bind_weight, bind_bins=a.bind_bins, test_n=a.test_n,
           vision_warmup=a.vision_warmup, attn_weight=a.attn_weight, turns=a.turns, probe=a.probe, bf16=a.bf16,
           balanced_cells=a.balanced_cells, late_weight=a.late_weight,
-          late_from=a.late_from, late_count=a.late_count, relation_attn_weight=a.relation_attn_weight)
+          late_from=a.late_from, late_count=a.late_count, relation_attn_weight=a.relation_attn_weight,
+          relation_attn_at=a.relation_attn_at, relation_attn_layer=a.relation_attn_layer)
 
 
 if __name__ == "__main__":
