@@ -236,3 +236,14 @@ def test_recorded_attention_is_the_layers_own_and_the_relation_loss_reads_the_as
             moved[r, 0, data.answer_start[r] - 1, start + t.row * 6 + t.col] = 0.25
     loss = relation_attention_loss(moved, data, torch.arange(12), image_id, batch["input_ids"], 6, at="answer")
     torch.testing.assert_close(loss, -torch.log(torch.tensor(0.25 + 1e-6)))
+    # the lookup-attention loss reads the same head from each colour/shape word to its named object's token
+    from quantlab.toys.aux_losses import lookup_attention_loss
+
+    words = torch.zeros_like(attn)
+    for r in range(12):
+        start = int((batch["input_ids"][r] == image_id).nonzero()[0])
+        for pos, other, row, col in data.word_targets[r].tolist():
+            if other > 0:
+                words[r, 0, pos, start + (row - 1) * 6 + (col - 1)] = 0.125
+    loss = lookup_attention_loss(words, data, torch.arange(12), image_id, batch["input_ids"], 6)
+    torch.testing.assert_close(loss, -torch.log(torch.tensor(0.125 + 1e-6)))

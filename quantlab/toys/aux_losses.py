@@ -34,19 +34,25 @@ def lookup_attention_loss(attn: torch.Tensor, data: Batchable, idx: torch.Tensor
     the lookup the binding loss asks for directly, instead of leaving it to be found by the gradient of
     a loss several layers up.
     """
-    rows, pos, key = [], [], []
+    picks = []
     for r, i in enumerate(idx.tolist()):
         t = data.word_targets[i]
         t = t[t[:, 1] > 0]
-        if not len(t):
-            continue
-        rows += [r] * len(t)
-        pos.append(t[:, 0] if at == "question" else torch.full_like(t[:, 0], data.answer_start[i] - 1))
-        key.append(object_tokens(input_ids[r], t, image_token_id, grid))
-    if not rows:
+        if len(t):
+            picks.append((r, t[:, 0], t))
+    return head0_attention_loss(attn, picks, input_ids, image_token_id, grid)
+
+
+def head0_attention_loss(attn: torch.Tensor, picks: list[tuple[int, torch.Tensor, torch.Tensor]],
+                         input_ids: torch.Tensor, image_token_id: int, grid: int) -> torch.Tensor:
+    """Mean -log of head 0's attention from query positions to the image tokens of the objects their targets
+    name; ``picks``: per batch row ``(row, query positions (k,), targets (k, >=4))`` (:func:`object_tokens`)."""
+    if not picks:
         return attn.sum() * 0
-    p = attn[torch.tensor(rows), 0, torch.cat(pos), torch.cat(key)]
-    return -torch.log(p + 1e-6).mean()
+    rows = torch.cat([torch.full_like(q, r) for r, q, _t in picks])
+    key = torch.cat([object_tokens(input_ids[r], t, image_token_id, grid) for r, _q, t in picks])
+    p = attn[rows, 0, torch.cat([q for _r, q, _t in picks]), key]
+    return -torch.log(p.float() + 1e-6).mean()
 
 
 def object_tokens(input_ids: torch.Tensor, targets: torch.Tensor, image_token_id: int, grid: int) -> torch.Tensor:
@@ -66,19 +72,14 @@ def relation_attention_loss(attn: torch.Tensor, data: Batchable, idx: torch.Tens
     ``attn``: one layer's attention probabilities ``(batch, heads, seq, seq)``. The answer-token loss alone
     never taught the decoder this second hop (docs/hard-testbed.md, runs 9-13); this asks for it directly.
     """
-    rows, pos, key = [], [], []
+    picks = []
     for r, i in enumerate(idx.tolist()):
         t = data.late_targets[i]
         t = t[t[:, 2] > 0]  # relation questions (a count question's row is 0)
-        if not len(t):
-            continue
-        rows += [r] * len(t)
-        pos.append(t[:, 0] if at == "question" else torch.full_like(t[:, 0], data.answer_start[i] - 1))
-        key.append(object_tokens(input_ids[r], t, image_token_id, grid))
-    if not rows:
-        return attn.sum() * 0
-    p = attn[torch.tensor(rows), 0, torch.cat(pos), torch.cat(key)]
-    return -torch.log(p.float() + 1e-6).mean()
+        if len(t):
+            query = t[:, 0] if at == "question" else torch.full_like(t[:, 0], data.answer_start[i] - 1)
+            picks.append((r, query, t))
+    return head0_attention_loss(attn, picks, input_ids, image_token_id, grid)
 
 
 def _probe_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
