@@ -19,10 +19,8 @@ import torch
 from PIL import Image
 
 from quantlab.calib.data import CalibDataOptions, RawSample, iter_image_source
-from quantlab.models.inputs import build_inputs
+from quantlab.models.inputs import build_inputs, encode_images
 from quantlab.models.load import LoadedModel
-
-PIXEL_KEYS = ("pixel_values", "image_grid_thw")  # what the families' get_image_features take
 
 
 @dataclass(frozen=True)
@@ -85,9 +83,7 @@ def image_embeddings(loaded: LoadedModel, records: list[RawSample]) -> torch.Ten
     hook = adapter.get(model, adapter.projector).register_forward_hook(keep)
     try:
         for r in records:
-            batch = build_inputs(loaded.processor, [r.prompt], [_open(r.image)])
-            device = next(model.parameters()).device
-            model.get_image_features(**{k: batch[k].to(device) for k in PIXEL_KEYS if k in batch})
+            encode_images(model, build_inputs(loaded.processor, [r.prompt], [_open(r.image)]))
     finally:
         hook.remove()
     return torch.cat(captured).cpu()

@@ -12,6 +12,14 @@ from typing import Any
 import torch
 from PIL import Image
 
+PIXEL_KEYS = ("pixel_values", "image_grid_thw")  # the image inputs the families' get_image_features take
+
+
+def encode_images(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    """The model's ``get_image_features`` on the image inputs of a processed batch (vision tower + projector)."""
+    device = next(model.parameters()).device
+    return model.get_image_features(**{k: inputs[k].to(device) for k in PIXEL_KEYS if k in inputs})
+
 
 def chat_messages(prompt: str, has_image: bool, answer: str | None = None) -> list[dict[str, Any]]:
     """A single-turn conversation in the transformers chat format."""

@@ -28,15 +28,14 @@ from quantlab.calib.capture import capture_calls
 from quantlab.calib.executor import CalibSample, run_block
 from quantlab.core.device import placed, resolve_device
 from quantlab.models.adapter import Component
+from quantlab.models.inputs import encode_images
 from quantlab.models.load import LoadedModel
 from quantlab.quant.scheme import QuantScheme
 from quantlab.quant.steps import HessianHook, quantize_module, sequential_steps
 
-PIXEL_KEYS = ("pixel_values", "image_grid_thw")  # what the families' get_image_features take
-
 
 def _encode(model: nn.Module, sample: CalibSample) -> Callable[[], object]:
-    return lambda: model.get_image_features(**{k: sample.inputs[k] for k in PIXEL_KEYS if k in sample.inputs})
+    return lambda: encode_images(model, sample.inputs)
 
 
 @torch.no_grad()

@@ -233,8 +233,3 @@ def vision_params(model: nn.Module, heads: nn.ModuleDict, word_aux: WordAlignedH
     params = [p for n, p in model.named_parameters() if not n.startswith(("model.language_model", "lm_head"))]
     params += [p for n, p in heads.named_parameters() if not n.startswith("bind")]
     return params + [word_aux.empty, word_aux.scale, model.get_input_embeddings().weight]
-
-
-def encode_images(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
-    """Run only the vision tower and projector on a batch's images (a projector hook captures the output)."""
-    model.get_image_features(**{k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch})

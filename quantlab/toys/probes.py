@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantlab.toys.aux_losses import cell_terms, encode_images, object_tokens
+from quantlab.models.inputs import encode_images
+from quantlab.toys.aux_losses import cell_terms, object_tokens
 from quantlab.toys.batches import Batchable, collate
 
 

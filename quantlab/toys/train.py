@@ -23,6 +23,7 @@ from torch import nn
 
 from quantlab.data.synthetic import SETS
 from quantlab.models.adapter import ADAPTERS
+from quantlab.models.inputs import encode_images
 from quantlab.toys.aux_losses import (
     ATTN_LAYER,
     LATE_TERMS,
@@ -30,7 +31,6 @@ from quantlab.toys.aux_losses import (
     binding_loss,
     cell_loss,
     cell_terms,
-    encode_images,
     late_loss,
     lookup_attention_loss,
     record_attention,
