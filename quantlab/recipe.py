@@ -70,6 +70,9 @@ class StatsSpec(_Strict):
         "reference code's hook) or the block's output hidden state (the paper's wording)")
     hessians: bool = Field(default=False, description="keep per-Linear Hessians in stats/ (always on for the "
                            "budget planner and the luq KL search)")
+    vision: bool = Field(default=False, description="also stream the image samples through the vision tower and "
+                         "projector: their Linears' statistics (and Hessians), the vision blocks' entropies (always "
+                         "on when plan.components includes vision or projector and the planner reads statistics)")
 
 
 class ExportSpec(_Strict):

@@ -11,6 +11,9 @@ On disk (a directory, written atomically: into a temporary sibling, then renamed
 |                     | options), ``blocks`` / ``linears`` scalars (``tokens``, entropies, variance, kurtosis,   |
 |                     | absmax, outlier share; NaN written as null), ``hessian_weight`` (``Σ w_t`` per Linear);  |
 |                     | ``meta.modality_gradient_ratio`` (per block, MBQ's image / text ratio) when measured     |
+| (stats.safetensors) | ``vision_block/{i}/{modality}/{field}``: vision block ``i``'s LUQ tensor (its pre-attention    |
+|                     | norm's output), and vision/projector Linears under ``linear/`` and ``hessian/`` beside    |
+|                     | the decoder's, when calibrated with ``vision`` (``summary.json``: ``vision_blocks``)        |
 | (stats.safetensors) | ``importance/{i}/{sample id}``: each token's gradient saliency at block ``i``'s input     |
 |                     | (float32 ``(seq,)``, ``token_weight: gradient``) when measured                           |
 
@@ -59,12 +62,15 @@ class CalibrationStats:
 
     Attributes:
         blocks: ``{block index: {modality: TensorStats}}`` of each block's LUQ tensor.
-        linears: ``{Linear full name: {modality: TensorStats}}`` of each decoder Linear's input.
+        linears: ``{Linear full name: {modality: TensorStats}}`` of each decoder Linear's input (and of each
+            vision-tower and projector Linear's, image tokens only, when calibrated with ``vision``).
         hessians: ``{Linear full name: Σ w_t x_t x_tᵀ}`` (float32) when collected.
         hessian_weight: ``{Linear full name: Σ w_t}``.
         meta: source, sample/token counts, options (see :func:`quantlab.calib.collect.calibrate`).
         token_importance: ``{block: {sample id: (seq,)}}`` gradient saliency of each token at the block's
             input (:func:`quantlab.calib.modality_grad.token_importance`) when measured.
+        vision_blocks: ``{vision block index: {modality: TensorStats}}`` of each vision block's LUQ tensor
+            (:mod:`quantlab.calib.vision`), when calibrated with ``vision``.
     """
 
     blocks: dict[int, dict[str, TensorStats]]
@@ -73,10 +79,11 @@ class CalibrationStats:
     hessian_weight: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     token_importance: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    vision_blocks: dict[int, dict[str, TensorStats]] = field(default_factory=dict)
 
     @classmethod
     def from_blocks(cls, blocks: dict, meta: dict[str, Any]) -> CalibrationStats:
-        """Gather :class:`~quantlab.calib.collect.BlockStats` (by index) into one artifact."""
+        """Gather :class:`~quantlab.calib.collector.BlockStats` (by index) into one artifact."""
         out = cls({}, meta=dict(meta))
         for i in sorted(blocks):
             b = blocks[i]
@@ -101,12 +108,23 @@ class CalibrationStats:
             raise ValueError(f"no {kind} entropy for modality {modality!r} (no such tokens, or entropy was off)")
         return out
 
+    def vision_block_entropy(self, kind: str = "kmeans") -> dict[int, float]:
+        """``{vision block: entropy in bits}`` of its LUQ tensor (every token an image token); empty when the
+        artifact has no vision statistics."""
+        if kind not in ENTROPY_KINDS:
+            raise ValueError(f"unknown entropy kind {kind!r}; expected one of {ENTROPY_KINDS}")
+        attr = "kmeans_entropy" if kind == "kmeans" else "hist_entropy"
+        out = {i: getattr(per["all"], attr) for i, per in self.vision_blocks.items() if "all" in per}
+        return {i: float(v) for i, v in out.items() if v is not None}
+
     def block_linears(self) -> dict[int, list[str]]:
         """Linear full names of each decoder block (for the planners)."""
         prefix = self.meta.get("decoder_blocks", "")
         out: dict[int, list[str]] = {i: [] for i in self.blocks}
         for name in self.linears or self.hessians:
-            rest = name[len(prefix) + 1:] if prefix and name.startswith(prefix + ".") else name
+            if prefix and not name.startswith(prefix + "."):
+                continue  # a vision-tower or projector Linear
+            rest = name[len(prefix) + 1:] if prefix else name
             out.setdefault(int(rest.split(".")[0]), []).append(name)
         return out
 
@@ -140,6 +158,9 @@ class CalibrationStats:
         for i, per in self.blocks.items():
             for m, st in per.items():
                 out.update({f"block/{i}/{m}/{k}": t.contiguous() for k, t in st.tensors().items()})
+        for i, per in self.vision_blocks.items():
+            for m, st in per.items():
+                out.update({f"vision_block/{i}/{m}/{k}": t.contiguous() for k, t in st.tensors().items()})
         for name, per in self.linears.items():
             for m, st in per.items():
                 out.update({f"linear/{name}/{m}/{k}": t.contiguous() for k, t in st.tensors().items()})
@@ -155,6 +176,8 @@ class CalibrationStats:
             "blocks": {str(i): {m: _scalars_to_json(st) for m, st in per.items()} for i, per in self.blocks.items()},
             "linears": {n: {m: _scalars_to_json(st) for m, st in per.items()} for n, per in self.linears.items()},
             "hessian_weight": self.hessian_weight,
+            **({"vision_blocks": {str(i): {m: _scalars_to_json(st) for m, st in per.items()}
+                                  for i, per in self.vision_blocks.items()}} if self.vision_blocks else {}),
         }
 
     def save(self, directory: str | Path, *, overwrite: bool = False) -> Path:
@@ -196,8 +219,10 @@ class CalibrationStats:
                    for n, per in summary["linears"].items()}
         hweight = dict(summary.get("hessian_weight", {}))
         hessians = {n: tensors[f"hessian/{n}"] for n in hweight}  # in the order they were collected
+        vision = {int(i): {m: _stats_from(sc, fields(f"vision_block/{i}/{m}")) for m, sc in per.items()}
+                  for i, per in summary.get("vision_blocks", {}).items()}
         return cls(blocks, linears, hessians, hweight, summary["meta"],
-                   _importance(tensors, tensors.__getitem__))
+                   _importance(tensors, tensors.__getitem__), vision)
 
 
 def _importance(keys: Iterable[str], get: Callable[[str], torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:

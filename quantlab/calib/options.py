@@ -36,6 +36,9 @@ class CollectOptions:
             per sample (:mod:`quantlab.calib.modality_grad`; in-memory models only), for ``image_weight: measured``.
         token_importance: measure each token's gradient saliency at every block's input (the same backward
             pass), for ``token_weight: gradient``.
+        vision: also stream the image samples through the vision tower and projector
+            (:mod:`quantlab.calib.vision`): their Linears' statistics and Hessians, the vision blocks' LUQ
+            entropies (in-memory models only).
         seed: seeds the reservoirs and k-means.
     """
 
@@ -56,6 +59,7 @@ class CollectOptions:
     modality_weights: tuple[float, float] = (1.0, 1.0)
     modality_gradients: bool = False
     token_importance: bool = False
+    vision: bool = False
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -87,7 +91,7 @@ class CollectOptions:
         d = dataclasses.asdict(self)
         d["modality_weights"] = {"image": self.modality_weights[0], "text": self.modality_weights[1]}
         d["entropy_modalities"] = list(self.entropy_modalities)
-        for flag in ("modality_gradients", "token_importance"):
+        for flag in ("modality_gradients", "token_importance", "vision"):
             if not d[flag]:  # absent when off: runs calibrated before it keep their fingerprints
                 del d[flag]
         return d

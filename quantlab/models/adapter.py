@@ -42,6 +42,9 @@ class Adapter:
     embed_tokens: str
     final_norm: str
     lm_head: str = "lm_head"
+    # the pre-attention norm inside a vision block (CLIP: layer_norm1, Qwen2-VL/2.5-VL: norm1): its output is
+    # the vision block's LUQ tensor in calibration, as input_layernorm's is a decoder block's
+    vision_norm: str = "layer_norm1"
     image_token_attr: tuple[str, ...] = ("image_token_id", "image_token_index")
     legacy_names: tuple[tuple[str, str], ...] = ()
     # transformers 5 module names as checkpoints saved in that layout spell them: the same, but where a
@@ -115,6 +118,11 @@ class Adapter:
         m = re.match(re.escape(self.decoder_blocks) + r"\.(\d+)(\.|$)", name)
         return int(m.group(1)) if m else None
 
+    def vision_block_index(self, name: str) -> int | None:
+        """Vision block index of a module name, or None if it is not inside a vision block."""
+        m = re.match(re.escape(self.vision_blocks) + r"\.(\d+)(\.|$)", name)
+        return int(m.group(1)) if m else None
+
     def legacy_name(self, name: str) -> str:
         """The hub-legacy tensor name for a transformers 5.x parameter name."""
         return _rename(name, self.legacy_names)
@@ -166,6 +174,7 @@ LLAVA = Adapter(
 
 _QWEN_COMMON = dict(
     vision="model.visual",
+    vision_norm="norm1",
     vision_blocks="model.visual.blocks",
     projector="model.visual.merger",
     decoder="model.language_model",

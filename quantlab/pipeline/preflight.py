@@ -38,7 +38,7 @@ from quantlab.plan.fit import (
     placement_problem,
     scheme_problem,
 )
-from quantlab.plan.make import PLANNERS, plan_format
+from quantlab.plan.make import PLANNERS, plan_format, planned_linears
 from quantlab.plan.plan import apply_rules
 from quantlab.quant.registry import BACKENDS, GRADIENT, MEASURED
 from quantlab.quant.scheme import QuantScheme
@@ -156,6 +156,28 @@ def _cheapest(fmt: str, schemes: list[QuantScheme], out_f: int, in_f: int, polic
     return min(fitted, key=lambda s: linear_bytes(out_f, in_f, s, fmt, bias=False), default=None)
 
 
+def component_problems(spec, choices: list[QuantScheme], components: set[Component], fmt: str, *,
+                       stream: bool = False) -> list[str]:
+    """What cannot run on the parts ``plan.components`` hands the planner: every scheme of uniform and luq must
+    run there (and be exported as ``fmt``), budget needs one candidate per part; a --stream run cannot
+    calibrate the vision tower."""
+    problems = []
+    outside = sorted((c for c in components if c is not Component.DECODER), key=lambda c: c.value)
+    for comp in outside:
+        whys = {s.label(): why for s in choices if (why := placement_problem(s, comp, fmt))}
+        if spec.planner == "budget" and len(whys) < len(choices):
+            continue  # the planner offers the others there
+        for label, why in whys.items():
+            problems.append(f"plan.components: {comp.value} ({label}): {why}")
+    planner = PLANNERS.get(spec.planner)
+    if stream and outside and (planner.needs_stats or any(BACKENDS.get(s.backend).needs_hessian for s in choices
+                                                          if s.backend in BACKENDS)):
+        problems.append(f"plan.components: {', '.join(c.value for c in outside)} Linears are calibrated by streaming "
+                        "the images through the vision tower in memory, which --stream does not hold; run without "
+                        "--stream, or plan the decoder only and pin the vision tower with a data-free rule (rtn)")
+    return problems
+
+
 def model_problems(skeleton: LoadedModel, recipe: Recipe, *, stream: bool = False) -> list[str]:
     """What is wrong with a recipe for this model (from its config alone)."""
     spec = recipe.plan
@@ -165,11 +187,12 @@ def model_problems(skeleton: LoadedModel, recipe: Recipe, *, stream: bool = Fals
         pinned = apply_rules(list(linears), [r.model_dump() for r in spec.rules], adapter)
     except ValueError as err:
         return [f"plan.rules: {err}"]
-    free = [n for n in linears if n not in pinned and adapter.component_of(n) == Component.DECODER]
+    free = planned_linears(list(linears), adapter, spec, pinned)
     choices = planner_schemes(recipe)
     fmt = plan_format([*choices, *pinned.values()], recipe.export.format)
     problems = [f"{n} ({s.label()}, pinned by plan.rules): {why}" for n, s in pinned.items()
                 if s is not None and (why := placement_problem(s, adapter.component_of(n), fmt))]
+    problems += component_problems(spec, choices, {adapter.component_of(n) for n in free}, fmt, stream=stream)
     if stream:
         calibrated = [n for n, s in pinned.items() if s is not None and BACKENDS.get(s.backend).needs_hessian
                       and adapter.component_of(n) in (Component.VISION, Component.PROJECTOR)]
@@ -201,7 +224,7 @@ def model_problems(skeleton: LoadedModel, recipe: Recipe, *, stream: bool = Fals
             numel = sum(linears[n].out_features * linears[n].in_features for n in free)
             if least * 8 > target * numel:
                 problems.append(f"plan.target_avg_bits: {target} is below the smallest stored bits per weight this "
-                                f"recipe reaches on this model's planned decoder Linears, {least * 8 / numel:.3f} "
+                                f"recipe reaches on this model's planned Linears, {least * 8 / numel:.3f} "
                                 f"(every one at its cheapest candidate after plan.shape_fallback "
                                 f"{spec.shape_fallback!r}, which keeps in full precision what no candidate fits)")
     return problems

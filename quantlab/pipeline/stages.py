@@ -55,11 +55,13 @@ from quantlab.recipe import Recipe
 def stats_options(recipe):
     """The calibration collector's options for a recipe (Hessians whenever the budget planner needs them)."""
     s = recipe.stats
-    hessians = s.hessians or PLANNERS.get(recipe.plan.planner).measures(recipe.plan)
+    planner = PLANNERS.get(recipe.plan.planner)
+    hessians = s.hessians or planner.measures(recipe.plan)
+    vision = s.vision or (planner.needs_stats and recipe.plan.components != ["decoder"])
     return CollectOptions(entropy_k=s.entropy_k, max_tokens=s.entropy_max_tokens, entropy_on=s.hook,
                           linear_max_tokens=min(512, s.entropy_max_tokens), hessians=hessians,
                           modality_gradients=asks_measured_weights(recipe),
-                          token_importance=asks_token_importance(recipe))
+                          token_importance=asks_token_importance(recipe), vision=vision)
 
 
 def calibrate_fp(ctx: StageContext) -> str:

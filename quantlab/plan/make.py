@@ -6,13 +6,18 @@
 | luq     | block entropies, ``low``, ``high``         | ``k``, or the smallest k meeting ``target_avg_bits`` (nominal) / ``budget_gb`` |
 | budget  | Hessians, ``candidates``, calibration data | ``budget_gb`` (whole model) or ``budget_bytes``, or ``target_avg_bits`` (exact stored bits of the decoder Linears) |
 
-Pin rules from the recipe are applied first and never overridden. Only decoder Linears are planned by
-luq and budget; everything else is kept unless a rule says otherwise.
+Pin rules from the recipe are applied first and never overridden. Every planner decides the Linears of
+``plan.components`` (default: the decoder blocks'); everything else is kept unless a rule says otherwise.
+With ``vision`` among them, luq ranks the vision blocks by their LUQ tensor's entropy (calibrated with
+``vision``) in one order with the decoder blocks and gives the projector's Linears the high scheme; budget
+measures each vision and projector unit against the same KL (``measure_outside_decoder``) and offers it the
+candidates that can run there and be exported (``plan.fit.placement_problem``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +32,21 @@ from quantlab.models.adapter import Component
 from quantlab.models.load import LoadedModel
 from quantlab.plan import planners
 from quantlab.plan.cost import linear_bytes, model_size, nominal_bits
-from quantlab.plan.fit import Fitted, ShapeFallback, fit_scheme, group_by_block
+from quantlab.plan.fit import (
+    Fitted,
+    ShapeFallback,
+    fit_scheme,
+    group_by_block,
+    placement_problem,
+)
 from quantlab.plan.hessians import hessian_source, weighted
 from quantlab.plan.plan import Plan, apply_rules
-from quantlab.plan.sensitivity import measure_damage, quantized_kl, units_of
+from quantlab.plan.sensitivity import (
+    measure_damage,
+    measure_outside_decoder,
+    quantized_kl,
+    units_of,
+)
 from quantlab.plan.spec import PlanSpec
 from quantlab.quant.registry import MEASURED, get_backend
 from quantlab.quant.scheme import QuantScheme
@@ -43,6 +59,15 @@ def plan_format(schemes: Sequence[QuantScheme | None], requested: str) -> str:
         return requested
     uniform = all(s is None or get_backend(s.backend).uniform_grid for s in schemes)
     return "compressed-tensors" if uniform else "native"
+
+
+PLANNABLE = {"decoder": Component.DECODER, "vision": Component.VISION, "projector": Component.PROJECTOR}
+
+
+def planned_linears(names: Sequence[str], adapter, spec: PlanSpec, pinned: Mapping[str, Any]) -> list[str]:
+    """The Linears the planner decides: those of ``plan.components`` that no rule pins (module order)."""
+    wanted = {PLANNABLE[c] for c in spec.components}
+    return [n for n in names if n not in pinned and adapter.component_of(n) in wanted]
 
 
 def _linears(loaded: LoadedModel) -> dict[str, nn.Linear]:
@@ -86,10 +111,16 @@ def make_plan(loaded: LoadedModel, stats, spec: PlanSpec, *, export_format: str 
     linears = _linears(loaded)
     rules = [r.model_dump() for r in spec.rules]
     pinned = apply_rules(list(linears), rules, adapter)
-    decoder = [n for n in linears if adapter.component_of(n) == Component.DECODER and n not in pinned]
     blocks: dict[int, list[str]] = {}
-    for n in decoder:
-        blocks.setdefault(adapter.block_index(n), []).append(n)
+    vision_blocks: dict[int, list[str]] = {}
+    projector: list[str] = []
+    for n in planned_linears(list(linears), adapter, spec, pinned):
+        if adapter.block_index(n) is not None:
+            blocks.setdefault(adapter.block_index(n), []).append(n)
+        elif adapter.vision_block_index(n) is not None:
+            vision_blocks.setdefault(adapter.vision_block_index(n), []).append(n)
+        else:  # the projector, or a vision-tower Linear outside its blocks (none in the supported families)
+            projector.append(n)
     info: dict[str, dict] = {}
 
     planner = PLANNERS.get(spec.planner)
@@ -99,7 +130,7 @@ def make_plan(loaded: LoadedModel, stats, spec: PlanSpec, *, export_format: str 
     if problems:
         raise problems_error(f"plan.planner {spec.planner!r}", problems)
     layers, info = planner.plan(PlanInputs(loaded, stats, spec, blocks, linears, export_format, budget_bytes,
-                                           tuple(samples), progress, device))
+                                           tuple(samples), progress, device, vision_blocks, projector, pinned))
 
     full = {n: pinned.get(n, layers.get(n)) for n in linears}
     full, weights = resolve_measured_weights(full, stats, adapter)
@@ -140,9 +171,14 @@ def resolve_measured_weights(layers: dict[str, QuantScheme | None], stats, adapt
     return out, dict(sorted(used.items()))
 
 
-def _fixed_bytes(loaded: LoadedModel, linears: dict[str, nn.Linear], planned: set[str], fmt: str) -> int:
-    """Bytes of everything the planner does not decide (non-Linear params + unplanned Linears), fp16."""
-    total = model_size(loaded.model, loaded.adapter, {}, fmt, dtype_bytes=2).total_bytes
+def _fixed_bytes(loaded: LoadedModel, linears: dict[str, nn.Linear], planned: set[str], fmt: str,
+                 fixed: Mapping[str, QuantScheme | None], fallback: ShapeFallback = "smaller_group") -> int:
+    """Bytes of everything the planner does not decide: non-Linear parameters, Linears with a fixed scheme
+    (``fixed``: pinned by a rule, luq's projector at the high scheme; after the shape fallback) and the other
+    unplanned Linears in fp16."""
+    fitted = {n: fit_scheme(linears[n].out_features, linears[n].in_features, s, fmt, fallback).scheme
+              for n, s in fixed.items()}
+    total = model_size(loaded.model, loaded.adapter, fitted, fmt, dtype_bytes=2).total_bytes
     return total - sum(_bytes(linears[n], None, fmt) for n in planned)
 
 
@@ -165,13 +201,35 @@ def _luq_search(loaded, stats, spec: PlanSpec, order, blocks, samples, linears, 
     return (k or 0), [{"k": kk, "kl": -s} for kk, s in probes]
 
 
+def _luq_blocks(x: PlanInputs) -> tuple[dict, dict]:
+    """LUQ's units: ``{block key: entropy}`` and ``{block key: Linear names}`` over the decoder blocks and, with
+    ``vision`` in ``plan.components``, the vision blocks (keys ``("vision", i)``)."""
+    entropy = x.stats.block_entropy(x.spec.entropy_modality, "kmeans")
+    entropy = {b: entropy[b] for b in x.blocks}
+    groups: dict = dict(x.blocks)
+    if x.vision_blocks:
+        seen = x.stats.vision_block_entropy("kmeans")
+        missing = sorted(set(x.vision_blocks) - set(seen))
+        if missing:
+            raise ValueError(f"plan.components includes vision, but the calibration statistics have no entropy for "
+                             f"vision blocks {missing}: calibrate with vision statistics (calibration.stats.vision)")
+        for i, names in x.vision_blocks.items():
+            entropy["vision", i] = seen[i]
+            groups["vision", i] = names
+    return entropy, groups
+
+
+def _block_label(b) -> str | int:
+    return f"vision.{b[1]}" if isinstance(b, tuple) else b
+
+
 def _luq(x: PlanInputs):
-    loaded, stats, spec, blocks, linears = x.loaded, x.stats, x.spec, x.blocks, x.linears
+    loaded, stats, spec, linears = x.loaded, x.stats, x.spec, x.linears
     export_format, budget_bytes, samples = x.export_format, x.budget_bytes, x.samples
-    entropy = stats.block_entropy(spec.entropy_modality, "kmeans")
-    entropy = {b: entropy[b] for b in blocks}
+    entropy, blocks = _luq_blocks(x)
     order = planners.luq_order(entropy)
     fmt = plan_format([spec.low, spec.high], export_format)
+    fixed = {**x.pinned, **{n: spec.high for n in x.projector}}  # the projector is no block: the high scheme
     probes = None
     if spec.k is not None:
         k = spec.k
@@ -185,14 +243,16 @@ def _luq(x: PlanInputs):
             order,
             {b: sum(_bytes(linears[n], spec.low, fmt, spec.shape_fallback) for n in ns) for b, ns in blocks.items()},
             {b: sum(_bytes(linears[n], spec.high, fmt, spec.shape_fallback) for n in ns) for b, ns in blocks.items()},
-            fixed_bytes=_fixed_bytes(loaded, linears, planned, fmt), budget_bytes=budget,
+            fixed_bytes=_fixed_bytes(loaded, linears, planned, fmt, fixed, spec.shape_fallback), budget_bytes=budget,
             block_numel={b: sum(linears[n].weight.numel() for n in ns) for b, ns in blocks.items()},
             low=spec.low, high=spec.high, target_bits=spec.target_avg_bits)
-    layers = planners.luq(entropy, k, spec.low, spec.high, blocks)
+    layers = {**planners.luq(entropy, k, spec.low, spec.high, blocks), **{n: spec.high for n in x.projector}}
     lows = set(order[:k])
-    info = {f"block.{b}": {"entropy_bits": round(entropy[b], 6), "rank": order.index(b),
-                           "scheme": (spec.low if b in lows else spec.high).label()} for b in sorted(blocks)}
-    info["luq"] = {"k": k, "order": order, "modality": spec.entropy_modality,
+    info = {(f"vision_block.{b[1]}" if isinstance(b, tuple) else f"block.{b}"): {
+        "entropy_bits": round(entropy[b], 6), "rank": order.index(b),
+        "scheme": (spec.low if b in lows else spec.high).label()}
+        for b in sorted(blocks, key=planners.block_sort_key)}
+    info["luq"] = {"k": k, "order": [_block_label(b) for b in order], "modality": spec.entropy_modality,
                    "nominal_avg_bits": round(_nominal(layers, linears), 4)}
     if probes is not None:
         info["luq"]["search_probes"] = probes
@@ -202,8 +262,8 @@ def _luq(x: PlanInputs):
 def _check_reachable(unit_budget: int, fixed: int, units, candidates, cost) -> None:
     """Refuse a budget below the smallest reachable size, from the cost model alone (before measuring)."""
     labels = [c.label() for c in candidates]
-    smallest = sum(min(cost[u, lab] for lab in labels) for u in units)
-    largest = sum(max(cost[u, lab] for lab in labels) for u in units)
+    smallest = sum(min(cost[u, lab] for lab in labels if (u, lab) in cost) for u in units)
+    largest = sum(max(cost[u, lab] for lab in labels if (u, lab) in cost) for u in units)
     if unit_budget < smallest:
         raise ValueError(
             f"plan: a budget of {(unit_budget + fixed) / 1e9:.6f} GB ({unit_budget + fixed:,} bytes) is below the "
@@ -228,11 +288,25 @@ def _budget(x: PlanInputs):
     if needs_h and not stats.hessians:
         raise ValueError(f"candidates {needs_h} need Hessians: calibrate with stats.hessians: true")
     fmt = plan_format(spec.candidates, export_format)
+    adapter = loaded.adapter
     names = [n for ns in blocks.values() for n in ns]
-    units = units_of(blocks, planners.fused_groups(names, loaded.adapter))
-    cost = {(u, c.label()): sum(_bytes(linears[n], c, fmt, spec.shape_fallback) for n in u) for u in units
-            for c in spec.candidates}
-    fixed = _fixed_bytes(loaded, linears, set(names), fmt)
+    units = units_of(blocks, planners.fused_groups(names, adapter))
+    outside_names = [n for ns in x.vision_blocks.values() for n in ns] + x.projector
+    outside = units_of(x.vision_blocks, planners.fused_groups(outside_names, adapter)) + [(n,) for n in x.projector]
+    # a vision/projector unit is offered the candidates that can run there and be exported (fit.placement_problem)
+    offered = {u: [c for c in spec.candidates if placement_problem(c, adapter.component_of(u[0]), fmt) is None]
+               for u in outside}
+    bare = [u[0] for u, cs in offered.items() if not cs]
+    if bare:
+        raise ValueError(f"plan.candidates: none can run on {bare[0]} ({adapter.component_of(bare[0]).value}) and be "
+                         f"exported as {fmt}: {placement_problem(spec.candidates[0], adapter.component_of(bare[0]), fmt)}")
+    cost = {(u, c.label()): sum(_bytes(linears[n], c, fmt, spec.shape_fallback) for n in u)
+            for u in units for c in spec.candidates}
+    cost.update({(u, c.label()): sum(_bytes(linears[n], c, fmt, spec.shape_fallback) for n in u)
+                 for u in outside for c in offered[u]})
+    names += outside_names
+    units += outside
+    fixed = _fixed_bytes(loaded, linears, set(names), fmt, x.pinned, spec.shape_fallback)
     if budget_bytes is not None:
         unit_budget = budget_bytes - fixed
     elif spec.budget_gb is not None:
@@ -246,29 +320,44 @@ def _budget(x: PlanInputs):
     # and text samples alike) bounds the cost.
     stride = max(1, len(samples) // spec.sensitivity_samples)
     subset = list(samples)[::stride][: spec.sensitivity_samples]
-    source = hessian_source(loaded, subset, spec.candidates, names, stats.hessians, stats.token_importance)
-    damage = measure_damage(loaded, subset, units, spec.candidates, source, progress=progress,
-                            device=device, fit=lambda n, c: fit_scheme(linears[n].out_features, linears[n].in_features,
-                                                                       c, fmt, spec.shape_fallback).scheme)
+    missing_h = [n for n in outside_names if n not in stats.hessians]
+    if missing_h and any(get_backend(c.backend).needs_hessian for cs in offered.values() for c in cs):
+        raise ValueError(f"plan.components includes vision/projector Linears, but the calibration statistics have no "
+                         f"Hessian for {missing_h[0]} (and {len(missing_h) - 1} more): calibrate with vision "
+                         "statistics and Hessians (calibration.stats.vision, stats.hessians)")
+    decoder_names = [n for ns in blocks.values() for n in ns]
+    source = hessian_source(loaded, subset, spec.candidates, decoder_names, stats.hessians, stats.token_importance)
+
+    def fit(n: str, c: QuantScheme) -> QuantScheme | None:
+        return fit_scheme(linears[n].out_features, linears[n].in_features, c, fmt, spec.shape_fallback).scheme
+
+    decoder_units = [u for u in units if u not in offered]
+    damage = measure_damage(loaded, subset, decoder_units, spec.candidates, source, progress=progress,
+                            device=device, fit=fit)
+    if offered:
+        damage.update(measure_outside_decoder(loaded, subset, offered, stats.hessians, progress=progress,
+                                              device=device, fit=fit))
     by_label = {c.label(): c for c in spec.candidates}
     sol = planners.budget(units, list(by_label), damage, cost, unit_budget)
     layers = {n: by_label[sol.choice[u]] for u in units for n in u}
     info = {u[0]: {
         "unit": list(u), "choice": sol.choice[u],
-        "damage": {lab: round(damage[u, lab], 8) for lab in by_label},
-        "bytes": {lab: cost[u, lab] for lab in by_label}} for u in units}
+        "damage": {lab: round(damage[u, lab], 8) for lab in by_label if (u, lab) in damage},
+        "bytes": {lab: cost[u, lab] for lab in by_label if (u, lab) in cost}} for u in units}
     info["budget"] = {"unit_budget_bytes": unit_budget, "objective": sol.objective, "unit_bytes": sol.total_bytes}
     return layers, info
 
 
 def _uniform(x: PlanInputs):
-    return {n: x.spec.scheme for ns in x.blocks.values() for n in ns}, {}
+    names = [n for groups in (x.blocks, x.vision_blocks) for ns in groups.values() for n in ns] + x.projector
+    return {n: x.spec.scheme for n in names}, {}
 
 
 @dataclass(frozen=True)
 class PlanInputs:
-    """What a planner gets: the model, its statistics, the recipe's plan section, the decoder Linears it
-    decides (by block; pinned ones excluded), the format, an overriding budget and the calibration samples."""
+    """What a planner gets: the model, its statistics, the recipe's plan section, the Linears it decides
+    (decoder and vision ones by block, the projector's; pinned ones excluded), the format, an overriding budget,
+    the calibration samples and the pinned schemes."""
 
     loaded: LoadedModel
     stats: Any
@@ -280,6 +369,9 @@ class PlanInputs:
     samples: tuple[CalibSample, ...]
     progress: bool
     device: Any
+    vision_blocks: dict[int, list[str]] = dataclasses.field(default_factory=dict)
+    projector: list[str] = dataclasses.field(default_factory=list)
+    pinned: dict[str, QuantScheme | None] = dataclasses.field(default_factory=dict)
 
 
 class Planner(Member):

@@ -36,13 +36,22 @@ def uniform(linears: Iterable[str], scheme: QuantScheme | None, rules: Sequence[
     return {n: pinned[n] if n in pinned else scheme for n in names}
 
 
-def luq_order(block_entropy: Mapping[int, float]) -> list[int]:
-    """Decoder blocks by ascending entropy (ties: lower index first), LUQ's fixed order (docs/method.md#block-order)."""
-    return sorted(block_entropy, key=lambda b: (block_entropy[b], b))
+BlockKey = int | tuple[str, int]  # a decoder block's index, or ("vision", index) for a vision-tower block
 
 
-def luq(block_entropy: Mapping[int, float], k: int, low: QuantScheme, high: QuantScheme,
-        block_linears: Mapping[int, Sequence[str]]) -> LayerMap:
+def block_sort_key(b: BlockKey) -> tuple:
+    """Decoder blocks by index, then vision blocks by index (keys of both kinds in one ordering)."""
+    return (1, b) if isinstance(b, tuple) else (0, ("", b))
+
+
+def luq_order(block_entropy: Mapping[BlockKey, float]) -> list[BlockKey]:
+    """Blocks by ascending entropy (ties: decoder before vision, lower index first), LUQ's fixed order
+    (docs/method.md#block-order)."""
+    return sorted(block_entropy, key=lambda b: (block_entropy[b], block_sort_key(b)))
+
+
+def luq(block_entropy: Mapping[BlockKey, float], k: int, low: QuantScheme, high: QuantScheme,
+        block_linears: Mapping[BlockKey, Sequence[str]]) -> LayerMap:
     """LUQ: the ``k`` lowest-entropy decoder blocks get ``low``, the others ``high``; whole blocks move.
 
     Args:
@@ -58,7 +67,8 @@ def luq(block_entropy: Mapping[int, float], k: int, low: QuantScheme, high: Quan
     if missing:
         raise ValueError(f"no Linear names given for blocks {missing}")
     lows = set(luq_order(block_entropy)[:k])
-    return {n: (low if b in lows else high) for b in sorted(block_entropy) for n in block_linears[b]}
+    return {n: (low if b in lows else high) for b in sorted(block_entropy, key=block_sort_key)
+            for n in block_linears[b]}
 
 
 def k_for_budget(order: Sequence[int], low_bytes: Mapping[int, int], high_bytes: Mapping[int, int], *,

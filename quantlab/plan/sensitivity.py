@@ -9,6 +9,10 @@ Damages are assumed additive across units, which is what the budget planner's in
 Cost: per (unit, candidate), one pass of the calibration subset through the unit's block and the blocks
 after it (streamed from cached full-precision block inputs). The weights of the unit are restored after
 each measurement, so the model is left as it was.
+
+Units of the vision tower and projector (:func:`measure_outside_decoder`) change the image embeddings every
+decoder block reads, so each of their measurements is one pass of the whole model over the subset; the
+damage is the same KL over the same tokens, so it adds up with the decoder units' in one integer program.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import send_to_device
 from torch import nn
 
 from quantlab.calib.executor import (
@@ -54,14 +59,17 @@ def units_of(block_linears: Mapping[int, Sequence[str]], fused: Sequence[Sequenc
 
 
 @torch.no_grad()
-def _log_probs(loaded: LoadedModel, samples: Sequence[CalibSample]) -> list[torch.Tensor]:
+def _log_probs(loaded: LoadedModel, samples: Sequence[CalibSample],
+               device: torch.device | None = None) -> list[torch.Tensor]:
+    """The whole model's next-token log-probabilities per sample (on the CPU when ``device`` is given)."""
     model = loaded.model
     out = []
     for s in samples:
         if hasattr(getattr(model, "model", None), "rope_deltas"):
             model.model.rope_deltas = None
-        logits = model(**s.inputs, use_cache=False).logits.float()
-        out.append(F.log_softmax(logits, dim=-1))
+        inputs = s.inputs if device is None else send_to_device(s.inputs, device)
+        logits = model(**inputs, use_cache=False).logits.float()
+        out.append(F.log_softmax(logits, dim=-1) if device is None else F.log_softmax(logits, dim=-1).cpu())
     return out
 
 
@@ -218,4 +226,45 @@ def measure_damage(
                     advance(0)
             if b < last:
                 hidden = run_block(block, calls, b, hidden, device)
+    return damage
+
+
+@torch.no_grad()
+def measure_outside_decoder(
+    loaded: LoadedModel,
+    samples: Sequence[CalibSample],
+    candidates: Mapping[Unit, Sequence[QuantScheme]],
+    hessians: Mapping[str, torch.Tensor] | HessianSource,
+    *,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    fit: Callable[[str, QuantScheme], QuantScheme | None] | None = None,
+) -> dict[tuple[Unit, str], float]:
+    """``{(unit, scheme label): KL damage}`` for vision-tower and projector units (module doc), each unit with
+    its own candidates (those that can run and be exported there).
+
+    ``device``: the whole model is moved there for the measurement. Hessians are calibration's (every image
+    token weighs the same inside the tower: :mod:`quantlab.calib.vision`).
+    """
+    hessian_of = _source(hessians)
+    device = resolve_device(device)
+    modules = dict(loaded.model.named_modules())
+    damage: dict[tuple[Unit, str], float] = {}
+    total = sum(len(c) for c in candidates.values())
+    with placed([loaded.model], device), \
+            block_progress("sensitivity: vision/projector units x candidates", total, progress) as advance:
+        ref = _log_probs(loaded, samples, device)
+        for unit, schemes in candidates.items():
+            originals = {n: modules[n].weight.data.clone() for n in unit}
+            for scheme in schemes:
+                used = {n: scheme if fit is None else fit(n, scheme) for n in unit}
+                try:
+                    for n in unit:
+                        if used[n] is not None:
+                            _fake_quantize(modules[n], originals[n], used[n], hessian_of(n, used[n]))
+                    damage[unit, scheme.label()] = kl_damage(ref, _log_probs(loaded, samples, device))
+                finally:
+                    for n in unit:
+                        modules[n].weight.data.copy_(originals[n])
+                advance(0)
     return damage

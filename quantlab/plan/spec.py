@@ -41,6 +41,12 @@ class PlanSpec(BaseModel):
     budget_gb: float | None = Field(default=None, description="whole-model budget in GB (1e9 bytes)")
     entropy_modality: Literal["all", "image", "text"] = Field(default="all", description="luq: which tokens' "
                                                               "entropy ranks the blocks")
+    components: list[Literal["decoder", "vision", "projector"]] = Field(
+        default_factory=lambda: ["decoder"], min_length=1,
+        description="which parts the planner decides: decoder blocks, vision-tower blocks, projector Linears "
+        "(luq ranks vision blocks by their own entropy beside the decoder's and gives the projector the high "
+        "scheme; budget measures every vision and projector unit like a decoder one); the rest is kept unless a "
+        "rule pins it")
     sensitivity_samples: int = Field(default=32, ge=1, description="budget: calibration samples used to measure damage")
     rules: list[RuleSpec] = Field(default_factory=list, description="pins applied before the planner, first "
                                   "match wins (e.g. keep component:vision)")

@@ -49,12 +49,15 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
           attn_weight: float = 0.0, turns: int = 1, probe: bool = False, bf16: bool = False,
           balanced_cells: bool = False, late_weight: float = 0.0, late_from: int = 0,
           late_count: bool = True, relation_attn_weight: float = 0.0,
-          relation_attn_at: str = "question", relation_attn_layer: int | None = None) -> dict:
+          relation_attn_at: str = "question", relation_attn_layer: int | None = None,
+          init_std: float | None = None, weight_decay: float = 0.01) -> dict:
     """Train toy ``name`` and save it (fp16 safetensors + processor) to ``out``; returns the training log."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t0 = time.time()
     model, processor = build_toy(name, seed=seed)
+    if init_std is not None:
+        reinit_decoder(model, init_std)
     batch_equal_chunks(model)  # Qwen2.5-VL: one attention call per vision layer instead of one per window
     member = SETS.get(TOYS[name].size.dataset)
     adapter = ADAPTERS[TOYS[name].model_type]
@@ -95,7 +98,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     hook = projector.register_forward_hook(lambda m, i, o: captured.__setitem__("features", o.float()))
 
     params = list(model.parameters()) + list(heads.parameters()) + [word_aux.empty, word_aux.scale]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
@@ -181,13 +184,27 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
             "n_train": n_train, "aux_weight": aux_weight, "curriculum": curriculum, "bind_weight": bind_weight,
             "bind_bins": bind_bins, "vision_warmup": vision_warmup, "attn_weight": attn_weight, "turns": turns, "bf16": bf16, "balanced_cells": balanced_cells, "late_weight": late_weight,
             "late_from": late_from, "late_count": late_count, "relation_attn_weight": relation_attn_weight,
-            "relation_attn_at": relation_attn_at, "relation_attn_layer": relation_attn_layer, "threads": threads, "train_seconds": round(time.time() - t0, 1),
+            "relation_attn_at": relation_attn_at, "relation_attn_layer": relation_attn_layer,
+            "init_std": init_std, "weight_decay": weight_decay, "threads": threads, "train_seconds": round(time.time() - t0, 1),
             "torch": torch.__version__, "log": log}
     info["test"] = test_accuracy(out, member.name, test_n)
     info["total_seconds"] = round(time.time() - t0, 1)
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info["test"]), flush=True)
     return info
+
+
+def reinit_decoder(model: nn.Module, std: float) -> None:
+    """Draw every decoder-block Linear's weight from N(0, std^2) (the config's ``initializer_range`` otherwise).
+
+    A trial knob of the hard test bed (docs/hard-testbed.md): how much of a trained toy's weights is its random
+    initialisation decides how robust it is to weight noise.
+    """
+    adapter = ADAPTERS[model.config.model_type]
+    for block in adapter.blocks(model):
+        for mod in block.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.normal_(mod.weight, mean=0.0, std=std)
 
 
 def save_hub_layout(model: nn.Module, out: Path) -> None:
@@ -262,6 +279,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--relation-attn-layer", type=int, default=None,
                     help="decoder layer (0-based) whose head 0 the relation-attention loss supervises "
                          "(default: the one below the late targets)")
+    ap.add_argument("--init-std", type=float, default=None,
+                    help="standard deviation of the decoder Linears' initial weights (default: the config's "
+                         "initializer_range, 0.02)")
+    ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the main stage")
     a = ap.parse_args(argv)
     train(a.toy, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_train=a.n_train, seed=a.seed,
           aux_weight=a.aux_weight, threads=a.threads, eval_every=a.eval_every,
@@ -269,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
           vision_warmup=a.vision_warmup, attn_weight=a.attn_weight, turns=a.turns, probe=a.probe, bf16=a.bf16,
           balanced_cells=a.balanced_cells, late_weight=a.late_weight,
           late_from=a.late_from, late_count=a.late_count, relation_attn_weight=a.relation_attn_weight,
-          relation_attn_at=a.relation_attn_at, relation_attn_layer=a.relation_attn_layer)
+          relation_attn_at=a.relation_attn_at, relation_attn_layer=a.relation_attn_layer, init_std=a.init_std,
+          weight_decay=a.weight_decay)
 
 
 if __name__ == "__main__":
