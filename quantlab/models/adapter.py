@@ -65,6 +65,14 @@ class Adapter:
         ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ("mlp.up_proj", ("mlp.down_proj",)),
     )
+    # the same inside a vision block (names relative to the block). Pairs a family's blocks do not have are
+    # skipped, so one list serves related towers; consumers behind a non-linear activation (CLIP's fc2, Qwen2-VL's
+    # fc2) or a fused producer of another width (Qwen's attn.qkv -> attn.proj) have no pair and get no scales.
+    vision_scale_pairs: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("layer_norm1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.out_proj",)),
+        ("layer_norm2", ("mlp.fc1",)),
+    )
     guessed: tuple[str, ...] = field(default=())  # fields a generic fallback had to guess
 
     def get(self, model: nn.Module, path: str) -> nn.Module:
@@ -175,6 +183,12 @@ LLAVA = Adapter(
 _QWEN_COMMON = dict(
     vision="model.visual",
     vision_norm="norm1",
+    vision_scale_pairs=(
+        ("norm1", ("attn.qkv",)),
+        ("norm2", ("mlp.gate_proj", "mlp.up_proj")),  # Qwen2.5-VL's gated MLP
+        ("mlp.up_proj", ("mlp.down_proj",)),
+        ("norm2", ("mlp.fc1",)),  # Qwen2-VL's plain MLP
+    ),
     vision_blocks="model.visual.blocks",
     projector="model.visual.merger",
     decoder="model.language_model",

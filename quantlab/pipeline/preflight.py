@@ -38,7 +38,7 @@ from quantlab.plan.fit import (
     placement_problem,
     scheme_problem,
 )
-from quantlab.plan.make import PLANNERS, plan_format, planned_linears
+from quantlab.plan.make import PLANNERS, outside_problem, plan_format, planned_linears
 from quantlab.plan.plan import apply_rules
 from quantlab.quant.registry import BACKENDS, GRADIENT, MEASURED
 from quantlab.quant.scheme import QuantScheme
@@ -164,9 +164,12 @@ def component_problems(spec, choices: list[QuantScheme], components: set[Compone
     problems = []
     outside = sorted((c for c in components if c is not Component.DECODER), key=lambda c: c.value)
     for comp in outside:
-        whys = {s.label(): why for s in choices if (why := placement_problem(s, comp, fmt))}
-        if spec.planner == "budget" and len(whys) < len(choices):
-            continue  # the planner offers the others there
+        if spec.planner == "budget":
+            whys = {s.label(): why for s in choices if (why := outside_problem(s, comp, fmt))}
+            if len(whys) < len(choices):
+                continue  # the planner offers the others there
+        else:
+            whys = {s.label(): why for s in choices if (why := placement_problem(s, comp, fmt))}
         for label, why in whys.items():
             problems.append(f"plan.components: {comp.value} ({label}): {why}")
     planner = PLANNERS.get(spec.planner)

@@ -11,7 +11,7 @@ Pin rules from the recipe are applied first and never overridden. Every planner 
 With ``vision`` among them, luq ranks the vision blocks by their LUQ tensor's entropy (calibrated with
 ``vision``) in one order with the decoder blocks and gives the projector's Linears the high scheme; budget
 measures each vision and projector unit against the same KL (``measure_outside_decoder``) and offers it the
-candidates that can run there and be exported (``plan.fit.placement_problem``).
+candidates that can run there and be exported, AWQ ones excepted (:func:`outside_problem`).
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from quantlab.plan.sensitivity import (
     units_of,
 )
 from quantlab.plan.spec import PlanSpec
+from quantlab.quant import awq
 from quantlab.quant.registry import MEASURED, get_backend
 from quantlab.quant.scheme import QuantScheme
 
@@ -68,6 +69,17 @@ def planned_linears(names: Sequence[str], adapter, spec: PlanSpec, pinned: Mappi
     """The Linears the planner decides: those of ``plan.components`` that no rule pins (module order)."""
     wanted = {PLANNABLE[c] for c in spec.components}
     return [n for n in names if n not in pinned and adapter.component_of(n) in wanted]
+
+
+def outside_problem(candidate: QuantScheme, component: Component, fmt: str) -> str | None:
+    """Why the budget planner does not offer ``candidate`` to a vision or projector unit (None: it does): it
+    cannot run there or be exported (``fit.placement_problem``), or it asks for AWQ, whose block-wise scale
+    search the measurement of units outside the decoder does not run."""
+    why = placement_problem(candidate, component, fmt)
+    if why is None and awq.wants_awq(candidate):
+        why = ("the budget planner measures vision and projector units without AWQ's block-wise scale search; "
+               "set AWQ there with the uniform or luq planner, or a rule")
+    return why
 
 
 def _linears(loaded: LoadedModel) -> dict[str, nn.Linear]:
@@ -294,12 +306,12 @@ def _budget(x: PlanInputs):
     outside_names = [n for ns in x.vision_blocks.values() for n in ns] + x.projector
     outside = units_of(x.vision_blocks, planners.fused_groups(outside_names, adapter)) + [(n,) for n in x.projector]
     # a vision/projector unit is offered the candidates that can run there and be exported (fit.placement_problem)
-    offered = {u: [c for c in spec.candidates if placement_problem(c, adapter.component_of(u[0]), fmt) is None]
+    offered = {u: [c for c in spec.candidates if outside_problem(c, adapter.component_of(u[0]), fmt) is None]
                for u in outside}
     bare = [u[0] for u, cs in offered.items() if not cs]
     if bare:
-        raise ValueError(f"plan.candidates: none can run on {bare[0]} ({adapter.component_of(bare[0]).value}) and be "
-                         f"exported as {fmt}: {placement_problem(spec.candidates[0], adapter.component_of(bare[0]), fmt)}")
+        raise ValueError(f"plan.candidates: none is offered to {bare[0]} ({adapter.component_of(bare[0]).value}) in "
+                         f"{fmt}: {outside_problem(spec.candidates[0], adapter.component_of(bare[0]), fmt)}")
     cost = {(u, c.label()): sum(_bytes(linears[n], c, fmt, spec.shape_fallback) for n in u)
             for u in units for c in spec.candidates}
     cost.update({(u, c.label()): sum(_bytes(linears[n], c, fmt, spec.shape_fallback) for n in u)

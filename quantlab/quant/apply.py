@@ -123,11 +123,13 @@ def _outside_decoder(loaded: LoadedModel, modules: Mapping[str, nn.Module], plan
 
 
 def _calibrated_vision(loaded: LoadedModel, planned: Mapping[str, QuantScheme]) -> dict[str, QuantScheme]:
-    """The planned vision/projector Linears whose backend needs calibration data (quantlab.quant.vision)."""
+    """The planned vision/projector Linears that need calibration data (quantlab.quant.vision): a backend that
+    needs a Hessian, or AWQ's scale search."""
     out = {}
     for name, scheme in planned.items():
         component = loaded.adapter.component_of(name)
-        if component in CALIBRATED and component != Component.DECODER and get_backend(scheme.backend).needs_hessian:
+        if component in CALIBRATED and component != Component.DECODER and (
+                get_backend(scheme.backend).needs_hessian or awq.wants_awq(scheme)):
             problem = component_problem(scheme, component)
             if problem is not None:
                 raise ValueError(f"{name}: {problem}")

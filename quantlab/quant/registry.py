@@ -141,22 +141,28 @@ def register_backend(name: str, *, bits: tuple[int, ...] = tuple(range(1, 9)), n
 
 
 CALIBRATED = (Component.DECODER, Component.VISION, Component.PROJECTOR)  # what calibration samples reach
-DECODER_ONLY_ARGS = (*HESSIAN_OPTIONS, "awq")  # token weightings and AWQ's scale pairs are decoder-block facts
+DECODER_ONLY_ARGS = HESSIAN_OPTIONS  # token weightings: image vs text tokens exist in decoder blocks only
+BLOCK_ONLY_ARGS = ("awq",)  # AWQ's scales fold into a norm or Linear of a block (Adapter.scale_pairs, vision_scale_pairs)
 
 
 def component_problem(scheme: QuantScheme, component: Component) -> str | None:
     """Why ``scheme`` cannot run on a Linear of ``component`` (None: it can).
 
     Calibration samples stream through the vision blocks, the projector and the decoder blocks, so a backend
-    that needs a Hessian runs there and nowhere else (the head, embeddings); token weightings and AWQ exist for
-    decoder blocks only (image vs text tokens, the adapter's scale pairs).
+    that needs a Hessian runs there and nowhere else (the head, embeddings); token weightings exist for
+    decoder blocks only (image vs text tokens), AWQ for decoder and vision blocks (the adapter's scale pairs;
+    the projector has no norm or Linear its scales could fold into).
     """
     if component is Component.DECODER:
         return None
     if component in CALIBRATED:
         asked = [a for a in DECODER_ONLY_ARGS if a in scheme.args]
-        return (f"args {asked} apply to decoder blocks only; drop them for the {component.value} Linears"
-                if asked else None)
+        if asked:
+            return f"args {asked} apply to decoder blocks only; drop them for the {component.value} Linears"
+        if component is Component.PROJECTOR and scheme.args.get("awq", False):
+            return ("args ['awq'] apply to decoder and vision blocks only (the projector has no norm or Linear that "
+                    "its scales could fold into); drop it for the projector Linears")
+        return None
     if not get_backend(scheme.backend).needs_hessian:
         return None
     data_free = sorted(b.name for b in BACKENDS.values() if not b.needs_hessian)

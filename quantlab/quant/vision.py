@@ -15,10 +15,16 @@ Linears whose backend needs a Hessian (GPTQ, BiLLM), this pass runs first, on th
 The decoder pass that follows captures its inputs through the quantized tower, so the decoder is calibrated
 on the image embeddings it will see. Every token of an image counts the same (no modality weighting inside a
 vision tower).
+
+AWQ (``args: {awq: true}``) runs per vision block before its solves, as in the decoder: each of the adapter's
+``vision_scale_pairs`` whose consumers ask for it is searched on the block's output error and folded in
+(``quantlab.quant.awq.search_block_scales``); the consumers' results record their scales. A resumed run
+recomputes this whole pass (it is deterministic), folds included.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -30,6 +36,7 @@ from quantlab.core.device import placed, resolve_device
 from quantlab.models.adapter import Component
 from quantlab.models.inputs import encode_images
 from quantlab.models.load import LoadedModel
+from quantlab.quant import awq
 from quantlab.quant.scheme import QuantScheme
 from quantlab.quant.steps import HessianHook, quantize_module, sequential_steps
 
@@ -81,10 +88,20 @@ def quantize_vision(loaded: LoadedModel, planned: Mapping[str, QuantScheme], sam
         for i, block in enumerate(blocks):
             prefix = f"{adapter.vision_blocks}.{i}."
             names = [prefix + n for n, m in block.named_modules() if isinstance(m, nn.Linear) and prefix + n in planned]
+            def run(until=(), i=i, block=block, hidden=hidden) -> list[torch.Tensor]:
+                return run_block(block, calls, i, hidden, device, until=until)
+
             with placed([block], device):
+                pairs = awq.block_pairs(adapter.vision_scale_pairs, block, prefix, planned)
+                scaled = {}
+                if pairs:  # AWQ first, on the block still in full precision (module doc)
+                    valid = [torch.ones(h.reshape(-1, h.shape[-1]).shape[0], dtype=torch.bool) for h in hidden]
+                    scaled = awq.search_block_scales(block, prefix, pairs, planned, run, valid)
                 for step in sequential_steps(names, adapter.fused_groups):
-                    solve_step(step, lambda linears, i=i, block=block, hidden=hidden: run_block(
-                        block, calls, i, hidden, device, until=linears))
+                    solve_step(step, lambda linears, run=run: run(until=linears))
+                for n, (alpha, s) in scaled.items():
+                    results[n] = dataclasses.replace(results[n], input_scales=s.clone(),
+                                                     args={**results[n].args, "awq": True, "awq_alpha": alpha})
                 hidden = run_block(block, calls, i, hidden, device)
     rest = [n for n in modules if n in planned and n not in in_blocks]  # module order
     for name in rest:

@@ -147,7 +147,7 @@ def test_a_luq_run_over_the_tower_calibrates_it_quantizes_it_and_checks_its_embe
       "high": {"backend": "rtn", "bits": 8, "group_size": -1}}, "compressed-tensors", True,
      r"--stream does not hold"),
     ({"planner": "uniform", "scheme": {"backend": "gptq", "bits": 4, "group_size": 32, "args": {"awq": True}}},
-     "compressed-tensors", False, r"plan.components: projector .*apply to decoder blocks only"),
+     "compressed-tensors", False, r"plan.components: projector .*apply to decoder and vision blocks only"),
 ])
 def test_component_plans_a_run_cannot_carry_out_are_refused_before_any_work(tmp_path, plan, fmt, stream, message):
     import yaml
@@ -167,3 +167,19 @@ def test_component_plans_a_run_cannot_carry_out_are_refused_before_any_work(tmp_
         run_all(str(tmp_path / "toy"), tmp_path / "r.yaml", tmp_path / "run", progress=False, say=lambda m: None,
                 stream=stream)
     assert not (tmp_path / "run").exists()
+
+
+def test_budget_offers_vision_units_no_awq_candidate(setup):
+    loaded, samples, stats = setup
+    scaled = QuantScheme(backend="rtn", bits=4, group_size=32, args={"awq": True})
+    plain = QuantScheme(backend="rtn", bits=8, group_size=32)
+    plan = make_plan(loaded, stats, PlanSpec(planner="budget", candidates=[scaled, plain], target_avg_bits=8.6,
+                                             components=ALL), samples=samples)
+    units = {k: v for k, v in plan.info.items() if isinstance(v, dict) and "unit" in v}
+    outside = [v for k, v in units.items() if _component(loaded, k) is not Component.DECODER]
+    assert outside and all(set(v["damage"]) == {plain.label()} for v in outside)
+    assert all(set(v["damage"]) == {scaled.label(), plain.label()} for k, v in units.items()
+               if _component(loaded, k) is Component.DECODER)
+    only_awq = PlanSpec(planner="budget", candidates=[scaled], target_avg_bits=6.0, components=ALL)
+    with pytest.raises(ValueError, match="without AWQ's block-wise scale search"):
+        make_plan(loaded, stats, only_awq, samples=samples)

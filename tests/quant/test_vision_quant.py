@@ -18,6 +18,22 @@ from tests.test_apply import _setup, linear_inputs
 GPTQ = QuantScheme(backend="gptq", bits=4, group_size=-1)
 
 
+def projector_output(loaded, samples) -> torch.Tensor:
+    """The image embeddings (the projector's output) of every image sample, ``(tokens, width)``."""
+    from quantlab.models.inputs import encode_images
+
+    seen = []
+    hook = loaded.adapter.get(loaded.model, loaded.adapter.projector).register_forward_hook(
+        lambda _m, _i, out: seen.append(out.reshape(-1, out.shape[-1]).detach().float()))
+    try:
+        for s in samples:
+            if s.has_image:
+                encode_images(loaded.model, s.inputs)
+    finally:
+        hook.remove()
+    return torch.cat(seen)
+
+
 def _vision_plan(loaded, scheme):
     return {n: scheme for comp in (Component.VISION, Component.PROJECTOR)
             for n, _ in loaded.adapter.iter_linears(loaded.model, comp)}
@@ -72,7 +88,8 @@ def test_what_runs_where_is_refused_by_name():
     assert "needs calibration data" in component_problem(GPTQ, Component.HEAD)
     assert component_problem(QuantScheme(backend="rtn", bits=4, group_size=-1), Component.HEAD) is None
     awq = QuantScheme(backend="gptq", bits=4, group_size=-1, args={"awq": True})
-    assert "decoder blocks only" in component_problem(awq, Component.VISION)
+    assert component_problem(awq, Component.VISION) is None  # folds into the vision blocks' norms and Linears
+    assert "decoder and vision blocks only" in component_problem(awq, Component.PROJECTOR)
     loaded, samples = _setup("llava")
     with pytest.raises(ValueError, match="lm_head.*needs calibration data"):
         quantize(loaded, {"lm_head": GPTQ}, samples, progress=False)
@@ -112,7 +129,7 @@ def test_a_run_quantizes_the_vision_tower_with_gptq_and_exports_it(tmp_path):
     ({"export": {"format": "gptq"}}, r"gptq format keeps vision-tower and projector Linears unquantized"),
     ({"export": {"format": "gguf"}}, r"gguf format keeps vision-tower"),
     ({"stream": True}, r"--stream run streams it through the decoder blocks only"),
-    ({"vision_args": {"awq": True}}, r"args \['awq'\] apply to decoder blocks only"),
+    ({"vision_args": {"image_weight": 0.5}}, r"args \['image_weight'\] apply to decoder blocks only"),
 ])
 def test_vision_plans_a_run_cannot_carry_out_are_refused_before_any_work(tmp_path, change, message):
     import yaml
@@ -136,3 +153,45 @@ def test_vision_plans_a_run_cannot_carry_out_are_refused_before_any_work(tmp_pat
         run_all(str(tmp_path / "toy"), tmp_path / "r.yaml", tmp_path / "run", progress=False, say=lambda m: None,
                 stream=change.get("stream", False))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_vision_awq_folds_leave_the_fp_tower_unchanged(family):
+    """Every vision scale pair folds (norm weight and bias, v_proj rows and bias, up_proj rows) without changing
+    the full-precision image embeddings beyond float rounding."""
+    from quantlab.quant import awq
+
+    loaded, samples = _setup(family)
+    adapter, model = loaded.adapter, loaded.model
+    before = projector_output(loaded, samples)
+    gen = torch.Generator().manual_seed(0)
+    folded = 0
+    for i, block in enumerate(adapter.blocks(model, Component.VISION)):
+        prefix = f"{adapter.vision_blocks}.{i}."
+        planned = {prefix + n: QuantScheme(backend="rtn", bits=4, group_size=-1, args={"awq": True})
+                   for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        for producer, consumers in awq.block_pairs(adapter.vision_scale_pairs, block, prefix, planned):
+            lins = [block.get_submodule(c.removeprefix(prefix)) for c in consumers]
+            s = torch.rand(lins[0].in_features, generator=gen) * 3 + 0.25
+            awq.fold_scales(block.get_submodule(producer.removeprefix(prefix)), lins, s)
+            folded += 1
+    after = projector_output(loaded, samples)
+    assert folded >= 2 * len(adapter.blocks(model, Component.VISION))
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_vision_awq_records_its_scales_and_beats_plain_rtn_on_the_embeddings(family):
+    embeddings = projector_output
+    errors, results = {}, {}
+    for name, args in (("rtn", {}), ("awq", {"awq": True})):
+        loaded, samples = _setup(family)
+        reference = embeddings(loaded, samples)
+        scheme = QuantScheme(backend="rtn", bits=3, group_size=-1, args=args)
+        plan = {n: scheme for n, _ in loaded.adapter.iter_linears(loaded.model, Component.VISION)}
+        results[name] = quantize(loaded, plan, samples, progress=False)
+        errors[name] = float((embeddings(loaded, samples) - reference).norm() / reference.norm())
+    scaled = {n for n, r in results["awq"].items() if r.input_scales is not None}
+    assert scaled and all(results["awq"][n].args["awq"] for n in scaled)
+    assert not any(r.input_scales is not None for r in results["rtn"].values())
+    assert errors["awq"] < errors["rtn"], errors
