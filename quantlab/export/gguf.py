@@ -284,7 +284,7 @@ def dense_element_bytes(legacy: str, ndim: int, dtype_bytes: int) -> int:
 
 
 FORMAT = GGUFFormat(
-    name="gguf", write=write_gguf, layout=layout, uniform_only=True, k_grids=True, in_process=False,
+    name="gguf", write=write_gguf, layout=layout, uniform_only=True, k_grids=True, in_process=False, vision=True,
     dense_element_bytes=dense_element_bytes,
     load_snippet=("```python\n# pip install llama-cpp-python (with mtmd: the multimodal library)\n"
                   "# llama-mtmd-cli -m {repo}/model.gguf --mmproj {repo}/mmproj.gguf --image IMAGE -p PROMPT\n```"),

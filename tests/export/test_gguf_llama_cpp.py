@@ -49,8 +49,9 @@ def llama_cpp_python() -> Path:
 IMAGE_TOKENS = {"llava": "<image>", "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
 
 
-def _export(toy: str, bits: int, out: Path):
-    """Quantize a toy with a uniform GPTQ W``bits`` g32 plan and write it as GGUF; returns the loaded model."""
+def _export(toy: str, bits: int, out: Path, vision_bits: int | None = None):
+    """Quantize a toy with a uniform GPTQ W``bits`` g32 plan (and its vision tower + projector at GPTQ
+    W``vision_bits`` g32, into the mmproj) and write it as GGUF; returns the loaded model."""
     from quantlab.calib.data import CalibDataOptions, build_calibration_set
     from quantlab.export.gguf import write_gguf
     from quantlab.models import Component, load_model
@@ -62,6 +63,13 @@ def _export(toy: str, bits: int, out: Path):
     samples = build_calibration_set(loaded, CalibDataOptions(num_samples=8, alpha=0.5)).samples
     scheme = QuantScheme(backend="gptq", bits=bits, group_size=32)
     plan = {n: scheme for n, _ in loaded.adapter.iter_linears(loaded.model, Component.DECODER)}
+    if vision_bits is not None:  # widths GGUF's 32-column blocks cannot hold stay F16, as the plan's fallback does
+        from quantlab.plan.fit import fit_scheme
+
+        vision = QuantScheme(backend="gptq", bits=vision_bits, group_size=32)
+        fitted = {n: fit_scheme(m.out_features, m.in_features, vision, "gguf", "smaller_group").scheme
+                  for c in (Component.VISION, Component.PROJECTOR) for n, m in loaded.adapter.iter_linears(loaded.model, c)}
+        plan.update({n: s for n, s in fitted.items() if s is not None})
     results = quantize(loaded, plan, samples, progress=False)
     out.mkdir(parents=True, exist_ok=True)
     write_gguf(loaded, results, out)
@@ -80,13 +88,13 @@ def run_llama_cpp(py: Path, model_dir: Path, requests: list[dict], tmp: Path) ->
     return [json.loads(line) for line in ans.read_text().splitlines()], time.time() - t0
 
 
-def compare(toy: str, bits: int, n: int, tmp: Path, py: Path) -> dict:
+def compare(toy: str, bits: int, n: int, tmp: Path, py: Path, vision_bits: int | None = None) -> dict:
     """llama.cpp's and transformers' greedy answers on ``n`` seeded shapes-VQA items, and the prompts' ids."""
     from quantlab.eval.generate import generate_answers
     from quantlab.eval.tasks import format_prompt, get_task, seeded_subset, shapes_items
     from quantlab.models.inputs import prompt_text
 
-    loaded = _export(toy, bits, tmp / "gguf")
+    loaded = _export(toy, bits, tmp / "gguf", vision_bits)
     task = get_task("shapes-vqa")
     items = seeded_subset(shapes_items(1000), n, seed=0)
     prompts = [format_prompt(task, it) for it in items]
@@ -122,6 +130,25 @@ def test_llama_cpp_answers_as_quantlab_does(toy, bits, tmp_path):
     r = compare(toy, bits, N_ITEMS, tmp_path, py)
     print(json.dumps({k: v for k, v in r.items() if k != "id_mismatch"}))
     assert not r["id_mismatch"], f"llama.cpp tokenizes {len(r['id_mismatch'])} prompts differently: {r['id_mismatch'][0]}"
+    assert len(r["differ"]) <= math.ceil(0.01 * r["n"]), r["differ"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("toy", "vision_bits"), [("toy-llava", 8), ("toy-qwen2.5-vl", 8), ("toy-llava", 4)])
+def test_llama_cpp_runs_a_quantized_vision_tower_from_the_mmproj(toy, vision_bits, tmp_path):
+    """The vision tower and projector at GPTQ W8/W4 g32 go into mmproj.gguf as Q8_0/Q4_0 (quantlab's codes bit for
+    bit), and llama.cpp's mtmd answers with them as quantlab does."""
+    import gguf
+
+    py = llama_cpp_python()
+    r = compare(toy, 4, N_ITEMS, tmp_path, py, vision_bits=vision_bits)
+    print(json.dumps({k: v for k, v in r.items() if k != "id_mismatch"}))
+    reader = gguf.GGUFReader(str(tmp_path / "gguf" / "mmproj.gguf"))
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    want = "Q8_0" if vision_bits == 8 else "Q4_0"
+    quantized = [n for n, k in kinds.items() if k == want]
+    assert any(n.startswith("v.blk.0.") for n in quantized) and any(n.startswith("mm.") for n in quantized), kinds
+    assert not r["id_mismatch"]
     assert len(r["differ"]) <= math.ceil(0.01 * r["n"]), r["differ"]
 
 

@@ -127,7 +127,6 @@ def test_a_run_quantizes_the_vision_tower_with_gptq_and_exports_it(tmp_path):
 
 @pytest.mark.parametrize(("change", "message"), [
     ({"export": {"format": "gptq"}}, r"gptq format keeps vision-tower and projector Linears unquantized"),
-    ({"export": {"format": "gguf"}}, r"gguf format keeps vision-tower"),
     ({"stream": True}, r"--stream run streams it through the decoder blocks only"),
     ({"vision_args": {"image_weight": 0.5}}, r"args \['image_weight'\] apply to decoder blocks only"),
 ])
