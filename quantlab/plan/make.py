@@ -11,7 +11,8 @@ Pin rules from the recipe are applied first and never overridden. Every planner 
 With ``vision`` among them, luq ranks the vision blocks by their LUQ tensor's entropy (calibrated with
 ``vision``) in one order with the decoder blocks and gives the projector's Linears the high scheme; budget
 measures each vision and projector unit against the same KL (``measure_outside_decoder``) and offers it the
-candidates that can run there and be exported, AWQ ones excepted (:func:`outside_problem`).
+candidates that can run there and be exported (:func:`outside_problem`; AWQ ones measured with their block-wise
+scale search, as in the decoder).
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ from quantlab.plan.sensitivity import (
     units_of,
 )
 from quantlab.plan.spec import PlanSpec
-from quantlab.quant import awq
 from quantlab.quant.registry import MEASURED, get_backend
 from quantlab.quant.scheme import QuantScheme
 
@@ -73,13 +73,8 @@ def planned_linears(names: Sequence[str], adapter, spec: PlanSpec, pinned: Mappi
 
 def outside_problem(candidate: QuantScheme, component: Component, fmt: str) -> str | None:
     """Why the budget planner does not offer ``candidate`` to a vision or projector unit (None: it does): it
-    cannot run there or be exported (``fit.placement_problem``), or it asks for AWQ, whose block-wise scale
-    search the measurement of units outside the decoder does not run."""
-    why = placement_problem(candidate, component, fmt)
-    if why is None and awq.wants_awq(candidate):
-        why = ("the budget planner measures vision and projector units without AWQ's block-wise scale search; "
-               "set AWQ there with the uniform or luq planner, or a rule")
-    return why
+    cannot run there or be exported (``fit.placement_problem``; AWQ on the projector, for one)."""
+    return placement_problem(candidate, component, fmt)
 
 
 def _linears(loaded: LoadedModel) -> dict[str, nn.Linear]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from accelerate.utils import send_to_device
 from torch import nn
 
+from quantlab.calib.capture import capture_calls
 from quantlab.calib.executor import (
     CalibSample,
     capture_decoder_inputs,
@@ -34,6 +35,7 @@ from quantlab.calib.executor import (
 from quantlab.core.device import placed, resolve_device
 from quantlab.core.progress import block_progress
 from quantlab.models import Component
+from quantlab.models.inputs import encode_images
 from quantlab.models.load import LoadedModel
 from quantlab.plan.hessians import HessianSource, plain_source
 from quantlab.quant import awq, quantize_weight
@@ -136,11 +138,13 @@ def _decoder_and_head(loaded: LoadedModel) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def _awq_scaled(block: nn.Module, prefix: str, pairs, used: Mapping[str, QuantScheme | None],
-                samples: Sequence[CalibSample], run) -> Iterator[dict[str, torch.Tensor]]:
+def _awq_scaled(block: nn.Module, prefix: str, pairs, used: Mapping[str, QuantScheme | None], run,
+                valid: Callable[[], tuple[list[torch.Tensor], list[torch.Tensor] | None]]
+                ) -> Iterator[dict[str, torch.Tensor]]:
     """With AWQ candidates: the unit's pairs searched and folded into ``block`` (the quantize stage's search,
     :func:`quantlab.quant.awq.search_block_scales`, on the fp block), yielding consumer -> scales; the producers
-    and consumers are restored on exit. Without: nothing changes and the mapping is empty."""
+    and consumers are restored on exit. Without: nothing changes and the mapping is empty. ``valid()``: each
+    sample's non-padding tokens and their weights in the loss (None: every valid token once)."""
     found = awq.block_pairs(pairs, block, prefix, used)
     if not found:
         yield {}
@@ -149,17 +153,32 @@ def _awq_scaled(block: nn.Module, prefix: str, pairs, used: Mapping[str, QuantSc
     saved = {n: {k: t.detach().clone() for k, t in block.get_submodule(n.removeprefix(prefix)).named_parameters()}
              for n in touched}
     try:
-        w, by_grad = weighting(used[found[0][1][0]])
-        if by_grad:
-            raise ValueError("awq with token_weight 'gradient' is not measured by the budget planner yet")
-        valid = [s.valid_mask for s in samples]
-        scaled = awq.search_block_scales(block, prefix, found, used, run, valid, token_weights(samples, w))
+        masks, weights = valid()
+        scaled = awq.search_block_scales(block, prefix, found, used, run, masks, weights)
         yield {n: s for n, (_alpha, s) in scaled.items()}
     finally:
         for n, params in saved.items():
             module = block.get_submodule(n.removeprefix(prefix))
             for k, t in params.items():
                 module.get_parameter(k).data.copy_(t)
+
+
+def _decoder_tokens(samples: Sequence[CalibSample], scheme: QuantScheme | None):
+    """``valid()`` of :func:`_awq_scaled` for a decoder block: padding masks, tokens weighted as ``scheme`` asks."""
+    def valid() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        w, by_grad = weighting(scheme)
+        if by_grad:
+            raise ValueError("awq with token_weight 'gradient' is not measured by the budget planner yet")
+        return [s.valid_mask for s in samples], token_weights(samples, w)
+    return valid
+
+
+def _scaled_hessian(h: torch.Tensor | None, s: torch.Tensor | None) -> torch.Tensor | None:
+    """The Hessian a solve on ``x / s`` sees: ``diag(1/s) H diag(1/s)``."""
+    if h is None or s is None:
+        return h
+    inv = 1.0 / s.to(h.device, h.dtype)
+    return h * inv[:, None] * inv[None, :]
 
 
 @torch.no_grad()
@@ -209,15 +228,13 @@ def measure_damage(
                 originals = {n: modules[n].weight.data.clone() for n in unit}
                 for scheme in candidates:
                     used = {n: scheme if fit is None else fit(n, scheme) for n in unit}
-                    with _awq_scaled(block, f"{adapter.decoder_blocks}.{b}.", adapter.scale_pairs, used, samples,
+                    with _awq_scaled(block, f"{adapter.decoder_blocks}.{b}.", adapter.scale_pairs, used,
                                      lambda until=(), b=b, block=block, hidden=hidden: run_block(
-                                         block, calls, b, hidden, device, until)) as scales:
+                                         block, calls, b, hidden, device, until),
+                                     _decoder_tokens(samples, next((u for u in used.values() if u), None))) as scales:
                         for n in unit:
                             if used[n] is not None:
-                                h = hessian_of(n, used[n])
-                                if n in scales and h is not None:  # the solve sees x / s: H' = diag(1/s) H diag(1/s)
-                                    inv = 1.0 / scales[n].to(h.device, h.dtype)
-                                    h = h * inv[:, None] * inv[None, :]
+                                h = _scaled_hessian(hessian_of(n, used[n]), scales.get(n))
                                 _fake_quantize(modules[n], modules[n].weight.data.clone(), used[n], h)
                         damage[unit, scheme.label()] = kl_damage(ref, _suffix_log_probs(loaded, calls, hidden, b,
                                                                                          device))
@@ -227,6 +244,32 @@ def measure_damage(
             if b < last:
                 hidden = run_block(block, calls, b, hidden, device)
     return damage
+
+
+class _VisionInputs:
+    """The full-precision inputs of each vision block over the image samples, computed in block order as the
+    measurement reaches them (one block's inputs held at a time), for AWQ's block-wise search."""
+
+    def __init__(self, loaded: LoadedModel, samples: Sequence[CalibSample], device: torch.device | None):
+        images = [s for s in samples if s.has_image]
+        model = loaded.model
+        self.blocks = loaded.adapter.blocks(model, Component.VISION)
+        encode_images(model, images[0].inputs)  # transformers' lazy hooks first (quantlab/quant/vision.py)
+        self.calls = [capture_calls(self.blocks, lambda s=s: encode_images(model, s.inputs)) for s in images]
+        self.device, self.index = device, 0
+        self.hidden = [c[0].hidden for c in self.calls]
+
+    def at(self, b: int) -> tuple[Callable[..., list[torch.Tensor]], list[torch.Tensor]]:
+        """``(run, valid)`` of vision block ``b`` (``b`` never decreases between calls)."""
+        while self.index < b:
+            self.hidden = run_block(self.blocks[self.index], self.calls, self.index, self.hidden, self.device)
+            self.index += 1
+        block, hidden = self.blocks[b], self.hidden
+
+        def run(until=()) -> list[torch.Tensor]:
+            return run_block(block, self.calls, b, hidden, self.device, until)
+
+        return run, [torch.ones(h.reshape(-1, h.shape[-1]).shape[0], dtype=torch.bool) for h in hidden]
 
 
 @torch.no_grad()
@@ -241,28 +284,45 @@ def measure_outside_decoder(
     fit: Callable[[str, QuantScheme], QuantScheme | None] | None = None,
 ) -> dict[tuple[Unit, str], float]:
     """``{(unit, scheme label): KL damage}`` for vision-tower and projector units (module doc), each unit with
-    its own candidates (those that can run and be exported there).
+    its own candidates (those that can run and be exported there), in module order.
 
-    ``device``: the whole model is moved there for the measurement. Hessians are calibration's (every image
-    token weighs the same inside the tower: :mod:`quantlab.calib.vision`).
+    An AWQ candidate of a vision-block unit is measured as the quantize stage runs it: the unit's scale pairs
+    searched on the full-precision block's output error and folded in (restored afterwards), the solve on
+    ``x / s``. ``device``: the whole model is moved there for the measurement. Hessians are calibration's
+    (every image token weighs the same inside the tower: :mod:`quantlab.calib.vision`).
     """
     hessian_of = _source(hessians)
     device = resolve_device(device)
+    adapter = loaded.adapter
     modules = dict(loaded.model.named_modules())
     damage: dict[tuple[Unit, str], float] = {}
     total = sum(len(c) for c in candidates.values())
+    order = sorted(candidates, key=lambda u: (adapter.vision_block_index(u[0]) is None,
+                                              adapter.vision_block_index(u[0]) or 0))
     with placed([loaded.model], device), \
             block_progress("sensitivity: vision/projector units x candidates", total, progress) as advance:
         ref = _log_probs(loaded, samples, device)
-        for unit, schemes in candidates.items():
+        # without image samples no vision unit moves the output (every damage 0), so there is nothing to search on
+        inputs = _VisionInputs(loaded, samples, device) if any(s.has_image for s in samples) and any(
+            awq.wants_awq(c) for u in order for c in candidates[u] if adapter.vision_block_index(u[0]) is not None
+        ) else None
+        for unit in order:
+            b = adapter.vision_block_index(unit[0])
             originals = {n: modules[n].weight.data.clone() for n in unit}
-            for scheme in schemes:
+            for scheme in candidates[unit]:
                 used = {n: scheme if fit is None else fit(n, scheme) for n in unit}
+                context = contextlib.nullcontext({})
+                if b is not None and inputs is not None and awq.wants_awq(scheme):
+                    run, valid = inputs.at(b)
+                    context = _awq_scaled(inputs.blocks[b], f"{adapter.vision_blocks}.{b}.", adapter.vision_scale_pairs,
+                                          used, run, lambda valid=valid: (valid, None))
                 try:
-                    for n in unit:
-                        if used[n] is not None:
-                            _fake_quantize(modules[n], originals[n], used[n], hessian_of(n, used[n]))
-                    damage[unit, scheme.label()] = kl_damage(ref, _log_probs(loaded, samples, device))
+                    with context as scales:
+                        for n in unit:
+                            if used[n] is not None:
+                                h = _scaled_hessian(hessian_of(n, used[n]), scales.get(n))
+                                _fake_quantize(modules[n], modules[n].weight.data.clone(), used[n], h)
+                        damage[unit, scheme.label()] = kl_damage(ref, _log_probs(loaded, samples, device))
                 finally:
                     for n in unit:
                         modules[n].weight.data.copy_(originals[n])
