@@ -96,8 +96,10 @@ def test_vllm_serves_the_base_toys_with_images(vllm_python, vllm_session, toy):
     assert abs(t.score - o.score) <= 1 - MIN_AGREEMENT
 
 
-def _export(toy: str, fmt: str, tmp_path: Path, *, bits: int = 4, mixed: bool = False) -> tuple[Path, object]:
-    """A GPTQ W{bits} g32 (mixed: g32 and g64 blocks) export of ``toy`` and quantlab's fake-quant model of it."""
+def _export(toy: str, fmt: str, tmp_path: Path, *, bits: int = 4, mixed: bool | str = False) -> tuple[Path, object]:
+    """A GPTQ W{bits} g32 (mixed: g32 and g64 blocks; "vision": the vision tower and projector at the same scheme
+    too, but Linears whose widths vLLM's CPU kernel does not take, in or out not a multiple of 32, the toys'
+    228-wide vision MLP) export of ``toy`` and quantlab's fake-quant model of it."""
     from quantlab.calib.data import CalibDataOptions, build_calibration_set
     from quantlab.core.files import write_dir_atomic
     from quantlab.export.formats import get_format
@@ -108,10 +110,19 @@ def _export(toy: str, fmt: str, tmp_path: Path, *, bits: int = 4, mixed: bool = 
     loaded = load_model(toy, dtype=torch.float32)
     samples = build_calibration_set(loaded, CalibDataOptions(num_samples=4, alpha=0.5)).samples
     plan = {n: QuantScheme(backend="gptq", bits=bits,
-                           group_size=64 if mixed and loaded.adapter.block_index(n) % 2 else 32)
+                           group_size=64 if mixed is True and loaded.adapter.block_index(n) % 2 else 32)
             for n, _ in loaded.adapter.iter_linears(loaded.model, Component.DECODER)}
+    if mixed == "vision":
+        from quantlab.plan.fit import fit_scheme
+
+        scheme = QuantScheme(backend="gptq", bits=bits, group_size=32)
+        fitted = {n: fit_scheme(m.out_features, m.in_features, scheme, fmt, "smaller_group").scheme
+                  for c in (Component.VISION, Component.PROJECTOR) for n, m in loaded.adapter.iter_linears(loaded.model, c)
+                  if m.in_features % 32 == 0 and m.out_features % 32 == 0}
+        plan.update({n: s for n, s in fitted.items() if s is not None})
+        assert any(loaded.adapter.component_of(n) is Component.VISION for n in plan)
     results = quantize(loaded, plan, samples, progress=False)
-    name = f"{toy}-{fmt}-w{bits}{'-mixed' if mixed else ''}"
+    name = f"{toy}-{fmt}-w{bits}{'-' + (mixed if isinstance(mixed, str) else 'mixed') if mixed else ''}"
     out = write_dir_atomic(tmp_path / name, lambda d: get_format(fmt).write(loaded, results, d))
     return out, loaded
 
@@ -120,7 +131,9 @@ def _export(toy: str, fmt: str, tmp_path: Path, *, bits: int = 4, mixed: bool = 
 CASES = [("toy-llava", "compressed-tensors", 4, False), ("toy-llava", "compressed-tensors", 4, True),
          ("toy-llava", "gptq", 4, False), ("toy-qwen2.5-vl", "compressed-tensors", 4, False),
          ("toy-qwen2.5-vl", "gptq", 4, False), ("toy-llava", "gptq", 8, False),
-         ("toy-qwen2.5-vl", "compressed-tensors", 8, False)]
+         ("toy-qwen2.5-vl", "compressed-tensors", 8, False),
+         # the vision tower and projector quantized too: vLLM's vision encoders take the compressed-tensors config
+         ("toy-llava", "compressed-tensors", 4, "vision"), ("toy-qwen2.5-vl", "compressed-tensors", 4, "vision")]
 # On an AVX2-only host every 4-bit case stops at the same kernel after loading; two cases (one per format and
 # family) show that, the rest would repeat it at ~40 s each.
 AVX2_CASES = {("toy-llava", "gptq", 4, False), ("toy-qwen2.5-vl", "compressed-tensors", 4, False)}
@@ -128,7 +141,8 @@ CPU_WIDTHS = (4,)  # vLLM's CPU kernel (CPUWNA16) takes uint4 / uint4b8 codes on
 
 
 @pytest.mark.parametrize("toy,fmt,bits,mixed", CASES,
-                         ids=[f"{t}-{f}-w{b}{'-mixed' if m else ''}" for t, f, b, m in CASES])
+                         ids=[f"{t}-{f}-w{b}{'-' + (m if isinstance(m, str) else 'mixed') if m else ''}"
+                              for t, f, b, m in CASES])
 def test_vllm_serves_quantized_exports(vllm_python, vllm_session, tmp_path, toy, fmt, bits, mixed):
     on_gpu = "cuda" in str(os.environ.get("QUANTLAB_VLLM_DEVICE", ""))  # docs/gpu-check.md sets it
     if bits not in CPU_WIDTHS and not on_gpu:
