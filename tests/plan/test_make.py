@@ -73,12 +73,12 @@ def test_budget_planner_respects_budget_and_ties(setup):
 
 def test_budget_below_reachable_fails_before_measuring(setup, monkeypatch):
     loaded, samples, stats = setup
-    import quantlab.plan.make as make
+    import quantlab.plan.budget_plan as budget_plan
 
     def no_measuring(*a, **k):
         raise AssertionError("sensitivity was measured for an infeasible budget")
 
-    monkeypatch.setattr(make, "measure_damage", no_measuring)
+    monkeypatch.setattr(budget_plan, "measure_damage", no_measuring)
     cands = [QuantScheme(backend="gptq", bits=b, group_size=32) for b in (2, 4)]
     spec = PlanSpec(planner="budget", candidates=cands, budget_gb=1e-6, rules=KEEP)
     with pytest.raises(ValueError, match=r"below the smallest reachable size .* the largest is .*gptq-w2-g32"):
