@@ -57,6 +57,8 @@ class ToySize:
     vision_layers: int = 3
     heads: int = 4
     window_px: int = 32  # Qwen2.5-VL vision attention window (pixels); the last vision block attends fully
+    qwen_patch: int = 8  # Qwen2.5-VL patch (pixels) and spatial merge: patch * merge = one image token per cell
+    qwen_merge: int = 2
     pad_vocab: bool = False  # config vocab = VOCAB_SIZE (lm_head rows a multiple of 256), not len(tokenizer)
 
     @property
@@ -74,7 +76,9 @@ class ToySize:
 SMALL = ToySize()
 HARD = ToySize(dataset="shapes-vqa-hard", text_hidden=256, text_mlp=768, text_kv_heads=4, vision_hidden=256,
                vision_mlp=512, vision_layers=4, pad_vocab=True, window_px=32)
-HARD_QWEN = replace(HARD, vision_layers=2)  # Qwen's vision tower sees 4 patches per cell: 2 blocks keep its cost near LLaVA's
+# One 16 px patch per cell and no 2 x 2 merge: 36 patches per image, as LLaVA's tower sees (with the released
+# models' 8 px patches merged 2 x 2 the tower saw 144, and a training step cost 1.7 times LLaVA's)
+HARD_QWEN = replace(HARD, qwen_patch=16, qwen_merge=1)
 
 LLAVA_TEMPLATE = (
     "{% for message in messages %}"
@@ -143,8 +147,8 @@ def _llava_processor(size: ToySize, tok: PreTrainedTokenizerFast, template: str)
     )
 
 
-# Qwen2.5-VL: patch 8, merge 2 -> one merged image token per 16 px cell.
-QWEN_PATCH, QWEN_MERGE, QWEN_TPATCH = 8, 2, 2
+# Qwen2.5-VL: patch 8, merge 2 -> one merged image token per 16 px cell (ToySize.qwen_patch / qwen_merge).
+QWEN_TPATCH = 2
 
 
 def _qwen25_config(size: ToySize, tok: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
@@ -164,7 +168,7 @@ def _qwen25_config(size: ToySize, tok: PreTrainedTokenizerFast) -> Qwen2_5_VLCon
         vision_config=dict(
             depth=size.vision_layers, hidden_size=size.vision_hidden, intermediate_size=size.vision_mlp,
             num_heads=size.heads, out_hidden_size=size.text_hidden,
-            patch_size=QWEN_PATCH, temporal_patch_size=QWEN_TPATCH, spatial_merge_size=QWEN_MERGE,
+            patch_size=size.qwen_patch, temporal_patch_size=QWEN_TPATCH, spatial_merge_size=size.qwen_merge,
             window_size=size.window_px, fullatt_block_indexes=[size.vision_layers - 1], in_channels=3,
         ),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
@@ -176,7 +180,8 @@ def _qwen25_config(size: ToySize, tok: PreTrainedTokenizerFast) -> Qwen2_5_VLCon
 def _qwen25_processor(size: ToySize, tok: PreTrainedTokenizerFast, template: str) -> ImageOnlyQwen2_5_VLProcessor:
     px = size.image_px * size.image_px
     ip = Qwen2VLImageProcessorPil(
-        min_pixels=px, max_pixels=px, patch_size=QWEN_PATCH, temporal_patch_size=QWEN_TPATCH, merge_size=QWEN_MERGE,
+        min_pixels=px, max_pixels=px, patch_size=size.qwen_patch, temporal_patch_size=QWEN_TPATCH,
+        merge_size=size.qwen_merge,
     )
     return ImageOnlyQwen2_5_VLProcessor(image_processor=ip, tokenizer=tok, chat_template=template)
 
