@@ -18,7 +18,11 @@ from pathlib import Path
 import torch
 
 from quantlab.calib.data import CalibDataOptions, build_calibration_set
-from quantlab.eval.embeddings import compare_embeddings, held_out_images, image_embeddings
+from quantlab.eval.embeddings import (
+    compare_embeddings,
+    held_out_images,
+    image_embeddings,
+)
 from quantlab.models import Component, load_model
 from quantlab.quant.apply import quantize
 from quantlab.quant.scheme import QuantScheme

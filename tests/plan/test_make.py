@@ -73,7 +73,7 @@ def test_budget_planner_respects_budget_and_ties(setup):
 
 def test_budget_below_reachable_fails_before_measuring(setup, monkeypatch):
     loaded, samples, stats = setup
-    import quantlab.plan.budget_plan as budget_plan
+    from quantlab.plan import budget_plan
 
     def no_measuring(*a, **k):
         raise AssertionError("sensitivity was measured for an infeasible budget")

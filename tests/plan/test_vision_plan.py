@@ -34,7 +34,7 @@ def _component(loaded, name):
 
 
 def test_luq_ranks_vision_blocks_with_the_decoders_and_gives_the_projector_high(setup):
-    loaded, samples, stats = setup
+    loaded, _samples, stats = setup
     adapter = loaded.adapter
     entropy = {**stats.block_entropy("all"), **{("vision", i): e for i, e in stats.vision_block_entropy().items()}}
     order = luq_order(entropy)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import quantlab.quant.vision as vision
 from quantlab.calib.data import CalibDataOptions, build_calibration_set
 from quantlab.models import Component, load_model
+from quantlab.quant import vision
 from quantlab.quant.apply import quantize
 from quantlab.quant.registry import component_problem
 from quantlab.quant.scheme import QuantScheme
@@ -66,7 +66,11 @@ def test_each_vision_linear_is_solved_against_its_inputs_hessian(family, monkeyp
 
 @pytest.mark.parametrize("name", ["toy-llava", "toy-qwen2.5-vl"])
 def test_gptq_moves_the_image_embeddings_less_than_rtn(name):
-    from quantlab.eval.embeddings import compare_embeddings, held_out_images, image_embeddings
+    from quantlab.eval.embeddings import (
+        compare_embeddings,
+        held_out_images,
+        image_embeddings,
+    )
 
     opts = CalibDataOptions(num_samples=8, alpha=1.0, seed=0)
     fp = load_model(name)
