@@ -92,12 +92,11 @@ def calibrate(loaded: LoadedModel, samples: Sequence[CalibSample] | Any, *, opti
         meta["modality_gradient_ratio"] = block_gradient_ratios(loaded, samples)
     log.info("calibrated %d decoder blocks on %d samples (tokens %s)", n_blocks, len(samples),
              collector.token_counts)
-    if opts.vision:
-        seen = calibrate_vision(loaded, samples, opts, device=device)
-        meta.update(vision_blocks=adapter.vision_blocks, projector=adapter.projector,
-                    vision_tokens={**seen.tokens, "images": seen.images})
     stats = CalibrationStats.from_blocks(collector.blocks, meta)
     if opts.vision:
+        seen = calibrate_vision(loaded, samples, opts, device=device)
+        stats.meta.update(vision_blocks=adapter.vision_blocks, projector=adapter.projector,
+                          vision_tokens={**seen.tokens, "images": seen.images})
         stats.vision_blocks = seen.blocks
         stats.linears.update(seen.linears)
         stats.hessians.update(seen.hessians)

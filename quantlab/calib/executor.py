@@ -29,6 +29,7 @@ from quantlab.calib.capture import BlockCall, block_output, capture_calls
 from quantlab.calib.weights import InMemory, WeightSource
 from quantlab.core.device import placed, resolve_device
 from quantlab.models.adapter import Component
+from quantlab.models.inputs import encode_images
 from quantlab.models.load import LoadedModel
 
 
@@ -86,6 +87,27 @@ def capture_decoder_inputs(loaded: LoadedModel, samples: Sequence[CalibSample]) 
     """Per sample, the call every decoder block would receive (``[sample][block]``)."""
     blocks = loaded.adapter.blocks(loaded.model, Component.DECODER)
     return [capture_calls(blocks, _forward(loaded.model, s)) for s in samples]
+
+
+@torch.no_grad()
+def capture_vision_inputs(loaded: LoadedModel, images: Sequence[CalibSample]) -> list[list[BlockCall]]:
+    """Per image sample, the call every vision block would receive (from the family's ``get_image_features``:
+    Qwen2.5-VL's window order, ``cu_seqlens`` and rotary embeddings are the model's own).
+
+    One plain pass comes first: transformers installs its hidden-state capturing hooks (which the families'
+    ``get_image_features`` use to pick a layer) lazily on the first call; installed while the blocks are
+    wrapped for the capture, they would miss them and every later forward would find no hidden states.
+    """
+    model = loaded.model
+    blocks = loaded.adapter.blocks(model, Component.VISION)
+    encode_images(model, images[0].inputs)
+    return [capture_calls(blocks, lambda s=s: encode_images(model, s.inputs)) for s in images]
+
+
+def every_token(hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """All-true token masks for hidden states without padding (a vision block's): one per sample, one entry
+    per row of ``(..., c)``."""
+    return [torch.ones(h.reshape(-1, h.shape[-1]).shape[0], dtype=torch.bool) for h in hidden]
 
 
 def run_block(block: nn.Module, calls: Sequence[Sequence[BlockCall]], index: int,

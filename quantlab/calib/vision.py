@@ -13,8 +13,7 @@ vision pass does: ``quantlab.quant.vision``), with a :class:`~quantlab.calib.col
 Every token of a vision tower is an image token, so the statistics are filed under ``image`` and ``all``
 (``text`` is absent) and every token weighs the same in the Hessians. The projector's Linears see a
 different number of tokens than the blocks (LLaVA drops the class token, Qwen merges 2x2 patches), which a
-first pass over the images measures (it also installs transformers' lazy hidden-state hooks before the
-blocks are wrapped; see ``quantlab.quant.vision``).
+first pass over the images measures.
 """
 
 from __future__ import annotations
@@ -26,9 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quantlab.calib.capture import capture_calls
 from quantlab.calib.collector import BlockStats, StatsCollector
-from quantlab.calib.executor import CalibSample, run_block
+from quantlab.calib.executor import CalibSample, capture_vision_inputs, run_block
 from quantlab.calib.options import CollectOptions
 from quantlab.calib.stats import TensorStats
 from quantlab.core.device import placed, resolve_device
@@ -79,14 +77,14 @@ def calibrate_vision(loaded: LoadedModel, samples: Sequence[CalibSample], option
     first = next(m for m in projector.modules() if isinstance(m, nn.Linear))
     lengths: list[int] = []
     probe = first.register_forward_pre_hook(lambda _m, args: lengths.append(_rows(args[0])))
-    try:  # one plain pass per image: the projector's token counts, and transformers' lazy hooks installed
+    try:  # one plain pass per image: the projector's token counts
         for s in images:
             encode_images(model, s.inputs)
     finally:
         probe.remove()
 
     blocks = adapter.blocks(model, Component.VISION)
-    calls = [capture_calls(blocks, lambda s=s: encode_images(model, s.inputs)) for s in images]
+    calls = capture_vision_inputs(loaded, images)
     hidden = [c[0].hidden for c in calls]
     collector = StatsCollector([_token_rows(_rows(h)) for h in hidden], opts, prefix=adapter.vision_blocks,
                                norm_name=adapter.vision_norm)

@@ -57,10 +57,9 @@ def plan_budget(x: PlanInputs):
     if bare:
         raise ValueError(f"plan.candidates: none is offered to {bare[0]} ({adapter.component_of(bare[0]).value}) in "
                          f"{fmt}: {outside_problem(spec.candidates[0], adapter.component_of(bare[0]), fmt)}")
+    candidates_of = {**{u: spec.candidates for u in units}, **offered}
     cost = {(u, c.label()): sum(stored_bytes(linears[n], c, fmt, spec.shape_fallback) for n in u)
-            for u in units for c in spec.candidates}
-    cost.update({(u, c.label()): sum(stored_bytes(linears[n], c, fmt, spec.shape_fallback) for n in u)
-                 for u in outside for c in offered[u]})
+            for u, cs in candidates_of.items() for c in cs}
     names += outside_names
     units += outside
     fixed = fixed_bytes(loaded, linears, set(names), fmt, x.pinned, spec.shape_fallback)

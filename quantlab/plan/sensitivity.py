@@ -25,17 +25,17 @@ import torch.nn.functional as F
 from accelerate.utils import send_to_device
 from torch import nn
 
-from quantlab.calib.capture import capture_calls
 from quantlab.calib.executor import (
     CalibSample,
     capture_decoder_inputs,
+    capture_vision_inputs,
     decoder_logits,
+    every_token,
     run_block,
 )
 from quantlab.core.device import placed, resolve_device
 from quantlab.core.progress import block_progress
 from quantlab.models import Component
-from quantlab.models.inputs import encode_images
 from quantlab.models.load import LoadedModel
 from quantlab.plan.hessians import HessianSource, plain_source
 from quantlab.quant import awq, quantize_weight
@@ -251,11 +251,8 @@ class _VisionInputs:
     measurement reaches them (one block's inputs held at a time), for AWQ's block-wise search."""
 
     def __init__(self, loaded: LoadedModel, samples: Sequence[CalibSample], device: torch.device | None):
-        images = [s for s in samples if s.has_image]
-        model = loaded.model
-        self.blocks = loaded.adapter.blocks(model, Component.VISION)
-        encode_images(model, images[0].inputs)  # transformers' lazy hooks first (quantlab/quant/vision.py)
-        self.calls = [capture_calls(self.blocks, lambda s=s: encode_images(model, s.inputs)) for s in images]
+        self.blocks = loaded.adapter.blocks(loaded.model, Component.VISION)
+        self.calls = capture_vision_inputs(loaded, [s for s in samples if s.has_image])
         self.device, self.index = device, 0
         self.hidden = [c[0].hidden for c in self.calls]
 
@@ -269,7 +266,7 @@ class _VisionInputs:
         def run(until=()) -> list[torch.Tensor]:
             return run_block(block, self.calls, b, hidden, self.device, until)
 
-        return run, [torch.ones(h.reshape(-1, h.shape[-1]).shape[0], dtype=torch.bool) for h in hidden]
+        return run, every_token(hidden)
 
 
 @torch.no_grad()

@@ -242,8 +242,7 @@ def quantize(
                 result = quantize_module(n, modules[n], planned[n], hessian)
                 if n in scaled:
                     alpha, s = scaled[n]
-                    result = dataclasses.replace(result, input_scales=s.clone(),  # own copy: files refuse shared ones
-                                                 args={**result.args, "awq": True, "awq_alpha": alpha})
+                    result = awq.with_scales(result, alpha, s)
                 results[n] = _light(result) if streamed else result  # the block holds the dense weight
             del hooks, hessian, result
             trim()  # the solves' freed workspace goes back to the OS instead of staying in glibc's heap

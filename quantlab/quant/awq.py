@@ -21,6 +21,7 @@ before GPTQ too).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -209,6 +210,12 @@ def search_block_scales(block: nn.Module, prefix: str, pairs: Sequence[tuple[str
         for c in consumers:
             found[c] = (alpha, s.cpu())
     return found
+
+
+def with_scales(result, alpha: float, s: Tensor):
+    """``result`` recording the AWQ scales its Linear was quantized under (its own copy: files refuse shared
+    tensors), so an export or a resumed run can fold the producer again."""
+    return dataclasses.replace(result, input_scales=s.clone(), args={**result.args, "awq": True, "awq_alpha": alpha})
 
 
 def producer_folds(pairs: Sequence[tuple[str, Sequence[str]]], blocks_prefix: str,

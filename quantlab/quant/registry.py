@@ -159,9 +159,10 @@ def component_problem(scheme: QuantScheme, component: Component) -> str | None:
         asked = [a for a in DECODER_ONLY_ARGS if a in scheme.args]
         if asked:
             return f"args {asked} apply to decoder blocks only; drop them for the {component.value} Linears"
-        if component is Component.PROJECTOR and scheme.args.get("awq", False):
-            return ("args ['awq'] apply to decoder and vision blocks only (the projector has no norm or Linear that "
-                    "its scales could fold into); drop it for the projector Linears")
+        folded = [a for a in BLOCK_ONLY_ARGS if scheme.args.get(a, False)]
+        if component is Component.PROJECTOR and folded:
+            return (f"args {folded} apply to decoder and vision blocks only (the projector has no norm or Linear "
+                    "that its scales could fold into); drop it for the projector Linears")
         return None
     if not get_backend(scheme.backend).needs_hessian:
         return None

@@ -3,7 +3,7 @@
 The decoder's pass (``quantlab.quant.apply.quantize``) only reaches decoder blocks. For vision and projector
 Linears whose backend needs a Hessian (GPTQ, BiLLM), this pass runs first, on the image calibration samples:
 
-1. each sample's call into every vision block is captured once (``capture_calls`` on
+1. each sample's call into every vision block is captured once (``calib.executor.capture_vision_inputs``, on
    ``model.get_image_features``, so Qwen2.5-VL's window indices, ``cu_seqlens`` and rotary embeddings are the
    model's own);
 2. vision blocks in order, each Linear step (Linears that read one input together, ``sequential_steps``)
@@ -24,14 +24,17 @@ recomputes this whole pass (it is deterministic), folds included.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from quantlab.calib.capture import capture_calls
-from quantlab.calib.executor import CalibSample, run_block
+from quantlab.calib.executor import (
+    CalibSample,
+    capture_vision_inputs,
+    every_token,
+    run_block,
+)
 from quantlab.core.device import placed, resolve_device
 from quantlab.models.adapter import Component
 from quantlab.models.inputs import encode_images
@@ -79,11 +82,7 @@ def quantize_vision(loaded: LoadedModel, planned: Mapping[str, QuantScheme], sam
 
     in_blocks = {n for n in planned if n.startswith(adapter.vision_blocks + ".")}
     if in_blocks:
-        # One plain pass first: transformers installs its hidden-state capturing hooks (which the families'
-        # get_image_features use to pick a layer) lazily on the first call; installed while capture_calls has
-        # the blocks wrapped, they would miss them and every later forward would find no hidden states.
-        _encode(model, images[0])()
-        calls = [capture_calls(blocks, _encode(model, s)) for s in images]
+        calls = capture_vision_inputs(loaded, images)
         hidden = [c[0].hidden for c in calls]
         for i, block in enumerate(blocks):
             prefix = f"{adapter.vision_blocks}.{i}."
@@ -95,13 +94,11 @@ def quantize_vision(loaded: LoadedModel, planned: Mapping[str, QuantScheme], sam
                 pairs = awq.block_pairs(adapter.vision_scale_pairs, block, prefix, planned)
                 scaled = {}
                 if pairs:  # AWQ first, on the block still in full precision (module doc)
-                    valid = [torch.ones(h.reshape(-1, h.shape[-1]).shape[0], dtype=torch.bool) for h in hidden]
-                    scaled = awq.search_block_scales(block, prefix, pairs, planned, run, valid)
+                    scaled = awq.search_block_scales(block, prefix, pairs, planned, run, every_token(hidden))
                 for step in sequential_steps(names, adapter.fused_groups):
                     solve_step(step, lambda linears, run=run: run(until=linears))
                 for n, (alpha, s) in scaled.items():
-                    results[n] = dataclasses.replace(results[n], input_scales=s.clone(),
-                                                     args={**results[n].args, "awq": True, "awq_alpha": alpha})
+                    results[n] = awq.with_scales(results[n], alpha, s)
                 hidden = run_block(block, calls, i, hidden, device)
     rest = [n for n in modules if n in planned and n not in in_blocks]  # module order
     for name in rest:
