@@ -18,11 +18,11 @@ from torch import nn
 
 from quantlab.data.synthetic import SETS
 from quantlab.models.adapter import ADAPTERS
+from quantlab.models.inputs import encode_images
 from quantlab.toys.aux_losses import (
     WordAlignedHead,
     cell_loss,
     cell_terms,
-    encode_images,
     vision_params,
 )
 from quantlab.toys.batches import Batchable, collate, prepare
@@ -51,9 +51,10 @@ def main() -> None:
     image_token, pad = adapter.image_token_id(model.config), proc.tokenizer.pad_token_id
     width = model.config.text_config.hidden_size
     captured: dict[str, torch.Tensor] = {}
-    adapter.get(model, adapter.projector).register_forward_hook(lambda m, i, o: captured.__setitem__("f", o))
-    heads = nn.ModuleDict({"row": nn.Linear(width, member.grid), "col": nn.Linear(width, member.grid),
-                           "chars": nn.Linear(width, 2 * (1 + len(member.alphabet)))})
+    adapter.capture_image_features(model, captured, "f")
+    heads = nn.ModuleDict({"row": nn.Linear(width, member.grid), "col": nn.Linear(width, member.grid)}
+                          if TOYS[a.model].tower_positions else {})
+    heads["chars"] = nn.Linear(width, 2 * (1 + len(member.alphabet)))
     words = WordAlignedHead(model, proc.tokenizer, width, member)
     params = vision_params(model, heads, words)
     opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -76,6 +77,8 @@ def main() -> None:
             with torch.no_grad():
                 acc = {k: round(float((lg.argmax(-1)[y > 0] == y[y > 0]).float().mean()), 3)
                        for k, (lg, y) in probed_terms(held, torch.arange(256)).items() if k in PROBED}
+                acc |= {k: round(float((lg.argmax(-1) == y).float().mean()), 3)
+                        for k, (lg, y) in probed_terms(held, torch.arange(256)).items() if k not in PROBED}
             print(json.dumps({"step": step + 1, "loss": round(loss.item(), 3), "accuracy_on_occupied_cells": acc,
                               "seconds": round(time.time() - t0)}), flush=True)
 

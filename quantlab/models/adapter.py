@@ -45,6 +45,11 @@ class Adapter:
     # the pre-attention norm inside a vision block (CLIP: layer_norm1, Qwen2-VL/2.5-VL: norm1): its output is
     # the vision block's LUQ tensor in calibration, as input_layernorm's is a decoder block's
     vision_norm: str = "layer_norm1"
+    # the module whose output is the image features in the decoder's token order (one row per image token,
+    # raster order). LLaVA: the projector. Qwen2.5-VL's merger runs on tokens still in window order and the
+    # tower un-permutes them after it (``Qwen2_5_VisionTransformerPretrainedModel.forward``), so there it is
+    # the whole tower, whose ``pooler_output`` holds them. None: the projector.
+    image_features: str | None = None
     image_token_attr: tuple[str, ...] = ("image_token_id", "image_token_index")
     legacy_names: tuple[tuple[str, str], ...] = ()
     # transformers 5 module names as checkpoints saved in that layout spell them: the same, but where a
@@ -74,6 +79,15 @@ class Adapter:
         ("layer_norm2", ("mlp.fc1",)),
     )
     guessed: tuple[str, ...] = field(default=())  # fields a generic fallback had to guess
+
+    def capture_image_features(self, model: nn.Module, store: dict[str, torch.Tensor], key: str = "features"):
+        """Hook that keeps the image features (one row per image token, in the decoder's order, float32) in
+        ``store[key]`` on every vision pass; returns the hook handle."""
+        def keep(_module, _inputs, output) -> None:
+            feats = getattr(output, "pooler_output", output)
+            store[key] = feats.reshape(-1, feats.shape[-1]).float()
+
+        return self.get(model, self.image_features or self.projector).register_forward_hook(keep)
 
     def get(self, model: nn.Module, path: str) -> nn.Module:
         """The submodule at ``path``, with an error naming the family and the missing path."""
@@ -182,6 +196,7 @@ LLAVA = Adapter(
 
 _QWEN_COMMON = dict(
     vision="model.visual",
+    image_features="model.visual",
     vision_norm="norm1",
     vision_scale_pairs=(
         ("norm1", ("attn.qkv",)),

@@ -191,15 +191,16 @@ class WordAlignedHead(nn.Module):
 def cell_terms(feats: torch.Tensor, data: Batchable, idx: torch.Tensor, word_aux: WordAlignedHead,
                heads: nn.ModuleDict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(logits, targets) of each per-cell loss for image-token features ``feats`` ``(batch, cells, width)``:
-    colour, shape, row, column and, when ``heads`` has a ``chars`` head, the two label characters."""
+    colour, shape, and, when ``heads`` has those heads, row and column and the two label characters."""
     n, cells = feats.shape[:2]
     grid = int(cells ** 0.5)
     color_logits, shape_logits = word_aux(feats)
     # Cell c of every image sits at (c // grid, c % grid): supervising it keeps position in the image tokens,
     # which rotary-position decoders cannot recover from token content otherwise.
-    terms = {"color": (color_logits, data.cell_color[idx]), "shape": (shape_logits, data.cell_shape[idx]),
-             "row": (heads["row"](feats), (torch.arange(cells) // grid).repeat(n, 1)),
-             "col": (heads["col"](feats), (torch.arange(cells) % grid).repeat(n, 1))}
+    terms = {"color": (color_logits, data.cell_color[idx]), "shape": (shape_logits, data.cell_shape[idx])}
+    if "row" in heads:  # only towers with an absolute position embedding (ToySpec.tower_positions)
+        terms["row"] = (heads["row"](feats), (torch.arange(cells) // grid).repeat(n, 1))
+        terms["col"] = (heads["col"](feats), (torch.arange(cells) % grid).repeat(n, 1))
     if "chars" in heads:
         terms["chars"] = (heads["chars"](feats).reshape(n, cells, 2, -1), data.cell_chars[idx])
     return terms

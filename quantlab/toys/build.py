@@ -112,6 +112,10 @@ class ToySpec:
     make_processor: Callable[[ToySize, PreTrainedTokenizerFast, str], Any]
     model_class: type
     size: ToySize = ToySize()
+    # the vision tower adds an absolute position embedding (CLIP) so that each image token can be trained to
+    # name its cell's row and column; Qwen2.5-VL's tower has only 2-D rotary positions inside attention, so its
+    # tokens cannot learn them (docs/hard-testbed.md, run 16) and the decoder reads rows and columns from mrope
+    tower_positions: bool = True
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -208,6 +212,7 @@ QWEN25 = dict(
     make_config=_qwen25_config,
     make_processor=_qwen25_processor,
     model_class=Qwen2_5_VLForConditionalGeneration,
+    tower_positions=False,
 )
 TOYS: dict[str, ToySpec] = {
     spec.name: spec for spec in (
@@ -251,13 +256,15 @@ def build_tokenizer(spec: ToySpec, vocab_size: int = VOCAB_SIZE) -> PreTrainedTo
     return PreTrainedTokenizerFast(tokenizer_object=tok, **spec.tokenizer_kwargs)
 
 
-def build_toy(name: str, seed: int = 0) -> tuple[torch.nn.Module, Any]:
-    """A randomly initialised toy VLM and its processor (untrained; see ``quantlab.toys.train``)."""
+def build_toy(name: str, seed: int = 0, size: ToySize | None = None) -> tuple[torch.nn.Module, Any]:
+    """A randomly initialised toy VLM and its processor (untrained; see ``quantlab.toys.train``); ``size``
+    replaces the toy's own dimensions (a training trial, e.g. a narrower decoder MLP)."""
     if name not in TOYS:
         raise KeyError(f"unknown toy model {name!r}; expected one of {sorted(TOYS)}")
     spec = TOYS[name]
+    size = size or spec.size
     tok = build_tokenizer(spec)
-    processor = spec.make_processor(spec.size, tok, spec.chat_template)
+    processor = spec.make_processor(size, tok, spec.chat_template)
     torch.manual_seed(seed)
-    model = spec.model_class(spec.make_config(spec.size, tok)).eval()
+    model = spec.model_class(spec.make_config(size, tok)).eval()
     return model, processor

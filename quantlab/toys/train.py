@@ -12,10 +12,12 @@ saved model is a plain transformers checkpoint).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -50,12 +52,14 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
           balanced_cells: bool = False, late_weight: float = 0.0, late_from: int = 0,
           late_count: bool = True, relation_attn_weight: float = 0.0,
           relation_attn_at: str = "question", relation_attn_layer: int | None = None,
-          init_std: float | None = None, weight_decay: float = 0.01) -> dict:
+          init_std: float | None = None, weight_decay: float = 0.01, text_mlp: int | None = None,
+          save_at: tuple[int, ...] = (), held_n: int = 500) -> dict:
     """Train toy ``name`` and save it (fp16 safetensors + processor) to ``out``; returns the training log."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t0 = time.time()
-    model, processor = build_toy(name, seed=seed)
+    size = replace(TOYS[name].size, text_mlp=text_mlp) if text_mlp else None
+    model, processor = build_toy(name, seed=seed, size=size)
     if init_std is not None:
         reinit_decoder(model, init_std)
     batch_equal_chunks(model)  # Qwen2.5-VL: one attention call per vision layer instead of one per window
@@ -64,7 +68,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     image_token_id = adapter.image_token_id(model.config)
     pad_id = processor.tokenizer.pad_token_id
     data = prepare(processor, member, "train", n_train, bins=bind_bins, turns=turns)
-    held = prepare(processor, member, "calibration", 500, bins=bind_bins)
+    held = prepare(processor, member, "calibration", held_n, bins=bind_bins)
     print(f"data ready in {time.time() - t0:.0f}s: {n_train} train samples", flush=True)
 
     width = model.config.text_config.hidden_size
@@ -73,9 +77,10 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
         if bind_bins != grid:
             raise ValueError(f"--attn-weight needs --bind-bins {grid} (the board's rows and columns), got {bind_bins}")
         model.set_attn_implementation({"text_config": "eager"})  # sdpa returns no attention probabilities
-    heads = nn.ModuleDict({"row": nn.Linear(width, grid), "col": nn.Linear(width, grid),
-                           "bind_other": nn.Linear(width, 1 + len(member.colors) + len(member.shapes)),
-                           "bind_row": nn.Linear(width, 1 + bind_bins), "bind_col": nn.Linear(width, 1 + bind_bins)})
+    heads = nn.ModuleDict({"row": nn.Linear(width, grid), "col": nn.Linear(width, grid)} if TOYS[name].tower_positions
+                          else {})
+    heads.update({"bind_other": nn.Linear(width, 1 + len(member.colors) + len(member.shapes)),
+                  "bind_row": nn.Linear(width, 1 + bind_bins), "bind_col": nn.Linear(width, 1 + bind_bins)})
     if member.alphabet:
         heads["chars"] = nn.Linear(width, 2 * (1 + len(member.alphabet)))
     bind_layer = model.config.text_config.num_hidden_layers // 2
@@ -94,8 +99,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
                          .self_attn, relation_attn)
     word_aux = WordAlignedHead(model, processor.tokenizer, width, member)
     captured: dict[str, torch.Tensor] = {}
-    projector = adapter.get(model, adapter.projector)
-    hook = projector.register_forward_hook(lambda m, i, o: captured.__setitem__("features", o.float()))
+    hook = adapter.capture_image_features(model, captured)  # in token order (Qwen's merger output is not)
 
     params = list(model.parameters()) + list(heads.parameters()) + [word_aux.empty, word_aux.scale]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
@@ -171,27 +175,37 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
                 entry["cell_acc"] = cell_accuracy(model, held, word_aux, heads, captured, pad_id, image_token_id)
             log.append(entry)
             print(json.dumps(entry), flush=True)
+        if step + 1 in save_at:
+            save_checkpoint(model, processor, out / f"step-{step + 1}")
     hook.remove()
     if attn_weight > 0:
         model.set_attn_implementation({"text_config": "sdpa"})
     model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.float16).save_pretrained(out)
-    save_hub_layout(model, out)
-    processor.save_pretrained(out)
+    save_checkpoint(model, processor, out)
     info = {"command": "python -m quantlab.toys.train " + " ".join(sys.argv[1:]), "toy": name,
             "dataset": member.name, "seed": seed, "steps": steps, "batch_size": batch_size, "lr": lr,
             "n_train": n_train, "aux_weight": aux_weight, "curriculum": curriculum, "bind_weight": bind_weight,
             "bind_bins": bind_bins, "vision_warmup": vision_warmup, "attn_weight": attn_weight, "turns": turns, "bf16": bf16, "balanced_cells": balanced_cells, "late_weight": late_weight,
             "late_from": late_from, "late_count": late_count, "relation_attn_weight": relation_attn_weight,
             "relation_attn_at": relation_attn_at, "relation_attn_layer": relation_attn_layer,
-            "init_std": init_std, "weight_decay": weight_decay, "threads": threads, "train_seconds": round(time.time() - t0, 1),
+            "init_std": init_std, "weight_decay": weight_decay, "text_mlp": text_mlp, "threads": threads, "train_seconds": round(time.time() - t0, 1),
             "torch": torch.__version__, "log": log}
     info["test"] = test_accuracy(out, member.name, test_n)
     info["total_seconds"] = round(time.time() - t0, 1)
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info["test"]), flush=True)
     return info
+
+
+def save_checkpoint(model: nn.Module, processor, out: Path) -> None:
+    """Save ``model`` as a shipped toy is saved (fp16 safetensors under the hub's names, config, processor);
+    a training model is copied first, so it keeps training in its own precision and mode."""
+    if model.training:
+        model = copy.deepcopy(model).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.float16).save_pretrained(out)
+    save_hub_layout(model, out)
+    processor.save_pretrained(out)
 
 
 def reinit_decoder(model: nn.Module, std: float) -> None:
@@ -282,6 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init-std", type=float, default=None,
                     help="standard deviation of the decoder Linears' initial weights (default: the config's "
                          "initializer_range, 0.02)")
+    ap.add_argument("--text-mlp", type=int, default=None,
+                    help="decoder MLP width instead of the toy's (a trial: a smaller decoder, docs/hard-testbed.md)")
+    ap.add_argument("--save-at", type=int, nargs="*", default=[],
+                    help="steps after which to save a checkpoint to OUT/step-N (fp16, as the final one)")
     ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the main stage")
     a = ap.parse_args(argv)
     train(a.toy, a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, n_train=a.n_train, seed=a.seed,
@@ -291,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
           balanced_cells=a.balanced_cells, late_weight=a.late_weight,
           late_from=a.late_from, late_count=a.late_count, relation_attn_weight=a.relation_attn_weight,
           relation_attn_at=a.relation_attn_at, relation_attn_layer=a.relation_attn_layer, init_std=a.init_std,
-          weight_decay=a.weight_decay)
+          weight_decay=a.weight_decay, text_mlp=a.text_mlp, save_at=tuple(a.save_at))
 
 
 if __name__ == "__main__":

@@ -70,3 +70,27 @@ def test_qwen_merger_is_the_projector_not_vision():
     a = ADAPTERS["qwen2_5_vl"]
     assert a.component_of("model.visual.merger.mlp.0") == Component.PROJECTOR
     assert a.component_of("model.visual.blocks.0.attn.qkv") == Component.VISION
+
+
+def test_captured_image_features_are_in_the_decoders_token_order(tiny_family):
+    """The hook keeps what the decoder's image tokens receive. Qwen2.5-VL's merger sees its tokens in window
+    order (an 8 x 8 patch grid: four 2 x 2 windows of merged tokens), so a hook on the projector would not."""
+    family, model = tiny_family
+    a = get_adapter(model)
+    if family == "llava":
+        pixels = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    else:
+        pixels = {"pixel_values": torch.randn(2 * 64, 1176), "image_grid_thw": torch.tensor([[1, 8, 8]] * 2)}
+    store: dict[str, torch.Tensor] = {}
+    merger: list[torch.Tensor] = []
+    handles = [a.capture_image_features(model, store),
+               a.get(model, a.projector).register_forward_hook(lambda _m, _i, o: merger.append(o))]
+    with torch.no_grad():
+        out = model.get_image_features(**pixels)
+    for h in handles:
+        h.remove()
+    feats = getattr(out, "pooler_output", out)
+    expected = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).float()
+    assert torch.equal(store["features"], expected)
+    if family == "qwen2_5_vl":  # the case the adapter fact exists for
+        assert not torch.equal(merger[0].float(), expected)
