@@ -3,6 +3,7 @@
     python eval/luq_table.py --model toy-llava --out eval/results/toy-llava.json
     python eval/luq_table.py --model toy-llava-hard --out eval/results/toy-llava-hard.json
     python eval/luq_table.py --model DIR --out X.json --rows "RTN W3 g128" "RTN W2 g64"   # the test bed's targets
+    python eval/luq_table.py --model DIR --out X.json --rows "tower RTN W8 g128" "tower GPTQ W4 g128"  # opt-in
 
 The task and the calibration source follow the model (shapes-VQA-hard for the hard toys,
 docs/hard-testbed.md); every accuracy row carries a paired test against the fp row (McNemar, exact).
@@ -62,6 +63,22 @@ def rows() -> dict[str, PlanSpec]:
     out["LUQ (W2g64 + W4), 2.54 nominal bits"] = PlanSpec(
         planner="luq", low=QuantScheme(backend="gptq", bits=2, group_size=64), high=W4, target_avg_bits=2.54,
         rules=KEEP)
+    return out
+
+
+def tower_rows() -> dict[str, PlanSpec]:
+    """Opt-in rows (``--rows``) that quantize the vision tower and projector (issue 17's vision targets) or every
+    Linear but the head; the decoder convention above leaves the tower in full precision."""
+    head = [RuleSpec(match="component:head", scheme=None)]
+    out = {}
+    for backend, bits in (("rtn", 8), ("gptq", 8), ("rtn", 4), ("gptq", 4)):
+        out[f"tower {backend.upper()} W{bits} g128"] = PlanSpec(
+            planner="uniform", scheme=QuantScheme(backend=backend, bits=bits, group_size=128),
+            components=["vision", "projector"], rules=head)
+    for backend, bits, group in (("rtn", 3, 128), ("rtn", 2, 64)):
+        out[f"{backend.upper()} W{bits} g{group}, every Linear"] = PlanSpec(
+            planner="uniform", scheme=QuantScheme(backend=backend, bits=bits, group_size=group),
+            components=["decoder", "vision", "projector"], rules=head)
     return out
 
 
@@ -148,10 +165,11 @@ def main() -> None:
                   "exist_f1": fp.aggregates.get("exist", {}).get("f1"), "kl_to_fp": 0.0, "model_bytes": rep.total_bytes,
                   "decoder_linear_bytes": rep.decoder_linear_bytes, "avg_bits": 16.0, "nominal_bits": 16.0})
     print(json.dumps({k: v for k, v in table[-1].items() if k != "item_scores"}), flush=True)
-    chosen = rows() if a.rows is None else {n: s for n, s in rows().items() if n in {*a.rows, "GPTQ W4 g128"}}
-    unknown = set(a.rows or ()) - set(rows())
+    every = rows() | tower_rows()
+    chosen = rows() if a.rows is None else {n: s for n, s in every.items() if n in {*a.rows, "GPTQ W4 g128"}}
+    unknown = set(a.rows or ()) - set(every)
     if unknown:
-        raise SystemExit(f"--rows: unknown {sorted(unknown)}; valid: {sorted(rows())}")
+        raise SystemExit(f"--rows: unknown {sorted(unknown)}; valid: {sorted(every)}")
     for name, spec in chosen.items():
         row = evaluate_row(name, base, calib.samples, stats, spec, limit=a.limit, held=held, task=task)
         row.update(versus(fp.item_scores, row["item_scores"]))
