@@ -156,12 +156,13 @@ def test_late_loss_trains_only_the_heads_it_is_given():
     assert heads["late_count"].weight.grad is None and heads["late_row"].weight.grad is not None
 
 
-def test_batched_vision_attention_matches_transformers_loop():
-    """Training's Qwen2.5-VL vision attention (one batched call over equal windows) gives transformers' own
-    per-window result, for the windowed and the full-attention block, forward and gradient."""
+def test_fast_vision_tower_matches_transformers():
+    """Training's Qwen2.5-VL vision speed-ups (one batched attention call over equal windows, the patch
+    embedding as one matmul) give transformers' own result, for the windowed and the full-attention block,
+    forward and gradient."""
     from quantlab.data.synthetic import SETS
     from quantlab.toys.build import build_toy
-    from quantlab.toys.fast_attention import batch_equal_chunks
+    from quantlab.toys.fast_vision import speed_up_vision
 
     model, processor = build_toy("toy-qwen2.5-vl-hard", seed=0)
     model.float()
@@ -175,7 +176,7 @@ def test_batched_vision_attention_matches_transformers_loop():
         return out.detach(), pixels.grad
 
     ref, ref_grad = run()
-    assert batch_equal_chunks(model) == len(model.model.visual.blocks)
+    assert speed_up_vision(model) == len(model.model.visual.blocks) + 1
     fast, fast_grad = run()
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-4, atol=1e-5)

@@ -41,7 +41,7 @@ from quantlab.toys.aux_losses import (
 )
 from quantlab.toys.batches import collate, first_token_accuracy, prepare
 from quantlab.toys.build import TOYS, build_toy
-from quantlab.toys.fast_attention import batch_equal_chunks
+from quantlab.toys.fast_vision import speed_up_vision
 from quantlab.toys.probes import cell_accuracy, lookup_probes
 
 
@@ -62,7 +62,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     model, processor = build_toy(name, seed=seed, size=size)
     if init_std is not None:
         reinit_decoder(model, init_std)
-    batch_equal_chunks(model)  # Qwen2.5-VL: one attention call per vision layer instead of one per window
+    speed_up_vision(model)  # Qwen2.5-VL: batched window attention, patch embedding as one matmul
     member = SETS.get(TOYS[name].size.dataset)
     adapter = ADAPTERS[TOYS[name].model_type]
     image_token_id = adapter.image_token_id(model.config)

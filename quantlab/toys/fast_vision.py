@@ -1,4 +1,9 @@
-"""A training-time speed-up for Qwen2.5-VL's vision attention on the toys' equal-sized images.
+"""Training-time speed-ups for Qwen2.5-VL's vision tower on the toys' equal-sized images (same results).
+
+The patch embedding (:func:`linear_patch_embed`): transformers applies a ``Conv3d`` whose kernel equals its
+stride and the whole patch, i.e. one matrix product per patch, and PyTorch's CPU Conv3d is several times
+slower than the same product as ``F.linear`` (forward and backward, measured on this project's 2-core machine
+at the hard toy's 1,536-value patches: about 5x). The attention (:func:`batch_equal_chunks`):
 
 transformers' Qwen2.5-VL vision attention (``Qwen2_5_VLVisionAttention.forward``, sdpa/eager path) splits the
 packed patch sequence at ``cu_seqlens`` and calls attention once per window or image: at batch 64 that is
@@ -6,6 +11,8 @@ several hundred tiny calls per layer, forward and backward. When every chunk has
 board (every image the same size, every window full), the chunks stack into one batched call with the same
 result. :func:`batch_equal_chunks` swaps that forward in on the model's vision attention modules for training
 only; the saved checkpoint and its config are untouched.
+
+:func:`speed_up_vision` installs both.
 """
 
 from __future__ import annotations
@@ -55,3 +62,27 @@ def batch_equal_chunks(model: nn.Module) -> int:
                 lambda self, *a, _o=original, **kw: equal_chunk_forward(self, *a, _original=_o, **kw), module)
             n += 1
     return n
+
+
+def linear_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``Qwen2_5_VisionPatchEmbed.forward`` as one ``F.linear``: each row of ``hidden_states`` is a flattened
+    ``(channels, temporal, patch, patch)`` patch, laid out as the Conv3d kernel's flattened weight."""
+    weight = self.proj.weight
+    return F.linear(hidden_states.to(weight.dtype), weight.reshape(weight.shape[0], -1), self.proj.bias)
+
+
+def linear_patch_embed(model: nn.Module) -> int:
+    """Install :func:`linear_forward` on every Qwen2.5-VL patch embedding of ``model``; returns how many."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Qwen2_5_VisionPatchEmbed):
+            module.forward = types.MethodType(linear_forward, module)
+            n += 1
+    return n
+
+
+def speed_up_vision(model: nn.Module) -> int:
+    """Both speed-ups on ``model`` (a no-op on other families); returns how many modules were changed."""
+    return batch_equal_chunks(model) + linear_patch_embed(model)
