@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from luq_table import evaluate_row, held_out, seeded_setup, task_of, uniform, versus  # noqa: E402
+from luq_table import evaluate_row, held_out, seeded_setup, task_of, uniform, versus
 
-from quantlab.eval.runner import evaluate  # noqa: E402
+from quantlab.eval.runner import evaluate
 
 ROWS = {"RTN W3 g128": ("rtn", 3, 128), "RTN W2 g64": ("rtn", 2, 64)}
 

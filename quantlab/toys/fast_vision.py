@@ -73,7 +73,9 @@ def linear_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor
 
 def linear_patch_embed(model: nn.Module) -> int:
     """Install :func:`linear_forward` on every Qwen2.5-VL patch embedding of ``model``; returns how many."""
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VisionPatchEmbed,
+    )
 
     n = 0
     for module in model.modules():
