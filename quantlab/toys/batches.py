@@ -148,6 +148,7 @@ def prepare(processor, member: SyntheticSet, split: str, n: int, *, bins: int = 
     ids, starts, pixels, grids, colors, shp, bind, chars, spans, late = [], [], [], [], [], [], [], [], [], []
     words = word_ids(processor.tokenizer, member)
     question_mark = processor.tokenizer.convert_tokens_to_ids("?")
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     cids, sids = color_ids(member), shape_ids(member)
     samples = list(member.samples(split, n))
     for lo in range(0, n, chunk):
@@ -161,10 +162,12 @@ def prepare(processor, member: SyntheticSet, split: str, n: int, *, bins: int = 
         heads = [prompt_text(processor, s.question, True) for s in part]
         images = [s.render() for s in part]
         enc = processor(images=images, text=texts, return_tensors="pt", padding=True)
-        head_enc = processor(images=images, text=heads, return_tensors="pt", padding=True)
+        # the prompt's length: its text tokens (the image placeholder one of them) plus the placeholder's
+        # expansion, which the processor made in ``full``; tokenising alone spares a second image pass
+        head_ids = processor.tokenizer(heads, add_special_tokens=False)["input_ids"]
         for i in range(len(part)):
             full = enc["input_ids"][i][enc["attention_mask"][i].bool()]
-            head_len = int(head_enc["attention_mask"][i].sum())
+            head_len = len(head_ids[i]) + int((full == image_token).sum()) - 1
             ids.append(full)
             starts.append(head_len)
             if turns > 1:
