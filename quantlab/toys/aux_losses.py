@@ -206,6 +206,26 @@ def cell_terms(feats: torch.Tensor, data: Batchable, idx: torch.Tensor, word_aux
     return terms
 
 
+def image_position_loss(hidden: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
+                        heads: nn.ModuleDict) -> torch.Tensor:
+    """Cross-entropy of each image token's row and column (heads ``pos_row``/``pos_col``) read from a decoder
+    layer's hidden states ``(batch, seq, width)``; the image tokens of a row are its board's cells in raster
+    order.
+
+    For towers without an absolute position embedding (Qwen2.5-VL: 2-D rotary positions inside attention
+    only) an image token's content cannot say where it is, and a relation question's second hop ("left of
+    the triangle") needs the anchor's row and column as content. The decoder sees each image token's 2-D
+    position through mrope, so its early layers can put it there; this loss asks them to.
+    """
+    mask = input_ids == image_token_id
+    n = int(mask[0].sum())
+    grid = int(n ** 0.5)
+    feats = hidden[mask].reshape(-1, n, hidden.shape[-1]).float()
+    cells = torch.arange(n).repeat(feats.shape[0], 1)
+    return (F.cross_entropy(heads["pos_row"](feats).flatten(0, 1), (cells // grid).flatten())
+            + F.cross_entropy(heads["pos_col"](feats).flatten(0, 1), (cells % grid).flatten()))
+
+
 BALANCED = ("color", "shape", "chars")  # terms whose class 0 means "nothing here"
 
 

@@ -33,6 +33,7 @@ from quantlab.toys.aux_losses import (
     binding_loss,
     cell_loss,
     cell_terms,
+    image_position_loss,
     late_loss,
     lookup_attention_loss,
     record_attention,
@@ -53,7 +54,8 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
           late_count: bool = True, relation_attn_weight: float = 0.0,
           relation_attn_at: str = "question", relation_attn_layer: int | None = None,
           init_std: float | None = None, weight_decay: float = 0.01, text_mlp: int | None = None,
-          save_at: tuple[int, ...] = (), held_n: int = 500) -> dict:
+          save_at: tuple[int, ...] = (), held_n: int = 500, position_weight: float = 0.0,
+          position_layer: int = 2) -> dict:
     """Train toy ``name`` and save it (fp16 safetensors + processor) to ``out``; returns the training log."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -83,6 +85,8 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
                   "bind_row": nn.Linear(width, 1 + bind_bins), "bind_col": nn.Linear(width, 1 + bind_bins)})
     if member.alphabet:
         heads["chars"] = nn.Linear(width, 2 * (1 + len(member.alphabet)))
+    if position_weight > 0:
+        heads.update({"pos_row": nn.Linear(width, grid), "pos_col": nn.Linear(width, grid)})
     bind_layer = model.config.text_config.num_hidden_layers // 2
     late_layer = 3 * model.config.text_config.num_hidden_layers // 4
     if late_weight > 0:
@@ -141,7 +145,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
         batch = collate(data, idx, pad_id, image_token_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             late_on = (late_weight > 0 or relation_attn_weight > 0) and step >= late_from
-            out_ = model(**batch, output_hidden_states=bind_weight > 0 or late_on,
+            out_ = model(**batch, output_hidden_states=bind_weight > 0 or late_on or position_weight > 0,
                          output_attentions=attn_weight > 0)
         aux = cell_loss(cell_terms(captured["features"].reshape(batch_size, -1, width), data, idx, word_aux, heads),
                             balanced=balanced_cells)
@@ -151,6 +155,9 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
         if late_on and late_weight > 0:
             loss = loss + late_weight * late_loss(out_.hidden_states[late_layer].float(), data, idx, heads,
                                                   terms=LATE_TERMS if late_count else LATE_TERMS[:3])
+        if position_weight > 0:
+            loss = loss + position_weight * image_position_loss(out_.hidden_states[position_layer],
+                                                                batch["input_ids"], image_token_id, heads)
         rel_attn = None
         if relation_attn_weight > 0 and late_on:
             rel_attn = relation_attention_loss(relation_attn["attn"], data, idx, image_token_id, batch["input_ids"], grid,
@@ -188,7 +195,8 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
             "bind_bins": bind_bins, "vision_warmup": vision_warmup, "attn_weight": attn_weight, "turns": turns, "bf16": bf16, "balanced_cells": balanced_cells, "late_weight": late_weight,
             "late_from": late_from, "late_count": late_count, "relation_attn_weight": relation_attn_weight,
             "relation_attn_at": relation_attn_at, "relation_attn_layer": relation_attn_layer,
-            "init_std": init_std, "weight_decay": weight_decay, "text_mlp": text_mlp, "threads": threads, "train_seconds": round(time.time() - t0, 1),
+            "init_std": init_std, "weight_decay": weight_decay, "text_mlp": text_mlp, "position_weight": position_weight,
+            "position_layer": position_layer, "threads": threads, "train_seconds": round(time.time() - t0, 1),
             "torch": torch.__version__, "log": log}
     info["test"] = test_accuracy(out, member.name, test_n)
     info["total_seconds"] = round(time.time() - t0, 1)
@@ -298,6 +306,11 @@ def main(argv: list[str] | None = None) -> None:
                          "initializer_range, 0.02)")
     ap.add_argument("--text-mlp", type=int, default=None,
                     help="decoder MLP width instead of the toy's (a trial: a smaller decoder, docs/hard-testbed.md)")
+    ap.add_argument("--position-weight", type=float, default=0.0,
+                    help="weight of the image tokens' row/column targets read at a decoder layer "
+                         "(towers without absolute positions, e.g. Qwen2.5-VL's; aux_losses.image_position_loss)")
+    ap.add_argument("--position-layer", type=int, default=2,
+                    help="the decoder layer (hidden_states index) whose image tokens --position-weight reads")
     ap.add_argument("--save-at", type=int, nargs="*", default=[],
                     help="steps after which to save a checkpoint to OUT/step-N (fp16, as the final one)")
     ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the main stage")
@@ -309,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
           balanced_cells=a.balanced_cells, late_weight=a.late_weight,
           late_from=a.late_from, late_count=a.late_count, relation_attn_weight=a.relation_attn_weight,
           relation_attn_at=a.relation_attn_at, relation_attn_layer=a.relation_attn_layer, init_std=a.init_std,
-          weight_decay=a.weight_decay, text_mlp=a.text_mlp, save_at=tuple(a.save_at))
+          weight_decay=a.weight_decay, text_mlp=a.text_mlp, save_at=tuple(a.save_at),
+          position_weight=a.position_weight, position_layer=a.position_layer)
 
 
 if __name__ == "__main__":
