@@ -26,6 +26,9 @@ def test_a_few_training_steps_save_checkpoints_and_a_loadable_toy(name, tmp_path
     changed = [k for k in last if "mlp.down_proj" in k and not torch.equal(first[k], last[k])]
     assert changed
     assert info["test"]["n"] == 2
+    # a checkpoint names its dataset, so evaluations pick the toy's task, not shapes-VQA's default
+    from quantlab.data.synthetic import set_of_model
+    assert set_of_model(out / "step-1").name == "shapes-vqa-hard"
 
 
 def test_image_position_loss_reads_the_image_tokens_in_raster_order():

@@ -183,7 +183,8 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
             log.append(entry)
             print(json.dumps(entry), flush=True)
         if step + 1 in save_at:
-            save_checkpoint(model, processor, out / f"step-{step + 1}")
+            save_checkpoint(model, processor, out / f"step-{step + 1}",
+                            {"toy": name, "dataset": member.name, "step": step + 1, "log": log})
     hook.remove()
     if attn_weight > 0:
         model.set_attn_implementation({"text_config": "sdpa"})
@@ -205,15 +206,18 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     return info
 
 
-def save_checkpoint(model: nn.Module, processor, out: Path) -> None:
-    """Save ``model`` as a shipped toy is saved (fp16 safetensors under the hub's names, config, processor);
-    a training model is copied first, so it keeps training in its own precision and mode."""
+def save_checkpoint(model: nn.Module, processor, out: Path, info: dict | None = None) -> None:
+    """Save ``model`` as a shipped toy is saved (fp16 safetensors under the hub's names, config, processor)
+    and ``info`` as its ``training.json`` (the dataset there tells evaluations which task is the toy's); a
+    training model is copied first, so it keeps training in its own precision and mode."""
     if model.training:
         model = copy.deepcopy(model).eval()
     out.mkdir(parents=True, exist_ok=True)
     model.to(torch.float16).save_pretrained(out)
     save_hub_layout(model, out)
     processor.save_pretrained(out)
+    if info is not None:
+        (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def reinit_decoder(model: nn.Module, std: float) -> None:
