@@ -75,10 +75,12 @@ def main() -> None:
         opt.step()
         if (step + 1) % 100 == 0:
             with torch.no_grad():
-                acc = {k: round(float((lg.argmax(-1)[y > 0] == y[y > 0]).float().mean()), 3)
-                       for k, (lg, y) in probed_terms(held, torch.arange(256)).items() if k in PROBED}
-                acc |= {k: round(float((lg.argmax(-1) == y).float().mean()), 3)
-                        for k, (lg, y) in probed_terms(held, torch.arange(256)).items() if k not in PROBED}
+                terms = probed_terms(held, torch.arange(256))
+            # the probed terms on the occupied cells; row/column (all cells hold a position) on every cell
+            acc = {k: round(float((lg.argmax(-1)[y > 0] == y[y > 0]).float().mean()), 3)
+                   for k, (lg, y) in terms.items() if k in PROBED}
+            acc |= {k: round(float((lg.argmax(-1) == y).float().mean()), 3)
+                    for k, (lg, y) in terms.items() if k not in PROBED}
             print(json.dumps({"step": step + 1, "loss": round(loss.item(), 3), "accuracy_on_occupied_cells": acc,
                               "seconds": round(time.time() - t0)}), flush=True)
 

@@ -72,18 +72,16 @@ def _open(image) -> Image.Image:
 
 @torch.no_grad()
 def image_embeddings(loaded: LoadedModel, records: list[RawSample]) -> torch.Tensor:
-    """The projector's output for each record's image, concatenated ``(image tokens, width)``, float32."""
-    model, adapter = loaded.model, loaded.adapter
+    """The image features (the projector's output, in the decoder's token order) for each record's image,
+    concatenated ``(image tokens, width)``, float32."""
+    model = loaded.model
+    store: dict[str, torch.Tensor] = {}
     captured: list[torch.Tensor] = []
-
-    def keep(_module, _inputs, output) -> None:
-        out = output[0] if isinstance(output, tuple) else output
-        captured.append(out.float().reshape(-1, out.shape[-1]))
-
-    hook = adapter.get(model, adapter.projector).register_forward_hook(keep)
+    hook = loaded.adapter.capture_image_features(model, store)
     try:
         for r in records:
             encode_images(model, build_inputs(loaded.processor, [r.prompt], [_open(r.image)]))
+            captured.append(store["features"])
     finally:
         hook.remove()
     return torch.cat(captured).cpu()

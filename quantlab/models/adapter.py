@@ -84,6 +84,7 @@ class Adapter:
         """Hook that keeps the image features (one row per image token, in the decoder's order, float32) in
         ``store[key]`` on every vision pass; returns the hook handle."""
         def keep(_module, _inputs, output) -> None:
+            output = output[0] if isinstance(output, tuple) else output
             feats = getattr(output, "pooler_output", output)
             store[key] = feats.reshape(-1, feats.shape[-1]).float()
 

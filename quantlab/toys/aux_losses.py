@@ -188,19 +188,27 @@ class WordAlignedHead(nn.Module):
         return self.scale * feats @ colors.T, self.scale * feats @ shapes_.T
 
 
+def cell_positions(n: int, cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column targets ``(n, cells)`` of ``n`` boards' image tokens: cell c of a square board sits at
+    ``(c // grid, c % grid)``, one image token per cell in raster order."""
+    grid = int(cells ** 0.5)
+    c = torch.arange(cells).repeat(n, 1)
+    return c // grid, c % grid
+
+
 def cell_terms(feats: torch.Tensor, data: Batchable, idx: torch.Tensor, word_aux: WordAlignedHead,
                heads: nn.ModuleDict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(logits, targets) of each per-cell loss for image-token features ``feats`` ``(batch, cells, width)``:
     colour, shape, and, when ``heads`` has those heads, row and column and the two label characters."""
     n, cells = feats.shape[:2]
-    grid = int(cells ** 0.5)
     color_logits, shape_logits = word_aux(feats)
     # Cell c of every image sits at (c // grid, c % grid): supervising it keeps position in the image tokens,
     # which rotary-position decoders cannot recover from token content otherwise.
     terms = {"color": (color_logits, data.cell_color[idx]), "shape": (shape_logits, data.cell_shape[idx])}
     if "row" in heads:  # only towers with an absolute position embedding (ToySpec.tower_positions)
-        terms["row"] = (heads["row"](feats), (torch.arange(cells) // grid).repeat(n, 1))
-        terms["col"] = (heads["col"](feats), (torch.arange(cells) % grid).repeat(n, 1))
+        rows, cols = cell_positions(n, cells)
+        terms["row"] = (heads["row"](feats), rows)
+        terms["col"] = (heads["col"](feats), cols)
     if "chars" in heads:
         terms["chars"] = (heads["chars"](feats).reshape(n, cells, 2, -1), data.cell_chars[idx])
     return terms
@@ -218,12 +226,11 @@ def image_position_loss(hidden: torch.Tensor, input_ids: torch.Tensor, image_tok
     position through mrope, so its early layers can put it there; this loss asks them to.
     """
     mask = input_ids == image_token_id
-    n = int(mask[0].sum())
-    grid = int(n ** 0.5)
-    feats = hidden[mask].reshape(-1, n, hidden.shape[-1]).float()
-    cells = torch.arange(n).repeat(feats.shape[0], 1)
-    return (F.cross_entropy(heads["pos_row"](feats).flatten(0, 1), (cells // grid).flatten())
-            + F.cross_entropy(heads["pos_col"](feats).flatten(0, 1), (cells % grid).flatten()))
+    cells = int(mask[0].sum())
+    feats = hidden[mask].reshape(-1, cells, hidden.shape[-1]).float()
+    rows, cols = cell_positions(feats.shape[0], cells)
+    return (F.cross_entropy(heads["pos_row"](feats).flatten(0, 1), rows.flatten())
+            + F.cross_entropy(heads["pos_col"](feats).flatten(0, 1), cols.flatten()))
 
 
 BALANCED = ("color", "shape", "chars")  # terms whose class 0 means "nothing here"

@@ -22,13 +22,14 @@ def projector_output(loaded, samples) -> torch.Tensor:
     """The image embeddings (the projector's output) of every image sample, ``(tokens, width)``."""
     from quantlab.models.inputs import encode_images
 
+    store: dict[str, torch.Tensor] = {}
     seen = []
-    hook = loaded.adapter.get(loaded.model, loaded.adapter.projector).register_forward_hook(
-        lambda _m, _i, out: seen.append(out.reshape(-1, out.shape[-1]).detach().float()))
+    hook = loaded.adapter.capture_image_features(loaded.model, store)
     try:
         for s in samples:
             if s.has_image:
                 encode_images(loaded.model, s.inputs)
+                seen.append(store["features"].detach())
     finally:
         hook.remove()
     return torch.cat(seen)
