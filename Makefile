@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # the suite on every core (one compute thread per worker, tests/conftest.py); the vLLM cases share one worker
 PYTEST := $(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup
 
-.PHONY: install test test-fast demo toys clean
+.PHONY: install test test-fast demo toys toys-hard clean
 
 $(BIN)/quantlab: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,12 @@ demo: install
 toys: install
 	$(BIN)/python -m quantlab.toys.train toy-llava --out quantlab/assets/toy-llava
 	$(BIN)/python -m quantlab.toys.train toy-qwen2.5-vl --out quantlab/assets/toy-qwen2.5-vl
+
+# the hard test bed's LLaVA toy (docs/hard-testbed.md, run 13): about 43 minutes on two cores
+toys-hard: install
+	$(BIN)/python -m quantlab.toys.train toy-llava-hard --out quantlab/assets/toy-llava-hard --n-train 40000 \
+		--bind-bins 6 --threads 2 --steps 1800 --batch-size 64 --lr 1e-3 --vision-warmup 600 --eval-every 300 \
+		--bf16 --balanced-cells --late-weight 0.5 --late-from 700 --no-late-count --relation-attn-weight 1
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

@@ -4,6 +4,7 @@
     python eval/luq_table.py --model toy-llava-hard --out eval/results/toy-llava-hard.json
     python eval/luq_table.py --model DIR --out X.json --rows "RTN W3 g128" "RTN W2 g64"   # the test bed's targets
     python eval/luq_table.py --model DIR --out X.json --rows "tower RTN W8 g128" "tower GPTQ W4 g128"  # opt-in
+    python eval/luq_table.py --model DIR --out X.json --rows "GPTQ W3 g128, AWQ" "RTN W3 g128, AWQ, image weight measured"
 
 The task and the calibration source follow the model (shapes-VQA-hard for the hard toys,
 docs/hard-testbed.md); every accuracy row carries a paired test against the fp row (McNemar, exact).
@@ -15,6 +16,10 @@ planner (measured KL sensitivity + exact MILP) given the same bytes as each LUQ 
 Columns: shapes-VQA exact match per question type and overall, POPE-style F1 on the yes/no (exist)
 questions, predicted bytes of the decoder Linears and of the whole model, exact stored bits per decoder
 weight, nominal bits (LUQ's convention) and the decoder-Linear memory saving vs uniform GPTQ W4 g128.
+
+Opt-in rows (``--rows``): the vision tower quantized, and issue 17's modality-aware methods (MBQ's measured
+image/text weights and VLMQ-style gradient token weights in GPTQ's Hessian, AWQ before GPTQ or RTN, AWQ
+with MBQ's balanced loss), each also compared with its plain row (same scheme, same bytes) on the same items.
 
 Every row starts from the same full-precision weights and the same calibration set (seeded).
 """
@@ -82,6 +87,29 @@ def tower_rows() -> dict[str, PlanSpec]:
     return out
 
 
+def modality_rows() -> dict[str, PlanSpec]:
+    """Opt-in rows (``--rows``) of issue 17's modality-aware methods, each paired with its plain row (same scheme,
+    same stored bytes): GPTQ with MBQ's measured image/text weights or VLMQ-style gradient token weights in the
+    Hessian, AWQ's scale search before GPTQ or RTN, and the same search with MBQ's balanced loss."""
+    variants = {"image weight measured": {"image_weight": "measured"}, "token weight gradient": {"token_weight": "gradient"},
+                "AWQ": {"awq": True}, "AWQ, image weight measured": {"awq": True, "image_weight": "measured"}}
+    out = {}
+    for bits, group in ((3, 128), (2, 64)):
+        for label, args in variants.items():
+            out[f"GPTQ W{bits} g{group}, {label}"] = PlanSpec(
+                planner="uniform", scheme=QuantScheme(backend="gptq", bits=bits, group_size=group, args=args), rules=KEEP)
+        for label in ("AWQ", "AWQ, image weight measured"):
+            out[f"RTN W{bits} g{group}, {label}"] = PlanSpec(
+                planner="uniform", scheme=QuantScheme(backend="rtn", bits=bits, group_size=group, args=variants[label]),
+                rules=KEEP)
+    return out
+
+
+def plain_row(name: str) -> str:
+    """The plain row a modality-aware row is compared with: ``GPTQ W3 g128, AWQ`` -> ``GPTQ W3 g128``."""
+    return name.split(",")[0]
+
+
 BUDGET_CANDIDATES = [QuantScheme(backend="gptq", bits=b, group_size=g) for b, g in ((2, 64), (3, 128), (4, 128), (8, 128))]
 
 
@@ -124,7 +152,8 @@ def evaluate_row(name: str, base, samples, stats, spec: PlanSpec, *, limit: int,
         s is not None and s.backend == "billm" for s in (spec.scheme, spec.low)) else "compressed-tensors"
     plan = make_plan(loaded, stats, spec, export_format=fmt, samples=samples, budget_bytes=budget_bytes,
                      progress=False)
-    quantize(loaded, plan.layers, samples, progress=False)
+    quantize(loaded, plan.layers, samples, progress=False,
+             token_importance=getattr(stats, "token_importance", None) or None)
     seconds = time.time() - t0
     report = evaluate(loaded, [task], data_dir=None, limit=limit, batch_size=64)
     r = report.tasks[task]
@@ -153,8 +182,17 @@ def main() -> None:
                          "saving column needs it); the fp row always runs")
     a = ap.parse_args()
     task = task_of(a.model)[0]
+    every = rows() | tower_rows() | modality_rows()
+    unknown = set(a.rows or ()) - set(every)
+    if unknown:
+        raise SystemExit(f"--rows: unknown {sorted(unknown)}; valid: {sorted(every)}")
+    modal = [n for n in a.rows or () if n in modality_rows()]
+    wanted = {*(a.rows or ()), "GPTQ W4 g128", *map(plain_row, modal)}
+    chosen = rows() if a.rows is None else {n: s for n, s in every.items() if n in wanted}
     base, calib = seeded_setup(a.model, a.samples, a.seed)
-    stats = calibrate(base, calib, hessians=True, progress=False)
+    # MBQ's gradient ratios and the per-token saliency need one backward pass per sample: only when a row asks
+    stats = calibrate(base, calib, hessians=True, progress=False, modality_gradients=bool(modal),
+                      token_importance=bool(modal))
     # held-out image+text samples (other seed) for the logit-KL column: a continuous damage measure
     held = held_out(base, a.model, a.seed)
     table = []
@@ -165,14 +203,17 @@ def main() -> None:
                   "exist_f1": fp.aggregates.get("exist", {}).get("f1"), "kl_to_fp": 0.0, "model_bytes": rep.total_bytes,
                   "decoder_linear_bytes": rep.decoder_linear_bytes, "avg_bits": 16.0, "nominal_bits": 16.0})
     print(json.dumps({k: v for k, v in table[-1].items() if k != "item_scores"}), flush=True)
-    every = rows() | tower_rows()
-    chosen = rows() if a.rows is None else {n: s for n, s in every.items() if n in {*a.rows, "GPTQ W4 g128"}}
-    unknown = set(a.rows or ()) - set(every)
-    if unknown:
-        raise SystemExit(f"--rows: unknown {sorted(unknown)}; valid: {sorted(every)}")
     for name, spec in chosen.items():
         row = evaluate_row(name, base, calib.samples, stats, spec, limit=a.limit, held=held, task=task)
         row.update(versus(fp.item_scores, row["item_scores"]))
+        if name in modal and row["plan"].info.get("fallbacks"):  # a method that silently ran nowhere proves nothing
+            first = next(iter(row["plan"].info["fallbacks"].items()))
+            raise SystemExit(f"{name}: the plan kept {len(row['plan'].info['fallbacks'])} Linears in full precision, "
+                             f"e.g. {first[0]}: {first[1]}")
+        if name in modal:  # the method minus its plain row, same scheme and bytes, same items
+            row["vs_plain"] = versus(next(r for r in table if r["row"] == plain_row(name))["item_scores"],
+                                     row["item_scores"])
+            row["plain_row"] = plain_row(name)
         plan = row.pop("plan")
         row.update(sizes(base, plan, row["format"]))
         if name.startswith("LUQ"):
@@ -225,6 +266,12 @@ def markdown(model: str, table: list[dict]) -> str:
         lines += [f"- {r['row']}: {paired_cell(r['vs_luq'], 'diff_vs_fp', 'ci_vs_fp', 'p_vs_fp')} "
                   f"(better on {r['vs_luq']['better_worse_vs_fp'][0]} items, worse on {r['vs_luq']['better_worse_vs_fp'][1]})"
                   for r in budget]
+    modal = [r for r in table if "vs_plain" in r]
+    if modal:
+        lines += ["", "Modality-aware method minus its plain row (same scheme and stored bytes), same items:", ""]
+        lines += [f"- {r['row']} vs {r['plain_row']}: {paired_cell(r['vs_plain'])} "
+                  f"(KL {r['kl_to_fp']:.5f} vs {next(p for p in table if p['row'] == r['plain_row'])['kl_to_fp']:.5f})"
+                  for r in modal]
     return "\n".join(lines) + "\n"
 
 

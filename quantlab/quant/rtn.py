@@ -3,14 +3,12 @@ GGUF K-quant grid (``grid``, see :mod:`quantlab.quant.kquant`)."""
 
 from __future__ import annotations
 
-from functools import partial
-
 from torch import Tensor
 
 from quantlab.quant import grid, kquant
 from quantlab.quant.hessian import relative_output_error
 from quantlab.quant.kquant_search import kquant_params
-from quantlab.quant.registry import register_backend
+from quantlab.quant.registry import HESSIAN_OPTIONS, register_backend
 from quantlab.quant.result import QuantResult, uniform_bits_per_weight
 from quantlab.quant.scheme import QuantScheme
 
@@ -63,8 +61,18 @@ def rtn_quantize(weight: Tensor, bits: int, group_size: int = 128, sym: bool = T
     )
 
 
-@register_backend("rtn", bits=RTN_BITS, options=("mse", "grid", "awq"),
-                  check=partial(kquant.scheme_grid_problem, plain_bits=RTN_BITS))
+def _rtn_problem(scheme: QuantScheme, in_features: int | None = None) -> str | None:
+    """Token weights on rtn weigh AWQ's scale-search loss only (MBQ's balanced search: AWQ then RTN), since RTN
+    itself reads no calibration data; then the K-grid checks."""
+    weighted = sorted(k for k in HESSIAN_OPTIONS if k in scheme.args)
+    if weighted and not scheme.args.get("awq"):
+        return (f"{', '.join(weighted)} on backend 'rtn' weighs AWQ's scale search, which this scheme does not run: "
+                "add awq: true (MBQ's balanced AWQ), or use gptq, whose Hessian it weighs")
+    return kquant.scheme_grid_problem(scheme, in_features, plain_bits=RTN_BITS)
+
+
+# image_weight / token_weight: the token weights of AWQ's search loss (with awq: true; see _rtn_problem)
+@register_backend("rtn", bits=RTN_BITS, options=("mse", "grid", "awq", *HESSIAN_OPTIONS), check=_rtn_problem)
 def rtn_backend(weight: Tensor, scheme: QuantScheme, hessian: Tensor | None) -> QuantResult:
     """Registry adapter for :func:`rtn_quantize`."""
     return rtn_quantize(weight, scheme.bits, scheme.group_size, scheme.sym, mse=bool(scheme.args.get("mse", False)),

@@ -98,3 +98,21 @@ def test_awq_option_is_checked_before_any_work():
         QuantScheme(backend="rtn", bits=4, group_size=32, args={"awq": True, "grid": "q4_k"}))
     assert "unknown option(s) ['awq']" in get_backend("billm").problem(
         QuantScheme(backend="billm", bits=1, args={"awq": True}))
+
+
+def test_mbq_balance_on_rtn_weighs_the_awq_search(calib):
+    """AWQ then RTN with ``image_weight`` (MBQ's balanced search): accepted only with ``awq`` (RTN alone reads no
+    tokens), and the weight reaches the search: image tokens weighted 0 choose other scales than unweighted."""
+    from quantlab.quant.registry import get_backend
+
+    rtn = get_backend("rtn")
+    assert "add awq: true" in rtn.problem(QuantScheme(backend="rtn", bits=3, args={"image_weight": 0.5}))
+    assert rtn.problem(QuantScheme(backend="rtn", bits=3, group_size=32, args={"awq": True, "image_weight": 0.5})) is None
+    alphas = {}
+    for w in (1.0, 0.0):
+        loaded = load_model(TOY, dtype=torch.float32)
+        plan = {n: s.model_copy(update={"args": {**s.args, "image_weight": w}})
+                for n, s in _plan(loaded, "rtn", 3, 32, True).items()}
+        results = quantize(loaded, plan, calib, progress=False)
+        alphas[w] = [r.args["awq_alpha"] for r in results.values() if r.input_scales is not None]
+    assert alphas[1.0] != alphas[0.0], alphas
