@@ -111,6 +111,10 @@ def plain_row(name: str) -> str:
 
 
 BUDGET_CANDIDATES = [QuantScheme(backend="gptq", bits=b, group_size=g) for b, g in ((2, 64), (3, 128), (4, 128), (8, 128))]
+# --modality-budget: the plain candidates plus AWQ then GPTQ, with and without MBQ's balanced loss, at 2-4 bits
+MODALITY_CANDIDATES = BUDGET_CANDIDATES + [
+    QuantScheme(backend="gptq", bits=b, group_size=g, args=args) for b, g in ((2, 64), (3, 128), (4, 128))
+    for args in ({"awq": True}, {"awq": True, "image_weight": "measured"})]
 
 
 def task_of(model: str) -> tuple[str, str]:
@@ -180,6 +184,9 @@ def main() -> None:
     ap.add_argument("--rows", nargs="*", default=None,
                     help="only these rows (names as printed, e.g. 'RTN W3 g128'; GPTQ W4 g128 always runs: the "
                          "saving column needs it); the fp row always runs")
+    ap.add_argument("--modality-budget", action="store_true",
+                    help="beside each LUQ row's budget row, one whose candidates add AWQ then GPTQ, with and without "
+                         "MBQ's balanced loss (issue 17's operating point), paired against the plain budget row")
     a = ap.parse_args()
     task = task_of(a.model)[0]
     every = rows() | tower_rows() | modality_rows()
@@ -191,7 +198,7 @@ def main() -> None:
     chosen = rows() if a.rows is None else {n: s for n, s in every.items() if n in wanted}
     base, calib = seeded_setup(a.model, a.samples, a.seed)
     # MBQ's gradient ratios and the per-token saliency need one backward pass per sample: only when a row asks
-    stats = calibrate(base, calib, hessians=True, progress=False, modality_gradients=bool(modal),
+    stats = calibrate(base, calib, hessians=True, progress=False, modality_gradients=bool(modal) or a.modality_budget,
                       token_importance=bool(modal))
     # held-out image+text samples (other seed) for the logit-KL column: a continuous damage measure
     held = held_out(base, a.model, a.seed)
@@ -222,17 +229,23 @@ def main() -> None:
         table.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "item_scores"}), flush=True)
         if name.startswith("LUQ"):
-            bud = evaluate_row(f"quantlab budget @ {name.split(',')[0]} bytes", base, calib.samples, stats,
-                               PlanSpec(planner="budget", candidates=BUDGET_CANDIDATES, rules=KEEP),
-                               limit=a.limit, budget_bytes=plan.predicted_bytes if row["format"] == "compressed-tensors"
-                               else row["model_bytes"], held=held, task=task)
-            bud.update(versus(fp.item_scores, bud["item_scores"]))
-            bud["vs_luq"] = versus(row["item_scores"], bud["item_scores"])  # budget - LUQ, same items
-            bplan = bud.pop("plan")
-            bud.update(sizes(base, bplan, bud["format"]))
-            bud["choice"] = {k: v["choice"] for k, v in bplan.info.items() if isinstance(v, dict) and "choice" in v}
-            table.append(bud)
-            print(json.dumps({k: v for k, v in bud.items() if k not in ("choice", "item_scores")}), flush=True)
+            budgets = {"": BUDGET_CANDIDATES} | ({", modality-aware candidates": MODALITY_CANDIDATES}
+                                                 if a.modality_budget else {})
+            for suffix, candidates in budgets.items():
+                bud = evaluate_row(f"quantlab budget{suffix} @ {name.split(',')[0]} bytes", base, calib.samples, stats,
+                                   PlanSpec(planner="budget", candidates=candidates, rules=KEEP),
+                                   limit=a.limit, budget_bytes=plan.predicted_bytes if row["format"] == "compressed-tensors"
+                                   else row["model_bytes"], held=held, task=task)
+                bud.update(versus(fp.item_scores, bud["item_scores"]))
+                bud["vs_luq"] = versus(row["item_scores"], bud["item_scores"])  # budget - LUQ, same items
+                if suffix:  # the same planner and bytes with plain GPTQ candidates only, same items
+                    bud["vs_plain"] = versus(table[-1]["item_scores"], bud["item_scores"])
+                    bud["plain_row"] = table[-1]["row"]
+                bplan = bud.pop("plan")
+                bud.update(sizes(base, bplan, bud["format"]))
+                bud["choice"] = {k: v["choice"] for k, v in bplan.info.items() if isinstance(v, dict) and "choice" in v}
+                table.append(bud)
+                print(json.dumps({k: v for k, v in bud.items() if k not in ("choice", "item_scores")}), flush=True)
     w4 = next(r for r in table if r["row"] == "GPTQ W4 g128")
     for r in table:
         r["saving_vs_w4_decoder"] = 1 - r["decoder_linear_bytes"] / w4["decoder_linear_bytes"]

@@ -40,10 +40,12 @@ def test_image_weight_option_is_validated(bad):
         quantize_weight(w, "gptq", bits=4, group_size=32, hessian=torch.eye(32), image_weight=bad)
 
 
-def test_image_weight_is_an_option_of_hessian_backends_only():
+def test_image_weight_needs_a_hessian_backend_or_awq():
+    """gptq weighs its Hessian with it; rtn reads no tokens, so there it only weighs AWQ's search and is
+    refused without ``awq``, naming the remedy."""
     w = torch.randn(8, 32)
     quantize_weight(w, "gptq", bits=4, group_size=32, hessian=torch.eye(32), image_weight=0.25)
-    with pytest.raises(ValueError, match="unknown option.*image_weight.*'rtn'"):
+    with pytest.raises(ValueError, match="image_weight on backend 'rtn' weighs AWQ's scale search.*add awq: true"):
         quantize_weight(w, "rtn", bits=4, group_size=32, image_weight=0.25)
 
 
