@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -111,10 +112,15 @@ def plain_row(name: str) -> str:
 
 
 BUDGET_CANDIDATES = [QuantScheme(backend="gptq", bits=b, group_size=g) for b, g in ((2, 64), (3, 128), (4, 128), (8, 128))]
-# --modality-budget: the plain candidates plus AWQ then GPTQ, with and without MBQ's balanced loss, at 2-4 bits
-MODALITY_CANDIDATES = BUDGET_CANDIDATES + [
-    QuantScheme(backend="gptq", bits=b, group_size=g, args=args) for b, g in ((2, 64), (3, 128), (4, 128))
-    for args in ({"awq": True}, {"awq": True, "image_weight": "measured"})]
+
+
+def modality_candidates(image_weight: float) -> list[QuantScheme]:
+    """``--modality-budget``'s candidates: the plain ones plus AWQ then GPTQ, unweighted and with MBQ's balanced
+    loss at ``image_weight`` (the budget planner measures each candidate with its own weights, so it takes one
+    number, the median of calibration's measured image/text gradient ratios, not the per-block ``measured``)."""
+    return BUDGET_CANDIDATES + [
+        QuantScheme(backend="gptq", bits=b, group_size=g, args=args) for b, g in ((2, 64), (3, 128), (4, 128))
+        for args in ({"awq": True}, {"awq": True, "image_weight": image_weight})]
 
 
 def task_of(model: str) -> tuple[str, str]:
@@ -229,8 +235,11 @@ def main() -> None:
         table.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "item_scores"}), flush=True)
         if name.startswith("LUQ"):
-            budgets = {"": BUDGET_CANDIDATES} | ({", modality-aware candidates": MODALITY_CANDIDATES}
-                                                 if a.modality_budget else {})
+            budgets = {"": BUDGET_CANDIDATES}
+            if a.modality_budget:
+                ratios = stats.meta["modality_gradient_ratio"]  # per block: a list or {block: ratio}
+                ratio = statistics.median(ratios.values() if isinstance(ratios, dict) else ratios)
+                budgets[", modality-aware candidates"] = modality_candidates(round(ratio, 4))
             for suffix, candidates in budgets.items():
                 bud = evaluate_row(f"quantlab budget{suffix} @ {name.split(',')[0]} bytes", base, calib.samples, stats,
                                    PlanSpec(planner="budget", candidates=candidates, rules=KEEP),
