@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from quantlab.data.synthetic import set_of_model
 from quantlab.models import load_model
 from quantlab.models.load import resolve
 from quantlab.toys.batches import collate, first_token_accuracy, prepare
-from quantlab.toys.train import save_checkpoint
+from quantlab.toys.train import save_checkpoint, warmup_cosine
 
 FIRST_ORDINARY = 5  # ids below are <pad>, <s>, </s>, <unk>, <image>
 
@@ -75,8 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     weights = 1.0 / torch.arange(1, a.successors + 1).float()
     weights = weights / weights.sum()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / a.steps)))
+    sched = warmup_cosine(opt, a.steps)  # the toys' schedule: 20 warm-up steps of the default 400
     gen = torch.Generator().manual_seed(0)
     print(json.dumps({"language_entropy_floor": round(float(-(weights * weights.log()).sum()), 3)}), flush=True)
     t0, log = time.time(), []

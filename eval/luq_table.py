@@ -219,11 +219,13 @@ def main() -> None:
     for name, spec in chosen.items():
         row = evaluate_row(name, base, calib.samples, stats, spec, limit=a.limit, held=held, task=task)
         row.update(versus(fp.item_scores, row["item_scores"]))
-        if name in modal and row["plan"].info.get("fallbacks"):  # a method that silently ran nowhere proves nothing
-            first = next(iter(row["plan"].info["fallbacks"].items()))
-            raise SystemExit(f"{name}: the plan kept {len(row['plan'].info['fallbacks'])} Linears in full precision, "
-                             f"e.g. {first[0]}: {first[1]}")
-        if name in modal:  # the method minus its plain row, same scheme and bytes, same items
+        if name in modal:
+            fallbacks = row["plan"].info.get("fallbacks")
+            if fallbacks:  # a method that silently ran nowhere proves nothing
+                first = next(iter(fallbacks.items()))
+                raise SystemExit(f"{name}: the plan kept {len(fallbacks)} Linears in full precision, "
+                                 f"e.g. {first[0]}: {first[1]}")
+            # the method minus its plain row, same scheme and bytes, same items
             row["vs_plain"] = versus(next(r for r in table if r["row"] == plain_row(name))["item_scores"],
                                      row["item_scores"])
             row["plain_row"] = plain_row(name)
@@ -237,8 +239,7 @@ def main() -> None:
         if name.startswith("LUQ"):
             budgets = {"": BUDGET_CANDIDATES}
             if a.modality_budget:
-                ratios = stats.meta["modality_gradient_ratio"]  # per block: a list or {block: ratio}
-                ratio = statistics.median(ratios.values() if isinstance(ratios, dict) else ratios)
+                ratio = statistics.median(stats.meta["modality_gradient_ratio"])  # one per decoder block
                 budgets[", modality-aware candidates"] = modality_candidates(round(ratio, 4))
             for suffix, candidates in budgets.items():
                 bud = evaluate_row(f"quantlab budget{suffix} @ {name.split(',')[0]} bytes", base, calib.samples, stats,

@@ -107,9 +107,7 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
 
     params = list(model.parameters()) + list(heads.parameters()) + [word_aux.empty, word_aux.scale]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = warmup_cosine(opt, steps)
     model.train()
     log = []
     gen = torch.Generator().manual_seed(seed)
@@ -204,6 +202,13 @@ def train(name: str, out: Path, *, steps: int, batch_size: int, lr: float, n_tra
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info["test"]), flush=True)
     return info
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over the first 5% of ``steps``, then a cosine decay to zero at ``steps``."""
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
 
 
 def save_checkpoint(model: nn.Module, processor, out: Path, info: dict | None = None) -> None:
